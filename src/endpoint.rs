@@ -1,0 +1,346 @@
+//! [`Endpoint`]: how one item becomes a request, with the rules for
+//! retrying it; and the single-item driver every fetch operator runs.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use tokio::time::Instant;
+
+use crate::client::Client;
+use crate::error::{
+    BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
+};
+use crate::request::RequestSpec;
+use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
+
+type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
+
+/// A request builder bound to a [`Client`]: what to send for each item, and
+/// what to do when it fails.
+///
+/// Made by [`Client::get`] or [`Client::request`]. Cheap to clone. Rules
+/// added here come before the client's defaults; the first rule that matches
+/// an outcome decides.
+///
+/// ```
+/// use std::time::Duration;
+/// use http::StatusCode;
+/// use sluicegate::mock::{MockResponse, MockTransport, Route};
+/// use sluicegate::retry::Backoff;
+/// use sluicegate::Client;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items/{id}").sequence([
+///     MockResponse::status(429),
+///     MockResponse::json(&serde_json::json!({ "email": "a@example.com" })),
+/// ]));
+/// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+///
+/// let endpoint = client
+///     .get(|id: &u64| format!("/items/{id}"))
+///     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::constant(Duration::from_millis(100)));
+/// let fetched = endpoint.fetch(7).await.unwrap();
+/// assert_eq!((fetched.item, fetched.attempts), (7, 2));
+/// assert_eq!(fetched.elapsed, Duration::from_millis(100));
+/// # }
+/// ```
+pub struct Endpoint<T> {
+    client: Client,
+    build: Arc<BuildFn<T>>,
+    rules: Rules,
+    timeout: Option<Duration>,
+    item_timeout: Option<Duration>,
+}
+
+impl<T> Clone for Endpoint<T> {
+    fn clone(&self) -> Self {
+        Self {
+            client: self.client.clone(),
+            build: self.build.clone(),
+            rules: self.rules.clone(),
+            timeout: self.timeout,
+            item_timeout: self.item_timeout,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Endpoint<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("client", &self.client)
+            .field("rules", &self.rules)
+            .field("timeout", &self.timeout)
+            .field("item_timeout", &self.item_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A successful fetch: the item it was for and the whole response.
+#[derive(Debug)]
+pub struct Fetched<T> {
+    /// The input item.
+    pub item: T,
+    /// The response, with its body read.
+    pub response: Response<Bytes>,
+    /// Requests sent for this item, retries included.
+    pub attempts: u32,
+    /// From the first attempt's start to the response, pauses and retry
+    /// waits included.
+    pub elapsed: Duration,
+}
+
+impl<T> Fetched<T> {
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        self.response.status()
+    }
+
+    /// The response body.
+    pub fn body(&self) -> &Bytes {
+        self.response.body()
+    }
+}
+
+impl<T> Endpoint<T> {
+    pub(crate) fn new<F>(client: Client, build: F) -> Self
+    where
+        F: Fn(&T) -> RequestSpec + Send + Sync + 'static,
+    {
+        let rules = client.inner.rules.inherited();
+        let timeout = client.inner.timeout;
+        Self {
+            client,
+            build: Arc::new(build),
+            rules,
+            timeout,
+            item_timeout: None,
+        }
+    }
+
+    /// Retries outcomes that `matcher` matches, waiting as `policy` says
+    /// (or as the server's `Retry-After` says, capped by the policy).
+    pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
+        self.rules.retry_on(matcher.into(), policy);
+        self
+    }
+
+    /// On outcomes that `matcher` matches, pauses the client's shared
+    /// [`PauseHandle`](crate::PauseHandle) for the server's `Retry-After`
+    /// (else `fallback`), then retries the item once the pause ends.
+    pub fn pause_on(mut self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
+        self.rules.pause_on(matcher.into(), fallback);
+        self
+    }
+
+    /// Gives each attempt at most `timeout` (overrides the client's).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Gives each item at most `timeout` for all its attempts together,
+    /// waits and pauses included.
+    pub fn item_timeout(mut self, timeout: Duration) -> Self {
+        self.item_timeout = Some(timeout);
+        self
+    }
+
+    /// Caps the attempts of one item across all rules (default
+    /// [`DEFAULT_ATTEMPT_LIMIT`](crate::retry::DEFAULT_ATTEMPT_LIMIT)); a
+    /// pause rule, which has no policy of its own, stops here.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0.
+    #[track_caller]
+    pub fn attempt_limit(mut self, limit: u32) -> Self {
+        assert!(limit > 0, "attempt_limit must be at least 1");
+        self.rules.set_attempt_limit(limit);
+        self
+    }
+
+    /// The client this endpoint sends through.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The request for `item`, as it would be sent.
+    ///
+    /// # Errors
+    ///
+    /// When the builder's spec cannot become a valid request.
+    pub fn build_request(&self, item: &T) -> Result<Request<Bytes>, BuildError> {
+        self.client.prepare((self.build)(item))
+    }
+
+    /// Fetches one item: waits for the pause and a rate token before every
+    /// attempt, retries and pauses as the rules say, and hands the item back
+    /// with the outcome.
+    ///
+    /// # Errors
+    ///
+    /// A [`FetchError`] carrying `item` when the request cannot be built,
+    /// the final outcome is a transport error or non-success status, or a
+    /// timeout fires.
+    pub async fn fetch(&self, item: T) -> Result<Fetched<T>, FetchError<T>> {
+        self.fetch_indexed(item, 0).await
+    }
+
+    pub(crate) async fn fetch_indexed(
+        &self,
+        item: T,
+        index: u64,
+    ) -> Result<Fetched<T>, FetchError<T>> {
+        let started = Instant::now();
+        let request = match self.build_request(&item) {
+            Ok(request) => request,
+            Err(e) => {
+                return Err(FetchError::new(item, FetchErrorKind::Build)
+                    .with_detail(e.to_string())
+                    .with_source(e))
+            }
+        };
+        let attempts = AtomicU32::new(0);
+        let attempt_loop = self.attempt_loop(&request, &attempts, started, index);
+        let end = match self.item_timeout {
+            Some(limit) => tokio::time::timeout(limit, attempt_loop)
+                .await
+                .unwrap_or(End::ItemTimeout),
+            None => attempt_loop.await,
+        };
+        let attempts = attempts.load(Ordering::Relaxed);
+        let elapsed = started.elapsed();
+        let (kind, response, error) = match end {
+            End::Response(response) if response.status().is_success() => {
+                return Ok(Fetched {
+                    item,
+                    response,
+                    attempts,
+                    elapsed,
+                })
+            }
+            End::Response(response) => (
+                FetchErrorKind::Status(response.status()),
+                Some(response),
+                None,
+            ),
+            End::Transport(e) if e.is_timeout() => (
+                FetchErrorKind::Timeout(TimeoutScope::Attempt),
+                None,
+                Some(e),
+            ),
+            End::Transport(e) => (FetchErrorKind::Transport(e.kind()), None, Some(e)),
+            End::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None, None),
+        };
+        let mut error_out = FetchError::new(item, kind).with_attempts(attempts, elapsed);
+        if let Some(response) = response {
+            error_out = error_out.with_response(response);
+        }
+        if let Some(e) = error {
+            error_out = error_out.with_detail(e.to_string()).with_source(e);
+        }
+        Err(error_out)
+    }
+
+    async fn attempt_loop(
+        &self,
+        request: &Request<Bytes>,
+        attempts: &AtomicU32,
+        started: Instant,
+        index: u64,
+    ) -> End {
+        let client = &self.client.inner;
+        let seed = self.rules.seed().unwrap_or_else(|| fastrand::u64(..));
+        let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut previous_delay = Duration::ZERO;
+        loop {
+            let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
+            // Pause first, then the token: a token taken before a pause
+            // would be spent at the pause's end, all at once.
+            client.pause.ready().await;
+            if let Some(limiter) = &client.limiter {
+                limiter
+                    .clone()
+                    .acquire_owned(Some(client.pause.clone()))
+                    .await;
+            }
+            if attempt == 1 {
+                self.rules.deposit(Instant::now());
+            }
+            let send = client.transport.send(clone_request(request));
+            let outcome = match self.timeout {
+                Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
+                    Err(TransportError::new(
+                        TransportErrorKind::Timeout,
+                        format!("no response within {limit:?}"),
+                    ))
+                }),
+                None => send.await,
+            };
+            let retry_after = outcome
+                .as_ref()
+                .ok()
+                .and_then(|r| retry::retry_after(r.headers(), client.wall_clock));
+            let history = Attempted {
+                attempts: attempt,
+                elapsed: started.elapsed(),
+                previous_delay,
+            };
+            match self
+                .rules
+                .decide(&outcome, history, retry_after, Instant::now(), &mut rng)
+            {
+                Verdict::Finish => {
+                    return match outcome {
+                        Ok(response) => End::Response(response),
+                        Err(e) => End::Transport(e),
+                    }
+                }
+                Verdict::Retry { delay, cause } => {
+                    tracing::debug!(
+                        attempt,
+                        ?delay,
+                        from_retry_after = cause == DelayCause::RetryAfter,
+                        "retrying"
+                    );
+                    if cause == DelayCause::Policy {
+                        previous_delay = delay;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Verdict::Pause { delay, cause } => {
+                    let until = client.pause.pause_for(delay);
+                    tracing::info!(
+                        attempt,
+                        pause_ms =
+                            until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                        from_retry_after = cause == DelayCause::RetryAfter,
+                        "pausing"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// How the attempts of one item ended.
+enum End {
+    Response(Response<Bytes>),
+    Transport(TransportError),
+    ItemTimeout,
+}
+
+fn clone_request(request: &Request<Bytes>) -> Request<Bytes> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.version_mut() = request.version();
+    copy
+}

@@ -1,0 +1,322 @@
+//! Error types, one per concern: sending ([`TransportError`]), describing a
+//! request or a client ([`BuildError`]), and fetching an item
+//! ([`FetchError`], which always carries the item it failed on).
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+
+type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// What went wrong while sending one request.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportErrorKind {
+    /// The connection could not be established (refused, unreachable, DNS).
+    Connect,
+    /// The connection was reset or closed before the whole response arrived.
+    Reset,
+    /// The attempt took longer than its timeout.
+    Timeout,
+    /// The response body was larger than the configured cap; reading stopped
+    /// at the cap, so memory stayed bounded.
+    BodyTooLarge,
+    /// The request could not be sent as described (bad URI, bad header).
+    InvalidRequest,
+    /// Anything else the transport reported.
+    Other,
+}
+
+impl fmt::Display for TransportErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "connect error",
+            Self::Reset => "connection reset",
+            Self::Timeout => "timed out",
+            Self::BodyTooLarge => "body too large",
+            Self::InvalidRequest => "invalid request",
+            Self::Other => "transport error",
+        })
+    }
+}
+
+/// A request could not be sent or its response could not be read.
+///
+/// The underlying library error (for example reqwest's), if any, is only
+/// reachable through [`source`](StdError::source).
+#[derive(Debug)]
+pub struct TransportError {
+    kind: TransportErrorKind,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl TransportError {
+    /// A new error of `kind` with a human-readable `message`.
+    pub fn new(kind: TransportErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// What kind of failure this was.
+    pub fn kind(&self) -> TransportErrorKind {
+        self.kind
+    }
+
+    /// Whether the attempt ran out of time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == TransportErrorKind::Timeout
+    }
+
+    /// Whether no connection could be made.
+    pub fn is_connect(&self) -> bool {
+        self.kind == TransportErrorKind::Connect
+    }
+
+    /// The message, without the kind.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.message.is_empty() {
+            write!(f, "{}", self.kind)
+        } else {
+            write!(f, "{}: {}", self.kind, self.message)
+        }
+    }
+}
+
+impl StdError for TransportError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A client or a request could not be built from what was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError {
+    message: String,
+}
+
+impl BuildError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StdError for BuildError {}
+
+/// Whether a timeout covered one attempt or the whole item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TimeoutScope {
+    /// One request attempt took longer than the per-attempt timeout.
+    Attempt,
+    /// All attempts of one item together took longer than the per-item timeout.
+    Item,
+}
+
+/// Why an item could not be fetched.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FetchErrorKind {
+    /// The request builder produced a request that cannot be sent.
+    Build,
+    /// The final response had a status that is not a success, and no rule
+    /// retried it (or the retries ran out).
+    Status(StatusCode),
+    /// The final attempt failed in the transport.
+    Transport(TransportErrorKind),
+    /// A per-attempt or per-item timeout fired.
+    Timeout(TimeoutScope),
+    /// The body could not be decoded into the requested type.
+    Decode,
+}
+
+impl fmt::Display for FetchErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Build => f.write_str("invalid request"),
+            Self::Status(s) => write!(f, "status {s}"),
+            Self::Transport(k) => write!(f, "{k}"),
+            Self::Timeout(TimeoutScope::Attempt) => f.write_str("attempt timed out"),
+            Self::Timeout(TimeoutScope::Item) => f.write_str("item timed out"),
+            Self::Decode => f.write_str("undecodable body"),
+        }
+    }
+}
+
+/// An item that could not be fetched, handed back with everything known
+/// about the failure.
+///
+/// A pipeline never drops an item: when it fails, this error carries it
+/// ([`item`](Self::item), [`into_item`](Self::into_item)), together with the
+/// number of attempts made and the last response, if there was one.
+pub struct FetchError<T> {
+    item: T,
+    kind: FetchErrorKind,
+    attempts: u32,
+    elapsed: Duration,
+    response: Option<Box<Response<Bytes>>>,
+    detail: Option<String>,
+    source: Option<BoxError>,
+}
+
+impl<T> FetchError<T> {
+    pub(crate) fn new(item: T, kind: FetchErrorKind) -> Self {
+        Self {
+            item,
+            kind,
+            attempts: 0,
+            elapsed: Duration::ZERO,
+            response: None,
+            detail: None,
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_attempts(mut self, attempts: u32, elapsed: Duration) -> Self {
+        self.attempts = attempts;
+        self.elapsed = elapsed;
+        self
+    }
+
+    pub(crate) fn with_response(mut self, response: Response<Bytes>) -> Self {
+        self.response = Some(Box::new(response));
+        self
+    }
+
+    pub(crate) fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// The input item that failed.
+    pub fn item(&self) -> &T {
+        &self.item
+    }
+
+    /// Takes the input item back, for example to queue it again.
+    pub fn into_item(self) -> T {
+        self.item
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> FetchErrorKind {
+        self.kind
+    }
+
+    /// The status of the final response, when the failure was a status.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self.kind {
+            FetchErrorKind::Status(s) => Some(s),
+            _ => self.response.as_deref().map(Response::status),
+        }
+    }
+
+    /// Whether a per-attempt or per-item timeout ended the item.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self.kind,
+            FetchErrorKind::Timeout(_) | FetchErrorKind::Transport(TransportErrorKind::Timeout)
+        )
+    }
+
+    /// How many requests were sent for this item (0 if none could be built).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Time from the first attempt's start to the failure, pauses included.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// The last response received, if the failure came with one.
+    pub fn response(&self) -> Option<&Response<Bytes>> {
+        self.response.as_deref()
+    }
+
+    /// More text about the failure, such as a decode error and a body excerpt.
+    pub fn detail(&self) -> Option<&str> {
+        self.detail.as_deref()
+    }
+
+    /// Changes the item type, keeping everything else, e.g. to give the
+    /// error a key instead of the whole item.
+    pub fn map_item<U>(self, f: impl FnOnce(T) -> U) -> FetchError<U> {
+        FetchError {
+            item: f(self.item),
+            kind: self.kind,
+            attempts: self.attempts,
+            elapsed: self.elapsed,
+            response: self.response,
+            detail: self.detail,
+            source: self.source,
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for FetchError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FetchError")
+            .field("item", &self.item)
+            .field("kind", &self.kind)
+            .field("attempts", &self.attempts)
+            .field("elapsed", &self.elapsed)
+            .field("status", &self.response.as_deref().map(Response::status))
+            .field("detail", &self.detail)
+            .finish()
+    }
+}
+
+impl<T> fmt::Display for FetchError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "fetch failed: {}", self.kind)?;
+        if self.attempts > 0 {
+            let s = if self.attempts == 1 { "" } else { "s" };
+            write!(f, " after {} attempt{s}", self.attempts)?;
+        }
+        if let Some(detail) = &self.detail {
+            write!(f, " ({detail})")?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: fmt::Debug> StdError for FetchError<T> {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}

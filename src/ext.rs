@@ -1,0 +1,210 @@
+//! [`SluiceExt`]: the pipeline combinators, on every `Stream`.
+
+use futures::Stream;
+use serde::de::DeserializeOwned;
+
+use crate::endpoint::Endpoint;
+use crate::error::FetchError;
+
+mod fetch_concurrent;
+mod json;
+mod throttle;
+
+pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain};
+pub use self::json::{Decoded, FetchResult, Json};
+pub use self::throttle::{Pacer, Throttle};
+
+/// Pipeline combinators for any [`Stream`].
+///
+/// Every name here is distinct from `futures::StreamExt` except
+/// [`throttle`](Self::throttle), which `tokio_stream::StreamExt` also has.
+/// If you import tokio-stream's trait too, call ours fully qualified:
+/// `SluiceExt::throttle(stream, rate)`.
+pub trait SluiceExt: Stream {
+    /// Paces the stream's items at a rate: a [`Rate`](crate::Rate) (a
+    /// private budget) or a [`Limiter`](crate::Limiter) (shared with
+    /// whatever else holds it).
+    ///
+    /// Items go as GCRA allows: up to the burst at once, then one per
+    /// interval, catching up after a slow upstream up to the burst. The
+    /// upstream is polled first and the budget taken only for an item that
+    /// exists, so the end of the stream is never delayed. Nothing is
+    /// buffered but the one item waiting for its turn.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use sluicegate::{Rate, SluiceExt};
+    /// use tokio::time::Instant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let t0 = Instant::now();
+    /// let times: Vec<_> = stream::iter(0..5)
+    ///     .throttle(Rate::per_second(10).burst(2))
+    ///     .map(|_| t0.elapsed().as_millis())
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(times, [0, 0, 100, 200, 300]);
+    /// // Ends with the last item, not one interval later.
+    /// assert_eq!(t0.elapsed(), Duration::from_millis(300));
+    /// # }
+    /// ```
+    fn throttle(self, pacer: impl Into<Pacer>) -> Throttle<Self>
+    where
+        Self: Sized,
+    {
+        Throttle::new(self, pacer.into())
+    }
+
+    /// Fetches one request per item, with at most `n` in flight, each
+    /// waiting for the client's pause and rate before every attempt.
+    ///
+    /// Yields `Ok(Fetched { item, response, attempts, elapsed })` or
+    /// `Err(FetchError)` carrying the item: exactly one output per input.
+    /// Unordered by default (a slow item holds up nobody);
+    /// [`ordered`](FetchConcurrent::ordered) keeps input order. Each
+    /// item runs on its own task, so requests progress while the consumer
+    /// is busy; dropping the stream aborts them. Retry and pause rules
+    /// come from the endpoint, its client, or
+    /// [`retry_on`](FetchConcurrent::retry_on) /
+    /// [`pause_on`](FetchConcurrent::pause_on) on the returned stream.
+    ///
+    /// Must be polled inside a tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0: zero never means "unlimited".
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use sluicegate::mock::{MockResponse, MockTransport, Route};
+    /// use sluicegate::{Client, SluiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items/{id}").respond_with(|r| MockResponse::text(MockResponse::ok(), r.param("id").unwrap())));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+    ///
+    /// let bodies: Vec<_> = stream::iter(1..=3)
+    ///     .fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")))
+    ///     .ordered()
+    ///     .map(|r| r.unwrap().body().clone())
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(bodies, ["1", "2", "3"]);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn fetch_concurrent<T>(self, n: usize, endpoint: Endpoint<T>) -> FetchConcurrent<Self, Plain>
+    where
+        Self: Stream<Item = T> + Sized,
+        T: Send + 'static,
+    {
+        assert!(n > 0, "fetch_concurrent: n must be at least 1");
+        FetchConcurrent::new(self, n, endpoint)
+    }
+
+    /// Like [`fetch_concurrent`](Self::fetch_concurrent), on a stream of
+    /// `Result`s: each `Ok` item is fetched, each `Err` passes through
+    /// untouched (in its place, in ordered mode). Fetch failures become the
+    /// stream's error type through `From<FetchError<T>>`.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use sluicegate::mock::{MockResponse, MockTransport, Route};
+    /// use sluicegate::{Client, FetchError, SluiceExt};
+    ///
+    /// #[derive(Debug)]
+    /// enum Failed {
+    ///     Parse(String),
+    ///     Fetch(FetchError<u32>),
+    /// }
+    /// impl From<FetchError<u32>> for Failed {
+    ///     fn from(e: FetchError<u32>) -> Self {
+    ///         Failed::Fetch(e)
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+    ///
+    /// let inputs = ["1", "x", "3"].map(|s| s.parse::<u32>().map_err(|_| Failed::Parse(s.into())));
+    /// let out: Vec<_> = stream::iter(inputs)
+    ///     .try_fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")))
+    ///     .ordered()
+    ///     .collect()
+    ///     .await;
+    /// assert!(out[0].is_ok() && out[2].is_ok());
+    /// assert!(matches!(&out[1], Err(Failed::Parse(s)) if s == "x"));
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_fetch_concurrent<T, E>(
+        self,
+        n: usize,
+        endpoint: Endpoint<T>,
+    ) -> FetchConcurrent<Self, Fallible>
+    where
+        Self: Stream<Item = Result<T, E>> + Sized,
+        T: Send + 'static,
+        E: From<FetchError<T>> + Send + 'static,
+    {
+        assert!(n > 0, "try_fetch_concurrent: n must be at least 1");
+        FetchConcurrent::new(self, n, endpoint)
+    }
+
+    /// Decodes each fetched body as JSON into `U`, keeping the item.
+    ///
+    /// An undecodable body becomes an error of kind
+    /// [`Decode`](crate::FetchErrorKind::Decode) carrying the item, the
+    /// response, and an excerpt of the body; errors from upstream pass
+    /// through.
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use sluicegate::mock::{MockResponse, MockTransport, Route};
+    /// use sluicegate::{Client, FetchErrorKind, SluiceExt};
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Customer {
+    ///     email: String,
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items/1").respond(MockResponse::json(&serde_json::json!({ "email": "a@example.com" }))));
+    /// mock.mount(Route::get("/items/2").respond(MockResponse::ok().text("<html>")));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+    ///
+    /// let out: Vec<_> = stream::iter([1u32, 2])
+    ///     .fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")))
+    ///     .ordered()
+    ///     .json::<Customer>()
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out[0].as_ref().unwrap().value.email, "a@example.com");
+    /// let err = out[1].as_ref().unwrap_err();
+    /// assert_eq!((err.kind(), *err.item()), (FetchErrorKind::Decode, 2));
+    /// # }
+    /// ```
+    fn json<U>(self) -> Json<Self, U>
+    where
+        Self: Sized,
+        Self::Item: FetchResult,
+        U: DeserializeOwned,
+    {
+        Json::new(self)
+    }
+}
+
+impl<S: Stream + ?Sized> SluiceExt for S {}

@@ -1,0 +1,122 @@
+//! The [`Json`] combinator: decodes fetched bodies.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use futures::stream::{FusedStream, Stream};
+use pin_project_lite::pin_project;
+use serde::de::DeserializeOwned;
+
+use crate::endpoint::Fetched;
+use crate::error::{FetchError, FetchErrorKind};
+
+/// The output of a fetch operator: `Result<Fetched<T>, E>` where a
+/// [`FetchError<T>`] can become an `E`.
+pub trait FetchResult {
+    /// The input item the response was fetched for.
+    type Item;
+    /// The error side.
+    type Error: From<FetchError<Self::Item>>;
+    /// The result itself.
+    fn into_result(self) -> Result<Fetched<Self::Item>, Self::Error>;
+}
+
+impl<T, E: From<FetchError<T>>> FetchResult for Result<Fetched<T>, E> {
+    type Item = T;
+    type Error = E;
+    fn into_result(self) -> Self {
+        self
+    }
+}
+
+/// A decoded body, with the item it was fetched for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded<T, U> {
+    /// The input item.
+    pub item: T,
+    /// The decoded body.
+    pub value: U,
+}
+
+/// How much of an undecodable body an error shows.
+const EXCERPT_BYTES: usize = 200;
+
+pin_project! {
+    /// Stream for [`SluiceExt::json`](crate::SluiceExt::json).
+    #[must_use = "streams do nothing unless polled"]
+    pub struct Json<S, U> {
+        #[pin]
+        stream: S,
+        _value: PhantomData<fn() -> U>,
+    }
+}
+
+impl<S, U> Json<S, U> {
+    pub(crate) fn new(stream: S) -> Self {
+        Self {
+            stream,
+            _value: PhantomData,
+        }
+    }
+}
+
+pub(crate) fn decode<T, U: DeserializeOwned>(
+    fetched: Fetched<T>,
+) -> Result<Decoded<T, U>, FetchError<T>> {
+    match serde_json::from_slice(fetched.response.body()) {
+        Ok(value) => Ok(Decoded {
+            item: fetched.item,
+            value,
+        }),
+        Err(e) => {
+            let body = fetched.response.body();
+            let excerpt =
+                String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]).into_owned();
+            Err(FetchError::new(fetched.item, FetchErrorKind::Decode)
+                .with_attempts(fetched.attempts, fetched.elapsed)
+                .with_detail(format!("{e}; body starts {excerpt:?}"))
+                .with_source(e)
+                .with_response(fetched.response))
+        }
+    }
+}
+
+impl<S, U> Stream for Json<S, U>
+where
+    S: Stream,
+    S::Item: FetchResult,
+    U: DeserializeOwned,
+{
+    type Item = Result<Decoded<<S::Item as FetchResult>::Item, U>, <S::Item as FetchResult>::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let next = ready!(self.project().stream.poll_next(cx));
+        Poll::Ready(next.map(|r| r.into_result().and_then(|f| decode(f).map_err(Into::into))))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.stream.size_hint()
+    }
+}
+
+impl<S, U> FusedStream for Json<S, U>
+where
+    S: FusedStream,
+    S::Item: FetchResult,
+    U: DeserializeOwned,
+{
+    fn is_terminated(&self) -> bool {
+        self.stream.is_terminated()
+    }
+}
+
+impl<S: fmt::Debug, U> fmt::Debug for Json<S, U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Json")
+            .field("stream", &self.stream)
+            .field("into", &std::any::type_name::<U>())
+            .finish()
+    }
+}

@@ -1,0 +1,129 @@
+//! Async HTTP dataflow pipelines from `Stream` combinators, on tokio.
+//!
+//! Fetch a list, unpack it, fan out one request per item under a rate
+//! limit and a concurrency limit, retry what the server asks to retry, stall
+//! the whole graph when the server says it is overloaded, and account for
+//! every item at the end: each output carries the input item it came from,
+//! as a result or as an error.
+//!
+//! ```
+//! use std::time::Duration;
+//! use futures::stream;
+//! use http::StatusCode;
+//! use sluicegate::mock::{MockResponse, MockTransport, Route};
+//! use sluicegate::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A scripted server: in tests, MockTransport; in production, ReqwestTransport.
+//! let mock = MockTransport::new();
+//! mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2, 3])));
+//! mock.mount(Route::get("/items/{id}").respond_with(|r| {
+//!     MockResponse::json(&serde_json::json!({ "email": format!("{}@example.com", r.param("id").unwrap()) }))
+//! }));
+//!
+//! let client = Client::builder()
+//!     .transport(mock.clone())
+//!     .base_url("http://127.0.0.1:8080")
+//!     .rate(Rate::per_second(100).burst(10)) // shared by every fetch of this client
+//!     .build()?;
+//!
+//! let ids: Vec<u64> = serde_json::from_slice(client.send("/items").await?.body())?;
+//! let emails: Vec<String> = stream::iter(ids)
+//!     .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+//!     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(6))
+//!     .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(10))
+//!     .ordered()
+//!     .json::<serde_json::Value>()
+//!     .map(|r| r.map(|d| d.value["email"].as_str().unwrap().to_owned()))
+//!     .try_collect()
+//!     .await?;
+//! assert_eq!(emails, ["1@example.com", "2@example.com", "3@example.com"]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Concepts
+//!
+//! - A [`Transport`] sends one `http::Request<Bytes>` and returns the whole
+//!   response. [`ReqwestTransport`] (feature `reqwest`, default) for real
+//!   HTTP; [`MockTransport`](mock::MockTransport) (always built) for tests,
+//!   with scripted routes, latency and faults on tokio's clock, and a call log.
+//! - A [`Client`] bundles a transport, base URL, default headers, a shared
+//!   [`Limiter`], a shared [`PauseHandle`], timeouts and default retry rules.
+//!   [`Client::get`] and [`Client::request`] make [`Endpoint`]s: how an item
+//!   becomes a request.
+//! - [`SluiceExt`] adds the combinators: [`throttle`](SluiceExt::throttle),
+//!   [`fetch_concurrent`](SluiceExt::fetch_concurrent),
+//!   [`json`](SluiceExt::json).
+//!
+//! # Time
+//!
+//! Every operator reads time only through tokio, so a pipeline on the mock
+//! runs under `#[tokio::test(start_paused = true)]` in virtual time and tests
+//! assert exact instants. No global state: a pipeline runs on whatever tokio
+//! runtime its caller built.
+//!
+//! # Layout
+//!
+//! - `ext` — the [`SluiceExt`] trait; one file per combinator beneath it.
+//! - `rate`, `limiter` — [`Rate`]; the pure GCRA / fixed-window decision and
+//!   the shared, fair [`Limiter`] and [`KeyedLimiter`].
+//! - `pause` — [`PauseHandle`], a shared deadline.
+//! - [`retry`] — matchers, backoff policies, retry budgets, `Retry-After`.
+//! - `transport` — the [`Transport`] trait, reqwest and [`mock`] transports.
+//! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
+//!   [`Endpoint`] and the per-item attempt loop.
+//! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
+//! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod client;
+#[cfg(feature = "demo")]
+pub mod demo;
+mod endpoint;
+mod error;
+mod ext;
+mod limiter;
+mod pause;
+mod rate;
+mod request;
+pub mod retry;
+mod transport;
+
+pub use crate::client::{Client, ClientBuilder};
+pub use crate::endpoint::{Endpoint, Fetched};
+pub use crate::error::{
+    BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
+};
+pub use crate::ext::{
+    Decoded, Fallible, FetchConcurrent, FetchResult, Intake, Json, Pacer, Plain, SluiceExt,
+    Throttle,
+};
+pub use crate::limiter::{KeyedLimiter, Limiter, NotUntil};
+pub use crate::pause::PauseHandle;
+pub use crate::rate::{Mode, Rate};
+pub use crate::request::RequestSpec;
+#[cfg(feature = "reqwest")]
+pub use crate::transport::ReqwestTransport;
+pub use crate::transport::Transport;
+
+pub use crate::transport::mock;
+
+/// What a pipeline usually needs: the combinators, `futures`' stream
+/// traits, and the main types.
+pub mod prelude {
+    pub use crate::retry::{Backoff, Matcher, RetryBudget};
+    pub use crate::{
+        Client, Endpoint, FetchError, FetchErrorKind, Fetched, Limiter, PauseHandle, Rate,
+        RequestSpec, SluiceExt,
+    };
+    pub use futures::{StreamExt, TryStreamExt};
+}

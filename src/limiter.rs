@@ -1,0 +1,325 @@
+//! [`Limiter`]: one shared rate budget, handed out first-come first-served.
+//!
+//! The decision of whether an event may go now is pure (see `pacing`): it
+//! takes tokio's `now` and answers "go" or "not before T". Waiting lives in
+//! the [`acquire`](Limiter::acquire) future, on tokio timers only.
+//!
+//! # Why a queue and not only an atomic word
+//!
+//! A lone atomic GCRA word (as in `governor`) lets whichever task polls
+//! first after a token frees up take it, so one busy stage can starve
+//! another, and it cannot be cancelled cleanly: a task that reserved a
+//! future slot and then went away leaves a hole. Here waiters line up;
+//! only the head of the line consults the pacing state, and a token is
+//! taken only at the moment it is granted. Dropping a waiter just leaves
+//! the line, so no capacity leaks, and [`set_rate`](Limiter::set_rate)
+//! wakes the head to recompute its wait.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::pause::PauseHandle;
+use crate::rate::Rate;
+
+mod keyed;
+mod pacing;
+
+pub use self::keyed::KeyedLimiter;
+use self::pacing::Pacing;
+
+/// A shared rate budget. Clones share one budget, across stages, branches
+/// and clients.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::{Limiter, Rate};
+/// use tokio::time::Instant;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let limiter = Limiter::new(Rate::per_second(10));
+/// let t0 = Instant::now();
+/// for _ in 0..3 {
+///     limiter.acquire().await;
+/// }
+/// // The first goes at once, then one every 100 ms.
+/// assert_eq!(t0.elapsed(), Duration::from_millis(200));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Limiter {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    epoch: Instant,
+    state: Mutex<State>,
+}
+
+struct State {
+    rate: Rate,
+    pacing: Pacing,
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+    /// Bumped by `set_rate` so a sleeping head recomputes its deadline.
+    generation: u64,
+}
+
+struct Waiter {
+    id: u64,
+    waker: Option<Waker>,
+}
+
+/// A refusal from [`Limiter::check`]: no token now, and when one could be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotUntil {
+    earliest: Instant,
+}
+
+impl NotUntil {
+    /// The earliest instant at which a token could be granted (later if
+    /// others are queued first).
+    pub fn earliest(&self) -> Instant {
+        self.earliest
+    }
+
+    /// How long from `now` until [`earliest`](Self::earliest).
+    pub fn wait_from(&self, now: Instant) -> Duration {
+        self.earliest.saturating_duration_since(now)
+    }
+}
+
+impl Limiter {
+    /// A limiter enforcing `rate`, starting now.
+    pub fn new(rate: Rate) -> Self {
+        let epoch = Instant::now();
+        Self {
+            shared: Arc::new(Shared {
+                epoch,
+                state: Mutex::new(State {
+                    rate,
+                    pacing: Pacing::new(&rate, 0),
+                    queue: VecDeque::new(),
+                    next_id: 0,
+                    generation: 0,
+                }),
+            }),
+        }
+    }
+
+    /// The rate in force.
+    pub fn rate(&self) -> Rate {
+        self.lock().rate
+    }
+
+    /// Changes the rate; the next token is granted under the new one. The
+    /// budget already used is carried over in proportion.
+    pub fn set_rate(&self, rate: Rate) {
+        let now = self.offset(Instant::now());
+        let mut state = self.lock();
+        state.rate = rate;
+        state.pacing.retune(&rate, now);
+        state.generation += 1;
+        if let Some(head) = state.queue.front_mut() {
+            if let Some(waker) = head.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Takes a token now if one is free and nobody is waiting ahead.
+    ///
+    /// # Errors
+    ///
+    /// [`NotUntil`] when the caller would have to wait; nothing is taken.
+    pub fn check(&self) -> Result<(), NotUntil> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let earliest = if state.queue.is_empty() {
+            match state.pacing.take(self.offset(now)) {
+                Ok(()) => return Ok(()),
+                Err(at) => self.instant(at),
+            }
+        } else {
+            now
+        };
+        Err(NotUntil { earliest })
+    }
+
+    /// Waits for a token, in line behind earlier callers.
+    ///
+    /// Cancel safe: a dropped `acquire` leaves the line and takes nothing.
+    pub fn acquire(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.clone().acquire_owned(None)
+    }
+
+    /// Like [`acquire`](Self::acquire), but grants nothing while `pause` is
+    /// in force, so a pause never turns into a burst when it ends.
+    pub fn acquire_during(&self, pause: &PauseHandle) -> impl Future<Output = ()> + Send + 'static {
+        self.clone().acquire_owned(Some(pause.clone()))
+    }
+
+    /// How many callers are waiting in line.
+    pub fn waiting(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    pub(crate) async fn acquire_owned(self, pause: Option<PauseHandle>) {
+        let mut ticket: Option<Ticket<'_>> = None;
+        loop {
+            if let Some(pause) = &pause {
+                pause.ready().await;
+            }
+            let now = Instant::now();
+            let (deadline, generation) = {
+                let mut state = self.lock();
+                let ours = ticket.as_ref().map(|t| t.id);
+                let at_head = state.queue.front().map(|w| w.id) == ours;
+                if !at_head {
+                    if ticket.is_none() {
+                        ticket = Some(self.enqueue(&mut state));
+                    }
+                    (None, state.generation)
+                } else if pause.as_ref().is_some_and(PauseHandle::is_paused) {
+                    // A pause began since `ready`; wait it out at the head.
+                    continue;
+                } else {
+                    match state.pacing.take(self.offset(now)) {
+                        Ok(()) => {
+                            if let Some(ticket) = ticket.as_mut() {
+                                state.queue.pop_front();
+                                ticket.served = true;
+                                wake_head(&mut state);
+                            }
+                            return;
+                        }
+                        Err(at) => {
+                            if ticket.is_none() {
+                                ticket = Some(self.enqueue(&mut state));
+                            }
+                            (Some(self.instant(at)), state.generation)
+                        }
+                    }
+                }
+            };
+            let id = ticket.as_ref().map_or(0, |t| t.id);
+            self.wait_turn(id, deadline, generation).await;
+        }
+    }
+
+    /// Resolves when the waiter `id` should look again: its deadline passed,
+    /// the rate changed, or (with no deadline) it reached the head.
+    async fn wait_turn(&self, id: u64, deadline: Option<Instant>, generation: u64) {
+        let mut sleep = pin!(deadline.map(tokio::time::sleep_until));
+        std::future::poll_fn(|cx| {
+            if let Some(sleep) = sleep.as_mut().as_pin_mut() {
+                if sleep.poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
+            }
+            let mut state = self.lock();
+            if state.generation != generation {
+                return Poll::Ready(());
+            }
+            if deadline.is_none() && state.queue.front().map(|w| w.id) == Some(id) {
+                return Poll::Ready(());
+            }
+            if let Some(waiter) = state.queue.iter_mut().find(|w| w.id == id) {
+                match &waiter.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => waiter.waker = Some(cx.waker().clone()),
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+    }
+
+    fn enqueue(&self, state: &mut State) -> Ticket<'_> {
+        let id = state.next_id;
+        state.next_id += 1;
+        state.queue.push_back(Waiter { id, waker: None });
+        Ticket {
+            limiter: self,
+            id,
+            served: false,
+        }
+    }
+
+    /// Whether this limiter's budget is full and nobody waits, so it is
+    /// indistinguishable from a fresh one.
+    pub(crate) fn is_idle(&self, now: Instant) -> bool {
+        let state = self.lock();
+        state.queue.is_empty() && state.pacing.is_idle(self.offset(now))
+    }
+
+    pub(crate) fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.shared) > 1
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is plain integers, consistent at every unlock, so a
+        // panic elsewhere cannot leave it half-updated: ignore poisoning.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn offset(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.shared.epoch)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
+    }
+
+    fn instant(&self, offset: u64) -> Instant {
+        self.shared.epoch + Duration::from_nanos(offset)
+    }
+}
+
+fn wake_head(state: &mut State) {
+    if let Some(head) = state.queue.front_mut() {
+        if let Some(waker) = head.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// A place in line; leaving the line (by drop) wakes the next head.
+struct Ticket<'a> {
+    limiter: &'a Limiter,
+    id: u64,
+    served: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.served {
+            return;
+        }
+        let mut state = self.limiter.lock();
+        if let Some(pos) = state.queue.iter().position(|w| w.id == self.id) {
+            state.queue.remove(pos);
+            if pos == 0 {
+                wake_head(&mut state);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Limiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.lock();
+        f.debug_struct("Limiter")
+            .field("rate", &state.rate)
+            .field("waiting", &state.queue.len())
+            .finish()
+    }
+}

@@ -1,0 +1,153 @@
+//! [`PauseHandle`]: one shared deadline that stalls every operator holding it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// A shared pause: a deadline before which no request starts.
+///
+/// A pause is a deadline, not a flag, so it ends by itself: nothing has to
+/// remember to lift it. [`pause_until`](Self::pause_until) only ever extends
+/// an active pause (two 503s with different `Retry-After`s give the later of
+/// the two), [`resume`](Self::resume) ends it at once and wakes every waiter.
+/// Every pause is capped at [`max_pause`](Self::max_pause) from the moment it
+/// is asked for, so a hostile `Retry-After` cannot stall a run forever.
+///
+/// Clones share one deadline: give the same handle (or the same
+/// [`Client`](crate::Client)) to every stage that must stall together.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::PauseHandle;
+/// use tokio::time::Instant;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let pause = PauseHandle::new();
+/// let t0 = Instant::now();
+/// pause.pause_for(Duration::from_secs(2));
+/// pause.pause_for(Duration::from_secs(1)); // does not shorten it
+/// assert!(pause.is_paused());
+///
+/// pause.ready().await;
+/// assert_eq!(t0.elapsed(), Duration::from_secs(2));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PauseHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    deadline: watch::Sender<Option<Instant>>,
+    max_pause: Duration,
+}
+
+impl PauseHandle {
+    /// The default cap on one pause: 5 minutes.
+    pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(300);
+
+    /// A handle that is not paused, with the default cap.
+    pub fn new() -> Self {
+        Self::with_max_pause(Self::DEFAULT_MAX_PAUSE)
+    }
+
+    /// A handle whose pauses never last longer than `max_pause`.
+    pub fn with_max_pause(max_pause: Duration) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                deadline: watch::Sender::new(None),
+                max_pause,
+            }),
+        }
+    }
+
+    /// The cap on any one pause.
+    pub fn max_pause(&self) -> Duration {
+        self.shared.max_pause
+    }
+
+    /// Pauses for `duration` from now (capped), unless already paused for
+    /// longer. Returns the deadline in force afterwards.
+    pub fn pause_for(&self, duration: Duration) -> Instant {
+        self.pause_until(Instant::now() + duration)
+    }
+
+    /// Pauses until `deadline` (capped at `max_pause` from now), unless
+    /// already paused until later. Returns the deadline in force afterwards.
+    pub fn pause_until(&self, deadline: Instant) -> Instant {
+        let deadline = deadline.min(Instant::now() + self.shared.max_pause);
+        let mut in_force = deadline;
+        self.shared
+            .deadline
+            .send_if_modified(|current| match current {
+                Some(existing) if *existing >= deadline => {
+                    in_force = *existing;
+                    false
+                }
+                _ => {
+                    *current = Some(deadline);
+                    true
+                }
+            });
+        in_force
+    }
+
+    /// Ends any pause now and wakes every waiter.
+    pub fn resume(&self) {
+        self.shared
+            .deadline
+            .send_if_modified(|current| current.take().is_some());
+    }
+
+    /// Whether a pause is in force now.
+    pub fn is_paused(&self) -> bool {
+        self.paused_until().is_some()
+    }
+
+    /// The deadline of the pause in force now, if any.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.shared.deadline.borrow().filter(|d| *d > now)
+    }
+
+    /// Waits until no pause is in force. Returns at once when not paused.
+    ///
+    /// Cancel safe: dropping the future changes nothing.
+    pub async fn ready(&self) {
+        if !self.is_paused() {
+            return;
+        }
+        let mut changes = self.shared.deadline.subscribe();
+        loop {
+            let deadline = *changes.borrow_and_update();
+            match deadline {
+                Some(deadline) if deadline > Instant::now() => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(deadline) => {}
+                        _ = changes.changed() => {}
+                    }
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+impl Default for PauseHandle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for PauseHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PauseHandle")
+            .field("paused_until", &self.paused_until())
+            .field("max_pause", &self.shared.max_pause)
+            .finish()
+    }
+}

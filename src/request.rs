@@ -1,0 +1,155 @@
+//! [`RequestSpec`]: a description of one request, before it meets a client.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http::{HeaderMap, Method};
+
+use crate::error::BuildError;
+
+/// What to send for one item: method, target, query, headers and body.
+///
+/// The target is a path joined onto the client's base URL (`"/items/7"`,
+/// `"items/7"`), or a full `http(s)://` URL used as it is. Mistakes (a bad
+/// header, an unserializable body) are kept and reported as that item's
+/// [`Build`](crate::FetchErrorKind::Build) error, so one bad item never
+/// stops the pipeline.
+///
+/// ```
+/// use sluicegate::RequestSpec;
+///
+/// let spec = RequestSpec::post("/search")
+///     .query("page", "2")
+///     .header("x-trace", "abc")
+///     .json(&serde_json::json!({ "q": "rust" }));
+/// assert_eq!(spec.method(), &http::Method::POST);
+/// ```
+#[derive(Clone)]
+pub struct RequestSpec {
+    pub(crate) method: Method,
+    pub(crate) target: String,
+    pub(crate) query: Vec<(String, String)>,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) error: Option<BuildError>,
+}
+
+impl RequestSpec {
+    /// A request with `method` to `target`.
+    pub fn new(method: Method, target: impl Into<String>) -> Self {
+        Self {
+            method,
+            target: target.into(),
+            query: Vec::new(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            error: None,
+        }
+    }
+
+    /// A `GET` request.
+    pub fn get(target: impl Into<String>) -> Self {
+        Self::new(Method::GET, target)
+    }
+
+    /// A `POST` request.
+    pub fn post(target: impl Into<String>) -> Self {
+        Self::new(Method::POST, target)
+    }
+
+    /// A `PUT` request.
+    pub fn put(target: impl Into<String>) -> Self {
+        Self::new(Method::PUT, target)
+    }
+
+    /// A `PATCH` request.
+    pub fn patch(target: impl Into<String>) -> Self {
+        Self::new(Method::PATCH, target)
+    }
+
+    /// A `DELETE` request.
+    pub fn delete(target: impl Into<String>) -> Self {
+        Self::new(Method::DELETE, target)
+    }
+
+    /// Adds a query parameter (percent-encoded when the request is built).
+    pub fn query(mut self, name: impl Into<String>, value: impl ToString) -> Self {
+        self.query.push((name.into(), value.to_string()));
+        self
+    }
+
+    /// Adds a header; it replaces a client default of the same name.
+    pub fn header<K, V>(mut self, name: K, value: V) -> Self
+    where
+        K: TryInto<HeaderName>,
+        V: TryInto<HeaderValue>,
+    {
+        match (name.try_into(), value.try_into()) {
+            (Ok(name), Ok(value)) => {
+                self.headers.append(name, value);
+            }
+            _ => self.fail("invalid header name or value"),
+        }
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Sets a JSON body and `Content-Type: application/json`.
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => {
+                self.body = body.into();
+                self.headers
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            }
+            Err(e) => self.fail(format!("unserializable JSON body: {e}")),
+        }
+        self
+    }
+
+    /// The method.
+    pub fn method(&self) -> &Method {
+        &self.method
+    }
+
+    /// The target path or URL.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn fail(&mut self, message: impl Into<String>) {
+        if self.error.is_none() {
+            self.error = Some(BuildError::new(message));
+        }
+    }
+}
+
+impl From<&str> for RequestSpec {
+    fn from(target: &str) -> Self {
+        Self::get(target)
+    }
+}
+
+impl From<String> for RequestSpec {
+    fn from(target: String) -> Self {
+        Self::get(target)
+    }
+}
+
+impl fmt::Debug for RequestSpec {
+    // Headers are left out: they may hold credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSpec")
+            .field("method", &self.method)
+            .field("target", &self.target)
+            .field("query", &self.query)
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}

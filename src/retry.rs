@@ -1,0 +1,294 @@
+//! Retry and pause rules: which outcomes to try again, after how long.
+//!
+//! A rule pairs a [`Matcher`] with what to do: retry the item after a
+//! [`Backoff`] delay, or pause the shared [`PauseHandle`](crate::PauseHandle)
+//! and retry after the pause. Rules are tried in order and the first match
+//! wins. The decision ([`Rules::decide`]) is pure: it sees the outcome, the
+//! item's attempt count and elapsed time, the server's `Retry-After` and
+//! `now`, and returns what to do; the fetch operator does the waiting.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Response;
+use tokio::time::Instant;
+
+use crate::error::TransportError;
+
+mod backoff;
+mod budget;
+mod matcher;
+mod retry_after;
+
+pub use self::backoff::Backoff;
+pub use self::budget::RetryBudget;
+pub use self::matcher::Matcher;
+pub use self::retry_after::parse_retry_after;
+pub(crate) use self::retry_after::retry_after;
+
+/// The default cap on attempts per item, across all rules: 10.
+pub const DEFAULT_ATTEMPT_LIMIT: u32 = 10;
+
+#[derive(Debug, Clone)]
+enum Rule {
+    Retry {
+        matcher: Matcher,
+        policy: Backoff,
+    },
+    Pause {
+        matcher: Matcher,
+        fallback: Duration,
+    },
+}
+
+/// An ordered list of rules plus a cap on attempts, shared by every item
+/// of one fetch operator.
+#[derive(Debug, Clone)]
+pub(crate) struct Rules {
+    rules: Vec<Rule>,
+    /// How many rules at the front were added on the operator (they come
+    /// before the client's defaults, so they win).
+    own: usize,
+    attempt_limit: u32,
+}
+
+/// What to do after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The outcome is final.
+    Finish,
+    /// Wait `delay`, then try again.
+    Retry { delay: Duration, cause: DelayCause },
+    /// Pause every operator sharing the handle for `delay`, then try again.
+    Pause { delay: Duration, cause: DelayCause },
+}
+
+/// Where a delay came from, for tracing and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DelayCause {
+    Policy,
+    RetryAfter,
+}
+
+/// What an item's history looks like when an attempt ends.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Attempted {
+    /// Attempts made so far, this one included.
+    pub(crate) attempts: u32,
+    /// Since the item's first attempt started.
+    pub(crate) elapsed: Duration,
+    /// The previous computed delay (for decorrelated jitter).
+    pub(crate) previous_delay: Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            own: 0,
+            attempt_limit: DEFAULT_ATTEMPT_LIMIT,
+        }
+    }
+}
+
+impl Rules {
+    /// Adds a retry rule ahead of inherited defaults, after earlier own rules.
+    pub(crate) fn retry_on(&mut self, matcher: Matcher, policy: Backoff) {
+        self.insert(Rule::Retry { matcher, policy });
+    }
+
+    /// Adds a pause rule ahead of inherited defaults, after earlier own rules.
+    pub(crate) fn pause_on(&mut self, matcher: Matcher, fallback: Duration) {
+        self.insert(Rule::Pause { matcher, fallback });
+    }
+
+    fn insert(&mut self, rule: Rule) {
+        self.rules.insert(self.own, rule);
+        self.own += 1;
+    }
+
+    /// The same rules, all counted as inherited defaults.
+    pub(crate) fn inherited(&self) -> Self {
+        Self {
+            own: 0,
+            ..self.clone()
+        }
+    }
+
+    pub(crate) fn set_attempt_limit(&mut self, limit: u32) {
+        self.attempt_limit = limit;
+    }
+
+    /// Records an original request with every budget the rules spend from.
+    pub(crate) fn deposit(&self, now: Instant) {
+        for rule in &self.rules {
+            if let Rule::Retry { policy, .. } = rule {
+                if let Some(budget) = policy.budget_ref() {
+                    budget.deposit(now);
+                }
+            }
+        }
+    }
+
+    /// The seed of the first rule that sets one.
+    pub(crate) fn seed(&self) -> Option<u64> {
+        self.rules.iter().find_map(|rule| match rule {
+            Rule::Retry { policy, .. } => policy.seed_value(),
+            Rule::Pause { .. } => None,
+        })
+    }
+
+    /// Decides what follows an attempt. Pure but for spending from a retry
+    /// budget, which is itself decided from the given `now`.
+    pub(crate) fn decide(
+        &self,
+        outcome: &Result<Response<Bytes>, TransportError>,
+        history: Attempted,
+        retry_after: Option<Duration>,
+        now: Instant,
+        rng: &mut fastrand::Rng,
+    ) -> Verdict {
+        if history.attempts >= self.attempt_limit {
+            return Verdict::Finish;
+        }
+        let Some(rule) = self.rules.iter().find(|rule| match rule {
+            Rule::Retry { matcher, .. } | Rule::Pause { matcher, .. } => matcher.matches(outcome),
+        }) else {
+            return Verdict::Finish;
+        };
+        match rule {
+            Rule::Pause { fallback, .. } => match retry_after {
+                Some(delay) => Verdict::Pause {
+                    delay,
+                    cause: DelayCause::RetryAfter,
+                },
+                None => Verdict::Pause {
+                    delay: *fallback,
+                    cause: DelayCause::Policy,
+                },
+            },
+            Rule::Retry { policy, .. } => {
+                if history.attempts >= policy.attempts() {
+                    return Verdict::Finish;
+                }
+                let (delay, cause) = match policy.server_delay(retry_after) {
+                    Some(delay) => (delay, DelayCause::RetryAfter),
+                    None => (
+                        policy.delay(history.attempts, history.previous_delay, rng),
+                        DelayCause::Policy,
+                    ),
+                };
+                if policy
+                    .max_elapsed_limit()
+                    .is_some_and(|max| history.elapsed.saturating_add(delay) > max)
+                {
+                    return Verdict::Finish;
+                }
+                if policy.budget_ref().is_some_and(|b| !b.withdraw(now)) {
+                    return Verdict::Finish;
+                }
+                Verdict::Retry { delay, cause }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::TransportErrorKind;
+    use http::StatusCode;
+
+    fn status(code: u16) -> Result<Response<Bytes>, TransportError> {
+        let mut r = Response::new(Bytes::new());
+        *r.status_mut() = StatusCode::from_u16(code).unwrap();
+        Ok(r)
+    }
+
+    fn at(attempts: u32, elapsed_ms: u64) -> Attempted {
+        Attempted {
+            attempts,
+            elapsed: Duration::from_millis(elapsed_ms),
+            previous_delay: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_match_wins_and_limits_apply() {
+        let ms = Duration::from_millis;
+        let mut rules = Rules::default();
+        rules.retry_on(
+            StatusCode::TOO_MANY_REQUESTS.into(),
+            Backoff::constant(ms(10))
+                .max_attempts(3)
+                .max_elapsed(ms(100)),
+        );
+        rules.pause_on(Matcher::server_errors(), ms(500));
+        rules.retry_on(Matcher::transport_errors(), Backoff::constant(ms(1)));
+        let now = Instant::now();
+        let rng = &mut fastrand::Rng::with_seed(0);
+
+        let retry = Verdict::Retry {
+            delay: ms(10),
+            cause: DelayCause::Policy,
+        };
+        assert_eq!(rules.decide(&status(429), at(1, 0), None, now, rng), retry);
+        assert_eq!(
+            rules.decide(&status(429), at(3, 0), None, now, rng),
+            Verdict::Finish
+        );
+        assert_eq!(
+            rules.decide(&status(429), at(1, 95), None, now, rng),
+            Verdict::Finish
+        );
+        assert_eq!(
+            rules.decide(&status(429), at(1, 0), Some(ms(40)), now, rng),
+            Verdict::Retry {
+                delay: ms(40),
+                cause: DelayCause::RetryAfter
+            }
+        );
+        assert_eq!(
+            rules.decide(&status(503), at(1, 0), None, now, rng),
+            Verdict::Pause {
+                delay: ms(500),
+                cause: DelayCause::Policy
+            }
+        );
+        assert_eq!(
+            rules.decide(&status(404), at(1, 0), None, now, rng),
+            Verdict::Finish
+        );
+        let reset = Err(TransportError::new(TransportErrorKind::Reset, "x"));
+        assert!(matches!(
+            rules.decide(&reset, at(1, 0), None, now, rng),
+            Verdict::Retry { .. }
+        ));
+        // The attempt limit caps pauses, which have no policy of their own.
+        assert_eq!(
+            rules.decide(&status(503), at(DEFAULT_ATTEMPT_LIMIT, 0), None, now, rng),
+            Verdict::Finish
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_rules_come_before_inherited_ones() {
+        let ms = Duration::from_millis;
+        let mut defaults = Rules::default();
+        defaults.retry_on(Matcher::server_errors(), Backoff::constant(ms(1)));
+        let mut own = defaults.inherited();
+        own.pause_on(StatusCode::SERVICE_UNAVAILABLE.into(), ms(7));
+        let rng = &mut fastrand::Rng::with_seed(0);
+        assert_eq!(
+            own.decide(&status(503), at(1, 0), None, Instant::now(), rng),
+            Verdict::Pause {
+                delay: ms(7),
+                cause: DelayCause::Policy
+            }
+        );
+        assert!(matches!(
+            own.decide(&status(500), at(1, 0), None, Instant::now(), rng),
+            Verdict::Retry { .. }
+        ));
+    }
+}

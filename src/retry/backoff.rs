@@ -1,0 +1,274 @@
+//! [`Backoff`]: how long to wait before a retry, and when to stop retrying.
+
+use std::time::Duration;
+
+use super::RetryBudget;
+
+/// A retry policy: a delay schedule and the limits on retrying.
+///
+/// The delay for retry number `n` (1 for the first retry) is computed from
+/// the schedule, then capped at [`max_delay`](Self::max_delay). A
+/// `Retry-After` from the server replaces the computed delay, capped at
+/// [`retry_after_cap`](Self::retry_after_cap). Retrying stops when the item
+/// has had [`max_attempts`](Self::max_attempts) attempts, when the next wait
+/// would pass [`max_elapsed`](Self::max_elapsed), or when the
+/// [budget](Self::budget) is spent.
+///
+/// Jitter draws from a generator seeded per item ([`seed`](Self::seed)), so
+/// a run in virtual time is the same every time.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::retry::Backoff;
+///
+/// let ms = Duration::from_millis;
+/// let policy = Backoff::exponential(ms(100)).max_attempts(6).max_delay(ms(1_000));
+/// let mut rng = fastrand::Rng::with_seed(1);
+/// let delays: Vec<_> = (1..=5).map(|n| policy.delay(n, ms(0), &mut rng)).collect();
+/// assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1_000)]);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    schedule: Schedule,
+    max_delay: Duration,
+    max_attempts: u32,
+    max_elapsed: Option<Duration>,
+    retry_after_cap: Duration,
+    honor_retry_after: bool,
+    budget: Option<RetryBudget>,
+    seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Schedule {
+    Constant(Duration),
+    Exponential { base: Duration, factor: f64 },
+    FullJitter { base: Duration, factor: f64 },
+    Decorrelated { base: Duration },
+}
+
+impl Backoff {
+    /// The default number of attempts per item, the first one included: 3.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+    /// The default cap on a computed delay: 30 seconds.
+    pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
+    /// The default cap on a server's `Retry-After`: 60 seconds.
+    pub const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
+
+    fn with(schedule: Schedule) -> Self {
+        Self {
+            schedule,
+            max_delay: Self::DEFAULT_MAX_DELAY,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            max_elapsed: None,
+            retry_after_cap: Self::DEFAULT_RETRY_AFTER_CAP,
+            honor_retry_after: true,
+            budget: None,
+            seed: None,
+        }
+    }
+
+    /// The same delay before every retry.
+    pub fn constant(delay: Duration) -> Self {
+        Self::with(Schedule::Constant(delay))
+    }
+
+    /// `base`, then doubling: `base * 2^(n-1)` before retry `n`.
+    pub fn exponential(base: Duration) -> Self {
+        Self::with(Schedule::Exponential { base, factor: 2.0 })
+    }
+
+    /// Exponential with full jitter: uniform in `0..=base * 2^(n-1)`, which
+    /// spreads out clients that failed together.
+    pub fn full_jitter(base: Duration) -> Self {
+        Self::with(Schedule::FullJitter { base, factor: 2.0 })
+    }
+
+    /// Decorrelated jitter: uniform in `base..=3 * previous delay`.
+    pub fn decorrelated(base: Duration) -> Self {
+        Self::with(Schedule::Decorrelated { base })
+    }
+
+    /// Sets the growth factor of an exponential schedule (default 2).
+    ///
+    /// # Panics
+    ///
+    /// If `factor` is below 1 or not finite.
+    #[track_caller]
+    pub fn factor(mut self, factor: f64) -> Self {
+        assert!(
+            factor.is_finite() && factor >= 1.0,
+            "Backoff::factor must be finite and at least 1"
+        );
+        match &mut self.schedule {
+            Schedule::Exponential { factor: f, .. } | Schedule::FullJitter { factor: f, .. } => {
+                *f = factor
+            }
+            Schedule::Constant(_) | Schedule::Decorrelated { .. } => {}
+        }
+        self
+    }
+
+    /// Caps every computed delay.
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.max_delay = max;
+        self
+    }
+
+    /// Attempts per item, the first one included.
+    ///
+    /// # Panics
+    ///
+    /// If `attempts` is 0: an item always gets its first attempt.
+    #[track_caller]
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        assert!(attempts > 0, "Backoff::max_attempts must be at least 1");
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// Gives up instead of waiting past `max` since the item's first attempt.
+    pub fn max_elapsed(mut self, max: Duration) -> Self {
+        self.max_elapsed = Some(max);
+        self
+    }
+
+    /// Caps the wait a server's `Retry-After` can ask for.
+    pub fn retry_after_cap(mut self, cap: Duration) -> Self {
+        self.retry_after_cap = cap;
+        self
+    }
+
+    /// Ignores `Retry-After` and always uses the computed delay.
+    pub fn ignore_retry_after(mut self) -> Self {
+        self.honor_retry_after = false;
+        self
+    }
+
+    /// Spends retries from a shared [`RetryBudget`].
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Seeds the jitter (mixed with each item's index), for reproducible runs.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The number of attempts per item.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The delay before retry number `retry` (1-based), given the previous
+    /// delay (used by decorrelated jitter). Pure: randomness only from `rng`.
+    pub fn delay(&self, retry: u32, previous: Duration, rng: &mut fastrand::Rng) -> Duration {
+        let exp = |base: Duration, factor: f64| {
+            let scale = factor.powi(retry.saturating_sub(1).min(1_000) as i32);
+            Duration::try_from_secs_f64(base.as_secs_f64() * scale).unwrap_or(Duration::MAX)
+        };
+        let delay = match self.schedule {
+            Schedule::Constant(d) => d,
+            Schedule::Exponential { base, factor } => exp(base, factor),
+            Schedule::FullJitter { base, factor } => {
+                uniform(rng, Duration::ZERO, exp(base, factor).min(self.max_delay))
+            }
+            Schedule::Decorrelated { base } => {
+                let high = previous
+                    .max(base)
+                    .saturating_mul(3)
+                    .min(self.max_delay.max(base));
+                uniform(rng, base, high)
+            }
+        };
+        delay.min(self.max_delay)
+    }
+
+    /// The wait honouring a server's `Retry-After`, if it gave one we use.
+    pub(crate) fn server_delay(&self, retry_after: Option<Duration>) -> Option<Duration> {
+        retry_after
+            .filter(|_| self.honor_retry_after)
+            .map(|d| d.min(self.retry_after_cap))
+    }
+
+    pub(crate) fn max_elapsed_limit(&self) -> Option<Duration> {
+        self.max_elapsed
+    }
+
+    pub(crate) fn budget_ref(&self) -> Option<&RetryBudget> {
+        self.budget.as_ref()
+    }
+
+    pub(crate) fn seed_value(&self) -> Option<u64> {
+        self.seed
+    }
+}
+
+fn uniform(rng: &mut fastrand::Rng, low: Duration, high: Duration) -> Duration {
+    if high <= low {
+        return low;
+    }
+    let span = (high - low).as_nanos().min(u128::from(u64::MAX)) as u64;
+    low + Duration::from_nanos(rng.u64(0..=span))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn schedules() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let c = Backoff::constant(ms(50));
+        assert_eq!(c.delay(1, ms(0), &mut rng), ms(50));
+        assert_eq!(c.delay(9, ms(0), &mut rng), ms(50));
+
+        let e = Backoff::exponential(ms(10)).factor(3.0);
+        assert_eq!(e.delay(3, ms(0), &mut rng), ms(90));
+        // Huge retry numbers saturate at the cap instead of overflowing.
+        assert_eq!(
+            e.delay(u32::MAX, ms(0), &mut rng),
+            Backoff::DEFAULT_MAX_DELAY
+        );
+
+        let j = Backoff::full_jitter(ms(100)).max_delay(ms(300));
+        for n in 1..10 {
+            let d = j.delay(n, ms(0), &mut rng);
+            assert!(d <= ms(300).min(ms(100) * 2u32.pow(n - 1)));
+        }
+
+        let dj = Backoff::decorrelated(ms(100)).max_delay(ms(1_000));
+        let mut prev = ms(100);
+        for n in 1..20 {
+            let d = dj.delay(n, prev, &mut rng);
+            assert!(
+                d >= ms(100) && d <= (prev * 3).min(ms(1_000)),
+                "{d:?} after {prev:?}"
+            );
+            prev = d;
+        }
+    }
+
+    #[test]
+    fn retry_after_is_capped_or_ignored() {
+        let b = Backoff::constant(ms(1)).retry_after_cap(Duration::from_secs(5));
+        assert_eq!(
+            b.server_delay(Some(Duration::from_secs(3))),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(
+            b.server_delay(Some(Duration::from_secs(3600))),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            b.clone().ignore_retry_after().server_delay(Some(ms(5))),
+            None
+        );
+    }
+}

@@ -1,0 +1,118 @@
+//! [`Matcher`]: which attempt outcomes a retry or pause rule applies to.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+
+use crate::error::{TransportError, TransportErrorKind};
+
+type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
+
+/// Which outcomes of an attempt a rule applies to.
+///
+/// Made from a status (`StatusCode::TOO_MANY_REQUESTS.into()`), a class of
+/// statuses, transport errors, or a predicate on the response.
+///
+/// ```
+/// use http::StatusCode;
+/// use sluicegate::retry::Matcher;
+///
+/// let too_many: Matcher = StatusCode::TOO_MANY_REQUESTS.into();
+/// let flaky = Matcher::server_errors().or(Matcher::transport_errors());
+/// let custom = Matcher::response(|r| r.headers().contains_key("x-try-again"));
+/// # let _ = (too_many, flaky, custom);
+/// ```
+#[derive(Clone)]
+pub struct Matcher {
+    any_of: Vec<Match>,
+}
+
+#[derive(Clone)]
+enum Match {
+    Status(StatusCode),
+    Class(u16),
+    Transport,
+    Timeout,
+    Predicate(Arc<Predicate>),
+}
+
+impl Matcher {
+    fn one(m: Match) -> Self {
+        Self { any_of: vec![m] }
+    }
+
+    /// Responses with exactly this status.
+    pub fn status(status: StatusCode) -> Self {
+        Self::one(Match::Status(status))
+    }
+
+    /// Every `4xx` response.
+    pub fn client_errors() -> Self {
+        Self::one(Match::Class(4))
+    }
+
+    /// Every `5xx` response.
+    pub fn server_errors() -> Self {
+        Self::one(Match::Class(5))
+    }
+
+    /// Every transport error: connect, reset, timeout, and so on.
+    pub fn transport_errors() -> Self {
+        Self::one(Match::Transport)
+    }
+
+    /// Timed-out attempts only.
+    pub fn timeouts() -> Self {
+        Self::one(Match::Timeout)
+    }
+
+    /// Responses for which `predicate` is true.
+    pub fn response<F>(predicate: F) -> Self
+    where
+        F: Fn(&Response<Bytes>) -> bool + Send + Sync + 'static,
+    {
+        Self::one(Match::Predicate(Arc::new(predicate)))
+    }
+
+    /// Matches what either matcher matches.
+    pub fn or(mut self, other: Matcher) -> Self {
+        self.any_of.extend(other.any_of);
+        self
+    }
+
+    /// Whether this matcher applies to an attempt's outcome.
+    pub fn matches(&self, outcome: &Result<Response<Bytes>, TransportError>) -> bool {
+        self.any_of.iter().any(|m| match (m, outcome) {
+            (Match::Status(s), Ok(r)) => r.status() == *s,
+            (Match::Class(c), Ok(r)) => r.status().as_u16() / 100 == *c,
+            (Match::Predicate(p), Ok(r)) => p(r),
+            (Match::Transport, Err(_)) => true,
+            (Match::Timeout, Err(e)) => e.kind() == TransportErrorKind::Timeout,
+            _ => false,
+        })
+    }
+}
+
+impl From<StatusCode> for Matcher {
+    fn from(status: StatusCode) -> Self {
+        Self::status(status)
+    }
+}
+
+impl fmt::Debug for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut list = f.debug_list();
+        for m in &self.any_of {
+            match m {
+                Match::Status(s) => list.entry(&s.as_u16()),
+                Match::Class(c) => list.entry(&format_args!("{c}xx")),
+                Match::Transport => list.entry(&format_args!("transport errors")),
+                Match::Timeout => list.entry(&format_args!("timeouts")),
+                Match::Predicate(_) => list.entry(&format_args!("predicate")),
+            };
+        }
+        list.finish()
+    }
+}
