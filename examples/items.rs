@@ -59,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .outages(Duration::from_secs(3), Duration::from_secs(1));
             let server = DemoServer::start(config).await?;
             let url = server.url();
-            println!("demo server on {url} (429 above {}/s, 503 for 1 s every 3 s)", args.server_rate);
+            println!(
+                "demo server on {url} (429 above {}/s, 503 for 1 s every 3 s)",
+                args.server_rate
+            );
             (Some(server), url)
         }
     };
@@ -69,14 +72,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .base_url(&url)
         .rate(Rate::try_new(args.rate, Duration::from_secs(1))?.burst(10))
         .timeout(Duration::from_secs(10))
-        .retry_on(Matcher::transport_errors(), Backoff::exponential(Duration::from_millis(100)))
+        .retry_on(
+            Matcher::transport_errors(),
+            Backoff::exponential(Duration::from_millis(100)),
+        )
         .build()?;
 
     let started = Instant::now();
     let ids: Vec<u64> = stream::iter([()])
         .fetch_concurrent(1, client.get(|_: &()| "/items"))
         .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
-        .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(8))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::exponential(Duration::from_millis(100)).max_attempts(8),
+        )
         .json::<Vec<u64>>()
         .map_ok(|decoded| decoded.value)
         .try_concat()
@@ -87,8 +96,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut attempts = 0u64;
     let mut sample = None;
     let mut results = stream::iter(ids.clone())
-        .fetch_concurrent(args.concurrency, client.get(|id: &u64| format!("/items/{id}")))
-        .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(8))
+        .fetch_concurrent(
+            args.concurrency,
+            client.get(|id: &u64| format!("/items/{id}")),
+        )
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::exponential(Duration::from_millis(100)).max_attempts(8),
+        )
         .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
         .json::<Customer>();
     while let Some(result) = results.next().await {
@@ -99,13 +114,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Err(e) => {
                 attempts += u64::from(e.attempts());
-                *by_outcome.entry(format!("failed: {}", e.kind())).or_default() += 1;
+                *by_outcome
+                    .entry(format!("failed: {}", e.kind()))
+                    .or_default() += 1;
             }
         }
     }
     let elapsed = started.elapsed();
     let accounted: u64 = by_outcome.values().sum();
-    println!("GET /items/{{id}}: {accounted} of {} ids accounted for in {elapsed:.2?}", ids.len());
+    println!(
+        "GET /items/{{id}}: {accounted} of {} ids accounted for in {elapsed:.2?}",
+        ids.len()
+    );
     for (outcome, count) in &by_outcome {
         println!("  {outcome:<24} {count}");
     }
