@@ -174,7 +174,7 @@ pub trait SluiceExt: Stream {
     /// use sluicegate::mock::{MockResponse, MockTransport, Route};
     /// use sluicegate::{Client, FetchErrorKind, SluiceExt};
     ///
-    /// #[derive(serde::Deserialize)]
+    /// #[derive(Debug, serde::Deserialize)]
     /// struct Customer {
     ///     email: String,
     /// }

@@ -3,7 +3,7 @@
 //! A rule pairs a [`Matcher`] with what to do: retry the item after a
 //! [`Backoff`] delay, or pause the shared [`PauseHandle`](crate::PauseHandle)
 //! and retry after the pause. Rules are tried in order and the first match
-//! wins. The decision ([`Rules::decide`]) is pure: it sees the outcome, the
+//! wins. The decision (inside the fetch operator) is pure: it sees the outcome, the
 //! item's attempt count and elapsed time, the server's `Retry-After` and
 //! `now`, and returns what to do; the fetch operator does the waiting.
 

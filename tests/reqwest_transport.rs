@@ -1,0 +1,201 @@
+//! ReqwestTransport over real loopback sockets (127.0.0.1 only).
+#![cfg(all(feature = "reqwest", feature = "demo"))]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{stream, StreamExt};
+use http::{Request, StatusCode};
+use sluicegate::demo::{email, DemoConfig, DemoServer};
+use sluicegate::{
+    Client, FetchErrorKind, Rate, ReqwestTransport, SluiceExt, TimeoutScope, Transport,
+    TransportErrorKind,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+fn get(url: String) -> Request<Bytes> {
+    Request::get(url).body(Bytes::new()).unwrap()
+}
+
+/// A one-shot server that answers each connection with `reply` verbatim,
+/// then closes it.
+async fn raw_server(reply: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = socket.write_all(&reply).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn status_headers_and_body_come_back_whole() {
+    let server = DemoServer::start(DemoConfig::default().items(10))
+        .await
+        .unwrap();
+    let transport = ReqwestTransport::default();
+
+    let response = transport
+        .send(get(format!("{}/items/3", server.url())))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    assert_eq!(body["email"], email(3));
+
+    let list = transport
+        .send(get(format!("{}/items", server.url())))
+        .await
+        .unwrap();
+    let ids: Vec<u64> = serde_json::from_slice(list.body()).unwrap();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+
+    let missing = transport
+        .send(get(format!("{}/items/10", server.url())))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    assert_eq!(server.counts().requests, 3);
+}
+
+#[tokio::test]
+async fn a_pipeline_over_real_sockets_gets_every_item() {
+    let server = DemoServer::start(DemoConfig::default().items(200))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(server.url())
+        .rate(Rate::per_second(2_000).burst(50))
+        .build()
+        .unwrap();
+    let mut got: Vec<u64> = stream::iter(0u64..200)
+        .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+        .map(|r| r.unwrap().item)
+        .collect()
+        .await;
+    got.sort_unstable();
+    assert_eq!(got, (0..200).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_answer_times_out() {
+    let server = DemoServer::start(DemoConfig::default().latency(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    // The client's per-attempt timeout.
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(server.url())
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = client.send("/").await.unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::Timeout(TimeoutScope::Attempt));
+
+    // reqwest's own timeout is classified as a timeout too.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let err = ReqwestTransport::new(http)
+        .send(get(server.url()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Timeout);
+}
+
+#[tokio::test]
+async fn bodies_over_the_cap_are_refused_while_reading() {
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    // With a Content-Length: refused before reading the body.
+    let mut announced =
+        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", big.len()).into_bytes();
+    announced.extend_from_slice(&big);
+    // Without one (the body runs to the end of the connection): refused
+    // as soon as the cap is passed.
+    let mut unannounced = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+    unannounced.extend_from_slice(&big);
+
+    let transport = ReqwestTransport::default().max_body_bytes(1024 * 1024);
+    for reply in [announced, unannounced] {
+        let addr = raw_server(reply).await;
+        let err = transport
+            .send(get(format!("http://{addr}/")))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), TransportErrorKind::BodyTooLarge, "{err}");
+        assert!(err.to_string().contains("exceeds 1048576 bytes"), "{err}");
+    }
+    // Under the cap, the same body is fine.
+    let mut small = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+    small.extend_from_slice(&big[..1000]);
+    let addr = raw_server(small).await;
+    let ok = transport
+        .send(get(format!("http://{addr}/")))
+        .await
+        .unwrap();
+    assert_eq!(ok.body().len(), 1000);
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_a_connect_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let err = ReqwestTransport::default()
+        .send(get(format!("http://{addr}/")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the reqwest error stays reachable"
+    );
+}
+
+#[tokio::test]
+async fn a_body_cut_off_mid_way_is_a_reset() {
+    let addr =
+        raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\nonly a little".to_vec()).await;
+    let err = ReqwestTransport::default()
+        .send(get(format!("http://{addr}/")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Reset, "{err}");
+}
+
+#[tokio::test]
+async fn the_demo_server_refuses_above_its_rate_with_retry_after() {
+    let server = DemoServer::start(DemoConfig::default().rate_limit(Rate::per_second(1).burst(2)))
+        .await
+        .unwrap();
+    let transport = ReqwestTransport::default();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = transport.send(get(server.url())).await.unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            assert_eq!(r.headers()["retry-after"], "1");
+        }
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(server.counts().too_many_requests, 1);
+}
