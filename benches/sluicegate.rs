@@ -1,1 +1,28 @@
-fn main() {}
+//! Benchmarks: one entry, one module per scenario.
+//!
+//! ```text
+//! cargo bench --bench sluicegate                 # everything
+//! cargo bench --bench sluicegate -- fetch        # criterion groups matching "fetch"
+//! cargo bench --bench sluicegate -- rate_accuracy
+//! ```
+
+use criterion::Criterion;
+
+#[path = "sluicegate/fetch_overhead.rs"]
+mod fetch_overhead;
+#[path = "sluicegate/rate_accuracy.rs"]
+mod rate_accuracy;
+
+fn main() {
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
+    let listing = std::env::args().any(|a| a == "--list");
+    if !listing && (filter.is_empty() || "rate_accuracy".contains(filter.as_str())) {
+        rate_accuracy::report();
+    }
+    let mut criterion = Criterion::default().configure_from_args();
+    fetch_overhead::bench(&mut criterion);
+    criterion.final_summary();
+}

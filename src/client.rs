@@ -155,9 +155,10 @@ impl Client {
             encoder.extend_pairs(query);
             url = encoder.finish();
         }
-        Uri::try_from(url.as_str()).map_err(|e| {
-            let shown = url.split('?').next().unwrap_or_default();
-            BuildError::new(format!("invalid URL {shown:?}: {e}"))
+        // Hand the string over instead of copying it.
+        Uri::from_maybe_shared(Bytes::from(url)).map_err(|e| {
+            let shown = target.split('?').next().unwrap_or_default();
+            BuildError::new(format!("invalid URL for {shown:?}: {e}"))
         })
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
@@ -207,7 +208,7 @@ impl<T> Endpoint<T> {
             }
         };
         let attempts = AtomicU32::new(0);
-        let attempt_loop = self.attempt_loop(&request, &attempts, started, index);
+        let attempt_loop = self.attempt_loop(request, &attempts, started, index);
         let end = match self.item_timeout {
             Some(limit) => tokio::time::timeout(limit, attempt_loop)
                 .await
@@ -248,9 +249,33 @@ impl<T> Endpoint<T> {
         Err(error_out)
     }
 
+    /// What to wait for before the next attempt, or `None` to send now.
+    ///
+    /// Pause first, then the token: a token taken before a pause would be
+    /// spent at the pause's end, all at once. The common case (no pause, a
+    /// token free) takes the token here and allocates nothing.
+    fn gate(&self) -> Option<BoxFuture<'static, ()>> {
+        let client = &self.client.inner;
+        if !client.pause.is_paused() {
+            match &client.limiter {
+                None => return None,
+                Some(limiter) if limiter.check().is_ok() => return None,
+                Some(_) => {}
+            }
+        }
+        let pause = client.pause.clone();
+        let limiter = client.limiter.clone();
+        Some(Box::pin(async move {
+            pause.ready().await;
+            if let Some(limiter) = limiter {
+                limiter.acquire_owned(Some(pause)).await;
+            }
+        }))
+    }
+
     async fn attempt_loop(
         &self,
-        request: &Request<Bytes>,
+        request: Request<Bytes>,
         attempts: &AtomicU32,
         started: Instant,
         index: u64,
@@ -259,21 +284,22 @@ impl<T> Endpoint<T> {
         let seed = self.rules.seed().unwrap_or_else(|| fastrand::u64(..));
         let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut previous_delay = Duration::ZERO;
+        let mut spare = Some(request);
         loop {
             let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
-            // Pause first, then the token: a token taken before a pause
-            // would be spent at the pause's end, all at once.
-            client.pause.ready().await;
-            if let Some(limiter) = &client.limiter {
-                limiter
-                    .clone()
-                    .acquire_owned(Some(client.pause.clone()))
-                    .await;
+            if let Some(wait) = self.gate() {
+                wait.await;
             }
             if attempt == 1 {
-                self.rules.deposit(Instant::now());
+                self.rules.deposit();
             }
-            let send = client.transport.send(clone_request(request));
+            // With no rules there is no second attempt: send the original.
+            let this_attempt = if self.rules.is_empty() {
+                spare.take().expect("one attempt without rules")
+            } else {
+                clone_request(spare.as_ref().expect("kept for retries"))
+            };
+            let send = client.transport.send(this_attempt);
             let outcome = match self.timeout {
                 Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
                     Err(TransportError::new(
@@ -283,19 +309,23 @@ impl<T> Endpoint<T> {
                 }),
                 None => send.await,
             };
-            let retry_after = outcome
-                .as_ref()
-                .ok()
-                .and_then(|r| retry::retry_after(r.headers(), client.wall_clock));
-            let history = Attempted {
-                attempts: attempt,
-                elapsed: started.elapsed(),
-                previous_delay,
+            let verdict = if self.rules.is_empty() {
+                Verdict::Finish
+            } else {
+                let retry_after = outcome
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| retry::retry_after(r.headers(), client.wall_clock));
+                let history = Attempted {
+                    attempts: attempt,
+                    elapsed: started.elapsed(),
+                    previous_delay,
+                };
+                let now = Instant::now();
+                self.rules
+                    .decide(&outcome, history, retry_after, now, &mut rng)
             };
-            match self
-                .rules
-                .decide(&outcome, history, retry_after, Instant::now(), &mut rng)
-            {
+            match verdict {
                 Verdict::Finish => {
                     return match outcome {
                         Ok(response) => End::Response(response),
@@ -312,7 +342,8 @@ impl<T> Endpoint<T> {
                     if cause == DelayCause::Policy {
                         previous_delay = delay;
                     }
-                    tokio::time::sleep(delay).await;
+                    // Boxed: a retry is the slow path; the common path keeps a small future.
+                    Box::pin(tokio::time::sleep(delay)).await;
                 }
                 Verdict::Pause { delay, cause } => {
                     let until = client.pause.pause_for(delay);

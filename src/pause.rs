@@ -110,8 +110,9 @@ impl PauseHandle {
 
     /// The deadline of the pause in force now, if any.
     pub fn paused_until(&self) -> Option<Instant> {
-        let now = Instant::now();
-        self.shared.deadline.borrow().filter(|d| *d > now)
+        // Read the clock only when there is a deadline to compare with.
+        let deadline = (*self.shared.deadline.borrow())?;
+        (deadline > Instant::now()).then_some(deadline)
     }
 
     /// Waits until no pause is in force. Returns at once when not paused.

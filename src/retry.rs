@@ -119,12 +119,17 @@ impl Rules {
         self.attempt_limit = limit;
     }
 
+    /// Whether there are no rules at all (every outcome is final).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
     /// Records an original request with every budget the rules spend from.
-    pub(crate) fn deposit(&self, now: Instant) {
+    pub(crate) fn deposit(&self) {
         for rule in &self.rules {
             if let Rule::Retry { policy, .. } = rule {
                 if let Some(budget) = policy.budget_ref() {
-                    budget.deposit(now);
+                    budget.deposit(Instant::now());
                 }
             }
         }

@@ -1,24 +1,33 @@
-//! The [`FetchConcurrent`] combinator: one request per item, at most `n` in
-//! flight, each on its own task.
+//! The [`FetchConcurrent`] combinator: one request per item, at most `n`
+//! outstanding.
 //!
-//! Each item's attempts run on a spawned tokio task, so requests in flight
-//! keep making progress while the consumer is busy elsewhere: a slow
-//! consumer cannot make a request look slow and time out (the trap of
-//! polling request futures only from inside `buffer_unordered`). The tasks
-//! are owned by the stream; dropping it aborts them.
+//! The attempts of every item run on one driver task per stream (see
+//! `driver`), not inside the consumer's `poll_next`: requests in flight,
+//! retry waits and pauses keep making progress while the consumer is busy
+//! elsewhere, so a slow consumer cannot make a request look slow and time
+//! out (the trap of polling request futures only from `buffer_unordered`).
+//! The stream owns the driver; dropping the stream aborts it and with it
+//! every request in flight.
+//!
+//! "Outstanding" counts items taken from upstream whose output has not been
+//! yielded yet (in flight, or done and waiting for the consumer, or waiting
+//! for their turn in ordered mode), so memory stays bounded by `n` however
+//! slow the consumer is.
 
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::stream::{
-    Fuse, FusedStream, FuturesOrdered, FuturesUnordered, Stream, StreamExt as _,
-};
+use std::collections::VecDeque;
+
+use futures::stream::{Fuse, FusedStream, Stream, StreamExt as _};
 use pin_project_lite::pin_project;
-use tokio_util::task::AbortOnDropHandle;
+
+use self::driver::Driver;
+
+mod driver;
 
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::FetchError;
@@ -82,58 +91,6 @@ where
 
 type Output<A, I> = Result<Fetched<<A as Intake<I>>::Item>, <A as Intake<I>>::Error>;
 
-/// One slot in flight: a spawned fetch, or an upstream error waiting for its
-/// turn (so ordered mode keeps it in place).
-enum Slot<O> {
-    Task(AbortOnDropHandle<O>),
-    Ready(Option<O>),
-}
-
-impl<O> Unpin for Slot<O> {}
-
-impl<O> Future for Slot<O> {
-    type Output = O;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
-        match self.get_mut() {
-            Slot::Ready(out) => Poll::Ready(out.take().expect("slot polled after completion")),
-            Slot::Task(handle) => Pin::new(handle).poll(cx).map(|joined| match joined {
-                Ok(out) => out,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => panic!("fetch task ended without an answer: {e}"),
-            }),
-        }
-    }
-}
-
-enum InFlight<O> {
-    Unordered(FuturesUnordered<Slot<O>>),
-    Ordered(FuturesOrdered<Slot<O>>),
-}
-
-impl<O> InFlight<O> {
-    fn len(&self) -> usize {
-        match self {
-            Self::Unordered(q) => q.len(),
-            Self::Ordered(q) => q.len(),
-        }
-    }
-
-    fn push(&mut self, slot: Slot<O>) {
-        match self {
-            Self::Unordered(q) => q.push(slot),
-            Self::Ordered(q) => q.push_back(slot),
-        }
-    }
-
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<O>> {
-        match self {
-            Self::Unordered(q) => q.poll_next_unpin(cx),
-            Self::Ordered(q) => q.poll_next_unpin(cx),
-        }
-    }
-}
-
 pin_project! {
     /// Stream for [`SluiceExt::fetch_concurrent`](crate::SluiceExt::fetch_concurrent)
     /// and [`SluiceExt::try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent).
@@ -150,8 +107,16 @@ pin_project! {
         stream: Fuse<S>,
         endpoint: Endpoint<A::Item>,
         limit: usize,
-        next_index: u64,
-        in_flight: InFlight<Output<A, S::Item>>,
+        ordered: bool,
+        // Index of the next item taken from upstream.
+        next_in: u64,
+        // Index of the next output to yield in ordered mode.
+        next_out: u64,
+        outstanding: usize,
+        // Ordered mode: outputs that arrived before their turn, at
+        // `index - next_out`. At most `limit` long.
+        waiting: VecDeque<Option<Output<A, S::Item>>>,
+        driver: Option<Driver<A::Item, Output<A, S::Item>>>,
         _intake: PhantomData<fn() -> A>,
     }
 }
@@ -166,26 +131,26 @@ where
             stream: stream.fuse(),
             endpoint,
             limit,
-            next_index: 0,
-            in_flight: InFlight::Unordered(FuturesUnordered::new()),
+            ordered: false,
+            next_in: 0,
+            next_out: 0,
+            outstanding: 0,
+            waiting: VecDeque::new(),
+            driver: None,
             _intake: PhantomData,
         }
     }
 
     /// Yields results in input order. A slow item then holds back those
-    /// after it (but never more than `n` are in flight or buffered).
+    /// after it (but never more than `n` are outstanding).
     ///
     /// # Panics
     ///
     /// If called after the stream has started.
     #[track_caller]
     pub fn ordered(mut self) -> Self {
-        assert_eq!(
-            self.in_flight.len(),
-            0,
-            "ordered() must be called before polling"
-        );
-        self.in_flight = InFlight::Ordered(FuturesOrdered::new());
+        assert_eq!(self.next_in, 0, "ordered() must be called before polling");
+        self.ordered = true;
         self
     }
 
@@ -226,9 +191,10 @@ where
         self
     }
 
-    /// How many items are in flight now.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+    /// How many items are outstanding: taken from upstream, output not yet
+    /// yielded.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
     }
 }
 
@@ -241,38 +207,93 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
-        while this.in_flight.len() < *this.limit {
-            match this.stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(input)) => match A::intake(input) {
-                    Ok(item) => {
-                        let endpoint = this.endpoint.clone();
-                        let index = *this.next_index;
-                        *this.next_index += 1;
-                        let task = tokio::spawn(async move {
-                            endpoint.fetch_indexed(item, index).await.map_err(A::lift)
-                        });
-                        this.in_flight
-                            .push(Slot::Task(AbortOnDropHandle::new(task)));
-                    }
-                    Err(upstream) => this.in_flight.push(Slot::Ready(Some(Err(upstream)))),
-                },
-                Poll::Ready(None) | Poll::Pending => break,
+        loop {
+            // Yield what is ready, in order if asked.
+            if *this.ordered {
+                if let Some(Some(_)) = this.waiting.front() {
+                    let out = this.waiting.pop_front().flatten();
+                    *this.next_out += 1;
+                    *this.outstanding -= 1;
+                    return Poll::Ready(out);
+                }
             }
-        }
-        match this.in_flight.poll_next(cx) {
-            Poll::Ready(Some(out)) => Poll::Ready(Some(out)),
-            Poll::Ready(None) if this.stream.is_terminated() => Poll::Ready(None),
-            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+            // Take from upstream while there is room.
+            let mut upstream_pending = false;
+            while *this.outstanding < *this.limit {
+                match this.stream.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(input)) => {
+                        let index = *this.next_in;
+                        *this.next_in += 1;
+                        match A::intake(input) {
+                            Ok(item) => {
+                                *this.outstanding += 1;
+                                let endpoint = &*this.endpoint;
+                                this.driver
+                                    .get_or_insert_with(|| {
+                                        Driver::spawn(endpoint.clone(), |r| r.map_err(A::lift))
+                                    })
+                                    .send(index, item);
+                                if *this.ordered {
+                                    this.waiting.push_back(None);
+                                }
+                            }
+                            Err(upstream) if *this.ordered => {
+                                *this.outstanding += 1;
+                                this.waiting.push_back(Some(Err(upstream)));
+                            }
+                            Err(upstream) => return Poll::Ready(Some(Err(upstream))),
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        if let Some(driver) = this.driver.as_mut() {
+                            driver.close();
+                        }
+                        break;
+                    }
+                    Poll::Pending => {
+                        upstream_pending = true;
+                        break;
+                    }
+                }
+            }
+            if *this.ordered && matches!(this.waiting.front(), Some(Some(_))) {
+                continue;
+            }
+            // Collect what the driver finished.
+            let Some(driver) = this.driver.as_mut() else {
+                return if upstream_pending || !this.stream.is_terminated() {
+                    Poll::Pending
+                } else {
+                    Poll::Ready(None)
+                };
+            };
+            match driver.poll_recv(cx) {
+                Poll::Ready(Some((index, out))) => {
+                    if !*this.ordered {
+                        *this.outstanding -= 1;
+                        return Poll::Ready(Some(out));
+                    }
+                    let slot = (index - *this.next_out) as usize;
+                    this.waiting[slot] = Some(out);
+                }
+                Poll::Ready(None) => {
+                    // The driver is done: every item it was sent has come back.
+                    *this.driver = None;
+                    if *this.outstanding == 0 && this.stream.is_terminated() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         // Every input yields exactly one output.
-        let in_flight = self.in_flight.len();
         let (low, high) = self.stream.size_hint();
         (
-            low.saturating_add(in_flight),
-            high.and_then(|h| h.checked_add(in_flight)),
+            low.saturating_add(self.outstanding),
+            high.and_then(|h| h.checked_add(self.outstanding)),
         )
     }
 }
@@ -283,7 +304,7 @@ where
     A: Intake<S::Item>,
 {
     fn is_terminated(&self) -> bool {
-        self.stream.is_terminated() && self.in_flight.len() == 0
+        self.stream.is_terminated() && self.outstanding == 0
     }
 }
 
@@ -297,7 +318,8 @@ where
             .field("stream", &self.stream)
             .field("endpoint", &self.endpoint)
             .field("limit", &self.limit)
-            .field("in_flight", &self.in_flight.len())
+            .field("ordered", &self.ordered)
+            .field("outstanding", &self.outstanding)
             .finish()
     }
 }

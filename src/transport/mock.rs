@@ -147,13 +147,21 @@ impl MockTransport {
         log.count = 0;
     }
 
-    fn record(&self, call: Call) -> Option<usize> {
+    fn record(&self, request: &Request<Bytes>) -> Option<usize> {
         let mut log = self.inner.calls.lock().expect("mock lock");
         log.count += 1;
         if !log.enabled {
             return None;
         }
-        log.calls.push(call);
+        log.calls.push(Call {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+            body: request.body().clone(),
+            sent_at: Instant::now(),
+            answered_at: None,
+            outcome: None,
+        });
         Some(log.calls.len() - 1)
     }
 
@@ -185,14 +193,7 @@ impl MockTransport {
                 }
             }
             drop(rng);
-            let mock_request = MockRequest {
-                method: request.method().clone(),
-                uri: request.uri().clone(),
-                headers: request.headers().clone(),
-                body: request.body().clone(),
-                params,
-            };
-            return (route.responder.respond(&mock_request), latency);
+            return (route.responder.respond(request, params), latency);
         }
         let message = format!("no mock route for {} {}", request.method(), path);
         let response = match *self.inner.unmatched.lock().expect("mock lock") {
@@ -210,15 +211,7 @@ impl Transport for MockTransport {
         &self,
         request: Request<Bytes>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
-        let index = self.record(Call {
-            method: request.method().clone(),
-            uri: request.uri().clone(),
-            headers: request.headers().clone(),
-            body: request.body().clone(),
-            sent_at: Instant::now(),
-            answered_at: None,
-            outcome: None,
-        });
+        let index = self.record(&request);
         let (response, latency) = self.respond(&request);
         let delay = response.delay.unwrap_or(latency);
         let mock = self.clone();
@@ -444,7 +437,7 @@ enum Responder {
 }
 
 impl Responder {
-    fn respond(&self, request: &MockRequest) -> MockResponse {
+    fn respond(&self, request: &Request<Bytes>, params: Vec<(String, String)>) -> MockResponse {
         match self {
             Self::Fixed(response) => response.clone(),
             Self::Sequence(responses, next) => {
@@ -453,7 +446,14 @@ impl Responder {
                     .min(responses.len() - 1);
                 responses[i].clone()
             }
-            Self::Closure(f) => f(request),
+            // Only a closure looks at the request: copy it out for that alone.
+            Self::Closure(f) => f(&MockRequest {
+                method: request.method().clone(),
+                uri: request.uri().clone(),
+                headers: request.headers().clone(),
+                body: request.body().clone(),
+                params,
+            }),
         }
     }
 }
