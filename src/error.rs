@@ -155,6 +155,8 @@ pub enum FetchErrorKind {
     Timeout(TimeoutScope),
     /// The body could not be decoded into the requested type.
     Decode,
+    /// Pagination led back to a page already fetched.
+    PaginationLoop,
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -166,6 +168,7 @@ impl fmt::Display for FetchErrorKind {
             Self::Timeout(TimeoutScope::Attempt) => f.write_str("attempt timed out"),
             Self::Timeout(TimeoutScope::Item) => f.write_str("item timed out"),
             Self::Decode => f.write_str("undecodable body"),
+            Self::PaginationLoop => f.write_str("pagination loop"),
         }
     }
 }

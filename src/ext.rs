@@ -5,12 +5,15 @@ use serde::de::DeserializeOwned;
 
 use crate::endpoint::Endpoint;
 use crate::error::FetchError;
+use crate::etl::WriteJsonl;
 
 mod fetch_concurrent;
+pub(crate) mod flat_unpack;
 mod json;
 mod throttle;
 
 pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain};
+pub use self::flat_unpack::{Element, FlatUnpack};
 pub use self::json::{Decoded, FetchResult, Json};
 pub use self::throttle::{Pacer, Throttle};
 
@@ -162,6 +165,80 @@ pub trait SluiceExt: Stream {
         FetchConcurrent::new(self, n, endpoint)
     }
 
+    /// Turns each fetched body holding a JSON array into its elements,
+    /// decoded as `T` (use `serde_json::Value` to keep them untyped).
+    ///
+    /// A body that is not JSON, or not an array, becomes one error of kind
+    /// [`Decode`](crate::FetchErrorKind::Decode) carrying the page's item
+    /// and response; an element that does not decode becomes one error
+    /// carrying the page's item and the element's position, and the other
+    /// elements still come through. Upstream errors pass through. Never
+    /// panics, never drops a page silently.
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use sluicegate::mock::{MockResponse, MockTransport, Route};
+    /// use sluicegate::{Client, SluiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items").respond(MockResponse::json(&[3, 1, 2])));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+    ///
+    /// let ids: Vec<u64> = stream::iter([()])
+    ///     .fetch_concurrent(1, client.get(|_: &()| "/items"))
+    ///     .flat_unpack::<u64>()
+    ///     .map(Result::unwrap)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(ids, [3, 1, 2]);
+    /// # }
+    /// ```
+    fn flat_unpack<T>(self) -> FlatUnpack<Self, T, T>
+    where
+        Self: Sized,
+        Self::Item: FetchResult,
+        <Self::Item as FetchResult>::Item: Clone,
+        T: DeserializeOwned,
+    {
+        FlatUnpack::new(self, "", |_, _, value| value)
+    }
+
+    /// Like [`flat_unpack`](Self::flat_unpack), for the array at a JSON
+    /// pointer (RFC 6901) in each body, such as `"/data/items"`. A pointer
+    /// that leads nowhere is an error item for that page.
+    fn flat_unpack_at<T>(self, pointer: &str) -> FlatUnpack<Self, T, T>
+    where
+        Self: Sized,
+        Self::Item: FetchResult,
+        <Self::Item as FetchResult>::Item: Clone,
+        T: DeserializeOwned,
+    {
+        FlatUnpack::new(self, pointer, |_, _, value| value)
+    }
+
+    /// Like [`flat_unpack_at`](Self::flat_unpack_at), keeping with each
+    /// element the item of the page it came from and its position, for
+    /// error reports and provenance.
+    #[allow(clippy::type_complexity)]
+    fn flat_unpack_sourced<T>(
+        self,
+        pointer: &str,
+    ) -> FlatUnpack<Self, T, Element<<Self::Item as FetchResult>::Item, T>>
+    where
+        Self: Sized,
+        Self::Item: FetchResult,
+        <Self::Item as FetchResult>::Item: Clone,
+        T: DeserializeOwned,
+    {
+        FlatUnpack::new(self, pointer, |source, index, value| Element {
+            source: source.clone(),
+            index,
+            value,
+        })
+    }
+
     /// Decodes each fetched body as JSON into `U`, keeping the item.
     ///
     /// An undecodable body becomes an error of kind
@@ -204,6 +281,48 @@ pub trait SluiceExt: Stream {
         U: DeserializeOwned,
     {
         Json::new(self)
+    }
+
+    /// Runs the pipeline to its end, writing each success as a JSON line to
+    /// `path` and each failure as a dead-letter record (item, error kind,
+    /// status, attempts, error text) to the file beside it
+    /// (`customers.jsonl` → `customers.failed.jsonl`). Both files are
+    /// replaced. `.await` it for the [`Report`](crate::etl::Report).
+    ///
+    /// For a run that survives crashes and resumes where it stopped, use a
+    /// [`Journal`](crate::etl::Journal) instead.
+    ///
+    /// ```
+    /// use futures::stream;
+    /// use sluicegate::mock::{MockResponse, MockTransport, Route};
+    /// use sluicegate::{Client, SluiceExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items/3").respond(MockResponse::status(404)));
+    /// mock.mount(Route::get("/items/{id}").respond_with(|r| MockResponse::json(&serde_json::json!({ "id": r.param("id") }))));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+    /// let path = std::env::temp_dir().join(format!("sluicegate-sink-doc-{}.jsonl", std::process::id()));
+    ///
+    /// let report = stream::iter(1..=4u32)
+    ///     .fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")))
+    ///     .json::<serde_json::Value>()
+    ///     .write_jsonl(&path)
+    ///     .await?;
+    /// assert_eq!((report.ok, report.failed), (3, 1));
+    /// let dead = std::fs::read_to_string(&report.dead_letters)?;
+    /// assert!(dead.contains(r#""item":3"#) && dead.contains(r#""status":404"#));
+    /// # std::fs::remove_file(&report.output)?;
+    /// # std::fs::remove_file(&report.dead_letters)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    fn write_jsonl(self, path: impl AsRef<std::path::Path>) -> WriteJsonl<Self>
+    where
+        Self: Sized,
+    {
+        WriteJsonl::new(self, path.as_ref().to_owned())
     }
 }
 

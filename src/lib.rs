@@ -75,6 +75,7 @@
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
 //! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
+//! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
 //! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
@@ -90,6 +91,7 @@ mod client;
 pub mod demo;
 mod endpoint;
 mod error;
+pub mod etl;
 mod ext;
 mod limiter;
 mod pause;
@@ -104,8 +106,8 @@ pub use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
 pub use crate::ext::{
-    Decoded, Fallible, FetchConcurrent, FetchResult, Intake, Json, Pacer, Plain, SluiceExt,
-    Throttle,
+    Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
+    Plain, SluiceExt, Throttle,
 };
 pub use crate::limiter::{KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;

@@ -40,6 +40,13 @@ pub struct Decoded<T, U> {
     pub value: U,
 }
 
+/// A decoded body is written (say, to JSONL) as its value alone.
+impl<T, U: serde::Serialize> serde::Serialize for Decoded<T, U> {
+    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
+        self.value.serialize(serializer)
+    }
+}
+
 /// How much of an undecodable body an error shows.
 const EXCERPT_BYTES: usize = 200;
 

@@ -1,0 +1,322 @@
+//! [`Journal`]: resumable runs that write every item exactly once.
+//!
+//! # How exactly-once survives `kill -9`
+//!
+//! Three files: the output (`customers.jsonl`), its dead letters
+//! (`customers.failed.jsonl`) and a journal (`customers.jsonl.journal`).
+//! For each finished item the sink appends its record to the output or the
+//! dead letters, and *then* appends a journal line naming the item's key and
+//! the length the file had after the record. The journal is the commit log:
+//! a record counts only once its journal line is complete.
+//!
+//! Opening a journal reads it, keeps the keys it names as done, and cuts the
+//! output and dead-letter files back to the last committed length. Whatever
+//! a crash left behind (a record without its journal line, half a line) is
+//! removed, and the item it belonged to is simply done again. So after any
+//! number of crashes and re-runs, each item appears exactly once, in the
+//! output or in the dead letters.
+//!
+//! Lines are handed to the operating system as they are written, so a killed
+//! process loses nothing it committed; surviving a power cut would need an
+//! `fsync` per item, which this does not do.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::stream::{Stream, StreamExt as _};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::sink::{dead_letter_path, encode, DeadLetter, HasItem, Report};
+
+type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
+
+/// A resumable JSONL sink: skips items an earlier run finished, and writes
+/// each item exactly once across crashes and re-runs.
+///
+/// ```
+/// use futures::stream;
+/// use sluicegate::etl::Journal;
+/// use sluicegate::mock::{MockResponse, MockTransport, Route};
+/// use sluicegate::{Client, SluiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> std::io::Result<()> {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items/{id}").respond_with(|r| {
+///     MockResponse::json(&serde_json::json!({ "id": r.param("id") }))
+/// }));
+/// let client = Client::builder().transport(mock.clone()).base_url("http://mock").build().unwrap();
+/// let dir = std::env::temp_dir().join(format!("sluicegate-journal-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let output = dir.join("items.jsonl");
+///
+/// for run in 0..2 {
+///     let journal = Journal::open(&output, |id: &u32| id.to_string())?;
+///     let report = journal
+///         .write_jsonl(
+///             journal
+///                 .skip_done(stream::iter(0..10u32))
+///                 .fetch_concurrent(4, client.get(|id: &u32| format!("/items/{id}")))
+///                 .json::<serde_json::Value>(),
+///         )
+///         .await?;
+///     // The second run finds everything done and sends nothing.
+///     assert_eq!((report.ok, report.skipped), if run == 0 { (10, 0) } else { (0, 10) });
+/// }
+/// assert_eq!(mock.call_count(), 10);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Journal<I> {
+    shared: Arc<Shared<I>>,
+}
+
+struct Shared<I> {
+    key: Box<KeyFn<I>>,
+    done: HashSet<String>,
+    skipped: AtomicU64,
+    files: Mutex<Files>,
+}
+
+struct Files {
+    output: PathBuf,
+    dead_letters: PathBuf,
+    ok: File,
+    failed: File,
+    journal: File,
+    ok_len: u64,
+    failed_len: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Entry {
+    key: String,
+    /// Which file the record went to: `"ok"` or `"failed"`.
+    file: String,
+    /// That file's length once the record was written.
+    end: u64,
+}
+
+impl<I> Clone for Journal<I> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<I> fmt::Debug for Journal<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Journal")
+            .field("done", &self.shared.done.len())
+            .field("skipped", &self.shared.skipped.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<I> Journal<I> {
+    /// Opens (or starts) the journal of `output`, keying items with `key`.
+    ///
+    /// Repairs what a crash may have left: the output and dead-letter files
+    /// are cut back to what the journal committed.
+    ///
+    /// # Errors
+    ///
+    /// When a file cannot be read or written, or an output file is shorter
+    /// than its journal says (it was edited or replaced since).
+    pub fn open<F>(output: impl AsRef<Path>, key: F) -> io::Result<Self>
+    where
+        F: Fn(&I) -> String + Send + Sync + 'static,
+    {
+        let output = output.as_ref().to_owned();
+        let dead_letters = dead_letter_path(&output);
+        let mut journal_path = output.clone().into_os_string();
+        journal_path.push(".journal");
+        let journal_path = PathBuf::from(journal_path);
+
+        let mut journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&journal_path)?;
+        let (done, ok_len, failed_len, committed) = replay(&journal)?;
+        journal.set_len(committed)?;
+        journal.seek(io::SeekFrom::End(0))?;
+
+        let ok = cut_back(&output, ok_len)?;
+        let failed = cut_back(&dead_letters, failed_len)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                key: Box::new(key),
+                done,
+                skipped: AtomicU64::new(0),
+                files: Mutex::new(Files {
+                    output,
+                    dead_letters,
+                    ok,
+                    failed,
+                    journal,
+                    ok_len,
+                    failed_len,
+                }),
+            }),
+        })
+    }
+
+    /// How many items earlier runs finished.
+    pub fn done_count(&self) -> usize {
+        self.shared.done.len()
+    }
+
+    /// Whether an earlier run finished `item`.
+    pub fn is_done(&self, item: &I) -> bool {
+        self.shared.done.contains(&(self.shared.key)(item))
+    }
+
+    /// Drops the items of `items` that an earlier run finished (counted as
+    /// skipped in the report).
+    pub fn skip_done<S>(&self, items: S) -> impl Stream<Item = I> + Send + 'static
+    where
+        S: Stream<Item = I> + Send + 'static,
+        I: Send + 'static,
+    {
+        let journal = self.clone();
+        items.filter(move |item| {
+            let done = journal.is_done(item);
+            if done {
+                journal.shared.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            futures::future::ready(!done)
+        })
+    }
+
+    /// Runs `results` to its end, committing each success to the output and
+    /// each failure to the dead letters, exactly once.
+    ///
+    /// # Errors
+    ///
+    /// When a file cannot be written; what was committed stays committed.
+    pub async fn write_jsonl<S, V, E>(&self, results: S) -> io::Result<Report>
+    where
+        S: Stream<Item = Result<V, E>>,
+        V: Serialize + HasItem<Item = I>,
+        E: DeadLetter + HasItem<Item = I>,
+    {
+        let started = Instant::now();
+        let mut ok = 0;
+        let mut failed = 0;
+        let mut results = std::pin::pin!(results);
+        let mut line = Vec::with_capacity(256);
+        while let Some(result) = results.next().await {
+            line.clear();
+            let (key, to_ok) = match &result {
+                Ok(value) => {
+                    encode(&mut line, value)?;
+                    ((self.shared.key)(value.item()), true)
+                }
+                Err(failure) => {
+                    encode(&mut line, &failure.dead_letter())?;
+                    ((self.shared.key)(failure.item()), false)
+                }
+            };
+            self.commit(&key, to_ok, &line)?;
+            if to_ok {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+        let files = self.files();
+        Ok(Report {
+            ok,
+            failed,
+            skipped: self.shared.skipped.load(Ordering::Relaxed),
+            elapsed: started.elapsed(),
+            output: files.output.clone(),
+            dead_letters: files.dead_letters.clone(),
+        })
+    }
+
+    /// Writes the record, then the journal line that commits it.
+    fn commit(&self, key: &str, to_ok: bool, record: &[u8]) -> io::Result<()> {
+        let mut files = self.files();
+        let files = &mut *files;
+        let (file, len) = if to_ok {
+            (&mut files.ok, &mut files.ok_len)
+        } else {
+            (&mut files.failed, &mut files.failed_len)
+        };
+        file.write_all(record)?;
+        *len += record.len() as u64;
+        let entry = Entry {
+            key: key.to_owned(),
+            file: if to_ok { "ok" } else { "failed" }.to_owned(),
+            end: *len,
+        };
+        let mut line = Vec::with_capacity(64);
+        encode(&mut line, &entry)?;
+        files.journal.write_all(&line)
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, Files> {
+        self.shared
+            .files
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Reads the journal: done keys, committed lengths of both files, and the
+/// length of the journal's own complete lines.
+fn replay(journal: &File) -> io::Result<(HashSet<String>, u64, u64, u64)> {
+    let mut done = HashSet::new();
+    let (mut ok_len, mut failed_len, mut committed) = (0, 0, 0);
+    let mut reader = BufReader::new(journal);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n == 0 || !line.ends_with('\n') {
+            break; // the end, or half a line from a crash
+        }
+        let Ok(entry) = serde_json::from_str::<Entry>(&line) else {
+            break;
+        };
+        match entry.file.as_str() {
+            "ok" => ok_len = entry.end,
+            "failed" => failed_len = entry.end,
+            _ => break,
+        }
+        done.insert(entry.key);
+        committed += n as u64;
+    }
+    Ok((done, ok_len, failed_len, committed))
+}
+
+/// Opens `path` for appending, cut back to `len` bytes.
+fn cut_back(path: &Path, len: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)?;
+    let actual = file.metadata()?.len();
+    if actual < len {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} holds {actual} bytes but its journal committed {len}: it was changed outside the journal",
+                path.display()
+            ),
+        ));
+    }
+    file.set_len(len)?;
+    Ok(file)
+}
