@@ -10,6 +10,8 @@ use criterion::Criterion;
 
 #[path = "sluicegate/fetch_overhead.rs"]
 mod fetch_overhead;
+#[path = "sluicegate/flat_unpack.rs"]
+mod flat_unpack;
 #[path = "sluicegate/rate_accuracy.rs"]
 mod rate_accuracy;
 
@@ -24,5 +26,6 @@ fn main() {
     }
     let mut criterion = Criterion::default().configure_from_args();
     fetch_overhead::bench(&mut criterion);
+    flat_unpack::bench(&mut criterion);
     criterion.final_summary();
 }

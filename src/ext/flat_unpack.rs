@@ -209,7 +209,13 @@ fn unpack<S, T: DeserializeOwned>(
 }
 
 fn elements<T: DeserializeOwned>(body: &Bytes, pointer: &str) -> Result<Elements<T>, String> {
-    let range = locate(body, pointer)?;
+    // At the root there is nothing to find: the one decoding pass below
+    // also validates the body.
+    let range = if pointer.is_empty() {
+        0..body.len()
+    } else {
+        locate(body, pointer)?
+    };
     let array = &body[range];
     if let Ok(all) = serde_json::from_slice::<Vec<T>>(array) {
         return Ok(Elements::Decoded(all.into_iter().enumerate()));
