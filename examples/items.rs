@@ -1,9 +1,10 @@
-//! The lesson's pipeline, end to end: `/items` → ids → `/items/{id}`.
+//! The lesson's pipeline, end to end: `/items` → ids → `/items/{id}` →
+//! `customers.jsonl`.
 //!
 //! By default it starts the in-process demo server on 127.0.0.1 with a
 //! server-side rate limit (429 + Retry-After) and periodic outages
-//! (503 + Retry-After), then fetches every item through one client whose
-//! limiter and pause handle every request shares.
+//! (503 + Retry-After). One client's limiter and pause handle are shared by
+//! every request: the listing, every item, every retry.
 //!
 //! ```text
 //! cargo run --example items
@@ -11,7 +12,7 @@
 //! cargo run --example items -- --url http://127.0.0.1:8080   # your own server
 //! ```
 
-use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -19,11 +20,10 @@ use futures::stream;
 use http::StatusCode;
 use sluicegate::demo::{DemoConfig, DemoServer};
 use sluicegate::prelude::*;
-use sluicegate::ReqwestTransport;
-use tokio::time::Instant;
+use sluicegate::{Progress, ReqwestTransport};
 
 #[derive(Parser, Debug)]
-#[command(about = "Fetch /items, then every /items/{id}, under a shared rate limit")]
+#[command(about = "Fetch /items, then every /items/{id}, under one shared rate limit")]
 struct Args {
     /// Items the embedded demo server serves.
     #[arg(long, default_value_t = 1_000)]
@@ -40,9 +40,12 @@ struct Args {
     /// Use this server instead of the embedded one.
     #[arg(long)]
     url: Option<String>,
+    /// Where to write the customers (failures go beside it).
+    #[arg(long, default_value = "customers.jsonl")]
+    out: PathBuf,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, serde::Serialize)]
 struct Customer {
     email: String,
 }
@@ -50,7 +53,7 @@ struct Customer {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let (_server, url) = match &args.url {
+    let (server, url) = match &args.url {
         Some(url) => (None, url.clone()),
         None => {
             let config = DemoConfig::default()
@@ -59,8 +62,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .outages(Duration::from_secs(3), Duration::from_secs(1));
             let server = DemoServer::start(config).await?;
             let url = server.url();
-            println!(
-                "demo server on {url} (429 above {}/s, 503 for 1 s every 3 s)",
+            eprintln!(
+                "demo server on {url}: 429 above {}/s, 503 for 1 s every 3 s",
                 args.server_rate
             );
             (Some(server), url)
@@ -72,78 +75,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .base_url(&url)
         .rate(Rate::try_new(args.rate, Duration::from_secs(1))?.burst(10))
         .timeout(Duration::from_secs(10))
-        .retry_on(
-            Matcher::transport_errors(),
-            Backoff::exponential(Duration::from_millis(100)),
-        )
-        .build()?;
-
-    let started = Instant::now();
-    let ids: Vec<u64> = stream::iter([()])
-        .fetch_concurrent(1, client.get(|_: &()| "/items"))
-        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
+        // Rules every request of this client follows, first match wins.
         .retry_on(
             StatusCode::TOO_MANY_REQUESTS,
             Backoff::exponential(Duration::from_millis(100)).max_attempts(8),
         )
-        .json::<Vec<u64>>()
-        .map_ok(|decoded| decoded.value)
-        .try_concat()
-        .await?;
-    println!("GET /items: {} ids", ids.len());
+        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
+        .retry_on(
+            Matcher::transport_errors(),
+            Backoff::full_jitter(Duration::from_millis(100)).max_attempts(4),
+        )
+        .build()?;
 
-    let mut by_outcome: BTreeMap<String, u64> = BTreeMap::new();
-    let mut attempts = 0u64;
-    let mut sample = None;
-    let mut results = stream::iter(ids.clone())
+    // GET /items → the ids. One request, through the same limiter and rules.
+    let ids: Vec<u64> = stream::iter([()])
+        .fetch_concurrent(1, client.get(|_: &()| "/items"))
+        .flat_unpack::<u64>()
+        .try_collect()
+        .await?;
+    eprintln!("GET /items: {} ids", ids.len());
+
+    // GET /items/{id} for each, 16 at a time, into customers.jsonl.
+    let report = stream::iter(ids)
         .fetch_concurrent(
             args.concurrency,
             client.get(|id: &u64| format!("/items/{id}")),
         )
-        .retry_on(
-            StatusCode::TOO_MANY_REQUESTS,
-            Backoff::exponential(Duration::from_millis(100)).max_attempts(8),
-        )
-        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
-        .json::<Customer>();
-    while let Some(result) = results.next().await {
-        match result {
-            Ok(decoded) => {
-                *by_outcome.entry("ok".into()).or_default() += 1;
-                sample.get_or_insert((decoded.item, decoded.value.email));
-            }
-            Err(e) => {
-                attempts += u64::from(e.attempts());
-                *by_outcome
-                    .entry(format!("failed: {}", e.kind()))
-                    .or_default() += 1;
-            }
-        }
+        .json::<Customer>()
+        .progress(Progress::new(None).watch(&client))
+        .write_jsonl(&args.out)
+        .await?;
+
+    println!("{report}");
+    if let Some(stats) = client.stats() {
+        println!("{}", stats.snapshot());
     }
-    let elapsed = started.elapsed();
-    let accounted: u64 = by_outcome.values().sum();
-    println!(
-        "GET /items/{{id}}: {accounted} of {} ids accounted for in {elapsed:.2?}",
-        ids.len()
-    );
-    for (outcome, count) in &by_outcome {
-        println!("  {outcome:<24} {count}");
-    }
-    if attempts > 0 {
-        println!("  attempts spent on failures: {attempts}");
-    }
-    if let Some((id, email)) = sample {
-        println!("  e.g. item {id}: {email}");
-    }
-    if let Some(server) = &_server {
+    if let Some(server) = &server {
         let c = server.counts();
         println!(
             "server saw {} requests: {} ok, {} answered 429, {} answered 503",
             c.requests, c.ok, c.too_many_requests, c.unavailable
         );
-    }
-    if accounted != ids.len() as u64 {
-        return Err("some items were not accounted for".into());
     }
     Ok(())
 }

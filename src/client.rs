@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{
+    HeaderName, HeaderValue, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE,
+};
 use http::{HeaderMap, Request, Response, Uri};
 
 use crate::endpoint::Endpoint;
@@ -16,6 +18,7 @@ use crate::pause::PauseHandle;
 use crate::rate::Rate;
 use crate::request::RequestSpec;
 use crate::retry::{Backoff, Matcher, Rules};
+use crate::stats::Stats;
 use crate::transport::Transport;
 
 /// A cheap-to-clone bundle of what every request of a pipeline shares:
@@ -61,6 +64,9 @@ pub(crate) struct ClientInner {
     pub(crate) timeout: Option<Duration>,
     pub(crate) rules: Rules,
     pub(crate) wall_clock: fn() -> SystemTime,
+    pub(crate) stats: Option<Stats>,
+    sensitive: Vec<HeaderName>,
+    log_query: bool,
 }
 
 impl Client {
@@ -115,6 +121,37 @@ impl Client {
         &self.inner.pause
     }
 
+    /// The client's counters (every request of every endpoint made from
+    /// it), unless built [`without_stats`](ClientBuilder::without_stats).
+    pub fn stats(&self) -> Option<&Stats> {
+        self.inner.stats.as_ref()
+    }
+
+    /// Marks the values of sensitive headers so that no `Debug` output, log
+    /// line or error shows them (`http` prints them as `Sensitive`).
+    pub(crate) fn redact(&self, headers: &mut HeaderMap) {
+        if headers.is_empty() {
+            return;
+        }
+        for (name, value) in headers.iter_mut() {
+            if self.inner.sensitive.contains(name) {
+                value.set_sensitive(true);
+            }
+        }
+    }
+
+    /// The URL as logs show it: without its query unless asked, since
+    /// queries often carry keys.
+    pub(crate) fn loggable_url(&self, uri: &Uri) -> String {
+        if self.inner.log_query {
+            return uri.to_string();
+        }
+        match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+            _ => uri.path().to_owned(),
+        }
+    }
+
     /// Turns a spec into a request: target joined to the base URL, query
     /// encoded, default headers under the spec's own.
     pub(crate) fn prepare(&self, spec: RequestSpec) -> Result<Request<Bytes>, BuildError> {
@@ -127,6 +164,7 @@ impl Client {
             headers.remove(name);
         }
         headers.extend(spec.headers);
+        self.redact(&mut headers);
         let mut request = Request::new(spec.body);
         *request.method_mut() = spec.method;
         *request.uri_mut() = uri;
@@ -190,6 +228,9 @@ pub struct ClientBuilder {
     timeout: Option<Duration>,
     rules: Rules,
     wall_clock: Option<fn() -> SystemTime>,
+    without_stats: bool,
+    sensitive: Vec<HeaderName>,
+    log_query: bool,
     error: Option<BuildError>,
 }
 
@@ -273,6 +314,29 @@ impl ClientBuilder {
         self
     }
 
+    /// Keeps no [`Stats`] (they are on by default).
+    pub fn without_stats(mut self) -> Self {
+        self.without_stats = true;
+        self
+    }
+
+    /// Treats header `name` as secret, besides `Authorization`,
+    /// `Proxy-Authorization`, `Cookie` and `Set-Cookie`: its values never
+    /// appear in `Debug` output, logs, errors or dead letters.
+    pub fn redact_header<K: TryInto<HeaderName>>(mut self, name: K) -> Self {
+        match name.try_into() {
+            Ok(name) => self.sensitive.push(name),
+            Err(_) => self.fail("invalid header name to redact"),
+        }
+        self
+    }
+
+    /// Shows URL queries in logs (off by default: queries often carry keys).
+    pub fn log_query(mut self, yes: bool) -> Self {
+        self.log_query = yes;
+        self
+    }
+
     fn fail(&mut self, message: impl Into<String>) {
         if self.error.is_none() {
             self.error = Some(BuildError::new(message));
@@ -304,6 +368,12 @@ impl ClientBuilder {
                 timeout: self.timeout,
                 rules: self.rules.inherited(),
                 wall_clock: self.wall_clock.unwrap_or(SystemTime::now),
+                stats: (!self.without_stats).then(|| Stats::new(None)),
+                sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
+                    .into_iter()
+                    .chain(self.sensitive)
+                    .collect(),
+                log_query: self.log_query,
             }),
         })
     }

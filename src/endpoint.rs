@@ -17,6 +17,8 @@ use crate::error::{
 };
 use crate::request::RequestSpec;
 use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
+use crate::stats::Stats;
+use tracing::Instrument as _;
 
 type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
 
@@ -57,6 +59,7 @@ pub struct Endpoint<T> {
     rules: Rules,
     timeout: Option<Duration>,
     item_timeout: Option<Duration>,
+    stats: Vec<Stats>,
 }
 
 impl<T> Clone for Endpoint<T> {
@@ -67,6 +70,7 @@ impl<T> Clone for Endpoint<T> {
             rules: self.rules.clone(),
             timeout: self.timeout,
             item_timeout: self.item_timeout,
+            stats: self.stats.clone(),
         }
     }
 }
@@ -115,12 +119,14 @@ impl<T> Endpoint<T> {
     {
         let rules = client.inner.rules.inherited();
         let timeout = client.inner.timeout;
+        let stats = client.inner.stats.iter().cloned().collect();
         Self {
             client,
             build: Arc::new(build),
             rules,
             timeout,
             item_timeout: None,
+            stats,
         }
     }
 
@@ -166,6 +172,13 @@ impl<T> Endpoint<T> {
         self
     }
 
+    /// Also counts this endpoint's requests in `stats`, for example a
+    /// stage's own [`Stats`] beside the client's.
+    pub fn with_stats(mut self, stats: Stats) -> Self {
+        self.stats.push(stats);
+        self
+    }
+
     /// The client this endpoint sends through.
     pub fn client(&self) -> &Client {
         &self.client
@@ -198,6 +211,20 @@ impl<T> Endpoint<T> {
         item: T,
         index: u64,
     ) -> Result<Fetched<T>, FetchError<T>> {
+        for stats in &self.stats {
+            stats.item_started();
+        }
+        let result = self.fetch_item(item, index).await;
+        for stats in &self.stats {
+            stats.item_finished(result.is_ok());
+        }
+        if let Err(e) = &result {
+            tracing::warn!(item = index, kind = %e.kind(), attempts = e.attempts(), "item failed");
+        }
+        result
+    }
+
+    async fn fetch_item(&self, item: T, index: u64) -> Result<Fetched<T>, FetchError<T>> {
         let started = Instant::now();
         let request = match self.build_request(&item) {
             Ok(request) => request,
@@ -285,10 +312,14 @@ impl<T> Endpoint<T> {
         let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut previous_delay = Duration::ZERO;
         let mut spare = Some(request);
+        let mut paused_by_us = false;
         loop {
             let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
             if let Some(wait) = self.gate() {
                 wait.await;
+            }
+            if std::mem::take(&mut paused_by_us) {
+                tracing::info!(item = index, "pause over, resuming");
             }
             if attempt == 1 {
                 self.rules.deposit();
@@ -299,15 +330,24 @@ impl<T> Endpoint<T> {
             } else {
                 clone_request(spare.as_ref().expect("kept for retries"))
             };
-            let send = client.transport.send(this_attempt);
-            let outcome = match self.timeout {
-                Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
-                    Err(TransportError::new(
-                        TransportErrorKind::Timeout,
-                        format!("no response within {limit:?}"),
-                    ))
-                }),
-                None => send.await,
+            let span = tracing::debug_span!(
+                "sluicegate::fetch",
+                method = %this_attempt.method(),
+                url = tracing::field::Empty,
+                item = index,
+                attempt,
+            );
+            if !span.is_disabled() {
+                span.record(
+                    "url",
+                    tracing::field::display(self.client.loggable_url(this_attempt.uri())),
+                );
+            }
+            // Entering a disabled span on every poll still costs: skip it.
+            let outcome = if span.is_disabled() {
+                self.send(this_attempt).await
+            } else {
+                self.send(this_attempt).instrument(span.clone()).await
             };
             let verdict = if self.rules.is_empty() {
                 Verdict::Finish
@@ -333,12 +373,16 @@ impl<T> Endpoint<T> {
                     }
                 }
                 Verdict::Retry { delay, cause } => {
-                    tracing::debug!(
-                        attempt,
-                        ?delay,
-                        from_retry_after = cause == DelayCause::RetryAfter,
-                        "retrying"
-                    );
+                    span.in_scope(|| {
+                        tracing::debug!(
+                            delay_ms = delay.as_millis() as u64,
+                            cause = cause.as_str(),
+                            "retrying"
+                        )
+                    });
+                    for stats in &self.stats {
+                        stats.retried();
+                    }
                     if cause == DelayCause::Policy {
                         previous_delay = delay;
                     }
@@ -346,15 +390,96 @@ impl<T> Endpoint<T> {
                     Box::pin(tokio::time::sleep(delay)).await;
                 }
                 Verdict::Pause { delay, cause } => {
+                    let now = Instant::now();
+                    let before = client.pause.paused_until().unwrap_or(now);
                     let until = client.pause.pause_for(delay);
-                    tracing::info!(
-                        attempt,
-                        pause_ms =
-                            until.saturating_duration_since(Instant::now()).as_millis() as u64,
-                        from_retry_after = cause == DelayCause::RetryAfter,
-                        "pausing"
-                    );
+                    let added = until.saturating_duration_since(before);
+                    for stats in &self.stats {
+                        stats.paused(added);
+                    }
+                    paused_by_us = true;
+                    span.in_scope(|| {
+                        tracing::info!(
+                            status = outcome.as_ref().ok().map(|r| r.status().as_u16()),
+                            pause_ms = until.saturating_duration_since(now).as_millis() as u64,
+                            cause = cause.as_str(),
+                            "pausing every request sharing this pause handle"
+                        )
+                    });
                 }
+            }
+        }
+    }
+
+    /// One attempt: send with the attempt timeout, count it, log it.
+    async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
+        let client = &self.client.inner;
+        tracing::debug!("sending");
+        let sent = InFlight::start(&self.stats);
+        let send = client.transport.send(request);
+        let outcome = match self.timeout {
+            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
+                Err(TransportError::new(
+                    TransportErrorKind::Timeout,
+                    format!("no response within {limit:?}"),
+                ))
+            }),
+            None => send.await,
+        };
+        let latency = sent.finish(&outcome);
+        match &outcome {
+            Ok(response) => tracing::debug!(
+                status = response.status().as_u16(),
+                duration_ms = latency.as_secs_f64() * 1e3,
+                bytes = response.body().len(),
+                "answered"
+            ),
+            Err(e) => tracing::debug!(
+                error = %e,
+                duration_ms = latency.as_secs_f64() * 1e3,
+                "failed"
+            ),
+        }
+        outcome.map(|mut response| {
+            self.client.redact(response.headers_mut());
+            response
+        })
+    }
+}
+
+/// Counts a request in flight until it ends, or is abandoned when dropped.
+struct InFlight<'a> {
+    stats: &'a [Stats],
+    sent_at: Option<Instant>,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(stats: &'a [Stats]) -> Self {
+        for s in stats {
+            s.request_sent();
+        }
+        let sent_at = (!stats.is_empty()).then(Instant::now);
+        Self { stats, sent_at }
+    }
+
+    fn finish(mut self, outcome: &Result<Response<Bytes>, TransportError>) -> Duration {
+        let latency = self.sent_at.take().map_or(Duration::ZERO, |t| t.elapsed());
+        let summary = outcome
+            .as_ref()
+            .map(|r| (r.status(), r.body().len()))
+            .map_err(TransportError::kind);
+        for s in self.stats {
+            s.request_ended(summary, latency);
+        }
+        latency
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.sent_at.is_some() {
+            for s in self.stats {
+                s.request_abandoned();
             }
         }
     }

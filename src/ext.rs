@@ -10,11 +10,15 @@ use crate::etl::WriteJsonl;
 mod fetch_concurrent;
 pub(crate) mod flat_unpack;
 mod json;
+#[cfg(feature = "progress")]
+mod progress;
 mod throttle;
 
 pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain};
 pub use self::flat_unpack::{Element, FlatUnpack};
 pub use self::json::{Decoded, FetchResult, Json};
+#[cfg(feature = "progress")]
+pub use self::progress::{Progress, WithProgress};
 pub use self::throttle::{Pacer, Throttle};
 
 /// Pipeline combinators for any [`Stream`].
@@ -323,6 +327,17 @@ pub trait SluiceExt: Stream {
         Self: Sized,
     {
         WriteJsonl::new(self, path.as_ref().to_owned())
+    }
+
+    /// Shows a progress bar on stderr as items pass (feature `progress`):
+    /// done / total, rate, ETA, and with [`Progress::watch`] the client's
+    /// retries and a visible paused state. Draws only on a terminal.
+    #[cfg(feature = "progress")]
+    fn progress(self, progress: Progress) -> WithProgress<Self>
+    where
+        Self: Sized,
+    {
+        WithProgress::new(self, progress)
     }
 }
 

@@ -74,6 +74,7 @@
 //! - `transport` — the [`Transport`] trait, reqwest and [`mock`] transports.
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
+//! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
 //! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
 //! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
 //! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
@@ -98,6 +99,7 @@ mod pause;
 mod rate;
 mod request;
 pub mod retry;
+mod stats;
 mod transport;
 
 pub use crate::client::{Client, ClientBuilder};
@@ -109,10 +111,13 @@ pub use crate::ext::{
     Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
     Plain, SluiceExt, Throttle,
 };
+#[cfg(feature = "progress")]
+pub use crate::ext::{Progress, WithProgress};
 pub use crate::limiter::{KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;
 pub use crate::rate::{Mode, Rate};
 pub use crate::request::RequestSpec;
+pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;
 pub use crate::transport::Transport;

@@ -70,6 +70,15 @@ pub(crate) enum DelayCause {
     RetryAfter,
 }
 
+impl DelayCause {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Policy => "policy",
+            Self::RetryAfter => "retry-after",
+        }
+    }
+}
+
 /// What an item's history looks like when an attempt ends.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Attempted {

@@ -328,7 +328,7 @@ impl Transport for HangsHalfway {
                 std::future::pending::<()>().await;
             }
             let mut response = Response::new(Bytes::from(format!("{{\"id\":{id}}}")));
-            if id % 7 == 0 {
+            if id.is_multiple_of(7) {
                 *response.status_mut() = http::StatusCode::NOT_FOUND;
             }
             Ok(response)
@@ -404,7 +404,7 @@ async fn a_killed_run_resumes_and_writes_every_item_exactly_once() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/items/{id}").respond_with(|r| {
         let id: u64 = r.param("id").unwrap().parse().unwrap();
-        if id % 7 == 0 {
+        if id.is_multiple_of(7) {
             MockResponse::status(404)
         } else {
             MockResponse::json(&serde_json::json!({ "id": id }))
@@ -432,7 +432,7 @@ async fn a_killed_run_resumes_and_writes_every_item_exactly_once() {
         .iter()
         .map(|r| r["item"].as_u64().unwrap())
         .collect();
-    assert!(failed.iter().all(|id| id % 7 == 0));
+    assert!(failed.iter().all(|id| id.is_multiple_of(7)));
     assert_eq!(failed.len() as u64, CRASH_ITEMS.div_ceil(7));
 
     // A third run has nothing left to do.

@@ -98,4 +98,44 @@ pub(crate) fn bench(c: &mut Criterion) {
         );
     }
     group.finish();
+    observability_overhead(c);
+}
+
+/// Stats and tracing (a real subscriber at `info`, writing to nowhere)
+/// against the same pipeline with both off, same run, current-thread.
+fn observability_overhead(c: &mut Criterion) {
+    let mut group = c.benchmark_group("observability_overhead");
+    group.throughput(Throughput::Elements(ITEMS));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(8));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let transport = mock();
+    let (plain, observed) = runtime.block_on(async {
+        let builder = || {
+            Client::builder()
+                .transport(transport.clone())
+                .base_url("http://127.0.0.1:8080")
+        };
+        (
+            builder().without_stats().build().unwrap(),
+            builder().build().unwrap(),
+        )
+    });
+    group.bench_function("stats_off_no_subscriber", |b| {
+        b.to_async(&runtime).iter(|| pipeline(&plain))
+    });
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(std::io::sink)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        group.bench_function("stats_on_info_subscriber", |b| {
+            b.to_async(&runtime).iter(|| pipeline(&observed))
+        });
+    });
+    group.finish();
 }

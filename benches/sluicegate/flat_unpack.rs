@@ -29,7 +29,7 @@ fn body(bad_element: bool) -> Bytes {
         } else {
             out.push_str(&format!(
                 r#"{{"id": {id}, "email": "customer{id}@example.com", "active": {}}}"#,
-                id % 3 == 0
+                id.is_multiple_of(3)
             ));
         }
         id += 1;

@@ -168,6 +168,12 @@ where
         self
     }
 
+    /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
+    pub fn with_stats(mut self, stats: crate::Stats) -> Self {
+        self.endpoint = self.endpoint.with_stats(stats);
+        self
+    }
+
     /// Per-attempt timeout; see [`Endpoint::timeout`].
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.endpoint = self.endpoint.timeout(timeout);
