@@ -73,13 +73,20 @@ impl PauseHandle {
     /// Pauses for `duration` from now (capped), unless already paused for
     /// longer. Returns the deadline in force afterwards.
     pub fn pause_for(&self, duration: Duration) -> Instant {
-        self.pause_until(Instant::now() + duration)
+        // Cap before adding: a hostile duration must not overflow the clock.
+        let now = Instant::now();
+        let capped = duration.min(self.shared.max_pause);
+        self.pause_until(now.checked_add(capped).unwrap_or_else(|| far_future(now)))
     }
 
     /// Pauses until `deadline` (capped at `max_pause` from now), unless
     /// already paused until later. Returns the deadline in force afterwards.
     pub fn pause_until(&self, deadline: Instant) -> Instant {
-        let deadline = deadline.min(Instant::now() + self.shared.max_pause);
+        let now = Instant::now();
+        let deadline = match now.checked_add(self.shared.max_pause) {
+            Some(cap) => deadline.min(cap),
+            None => deadline,
+        };
         let mut in_force = deadline;
         self.shared
             .deadline
@@ -151,4 +158,9 @@ impl fmt::Debug for PauseHandle {
             .field("max_pause", &self.shared.max_pause)
             .finish()
     }
+}
+
+/// About thirty years from `now`: "for ever" without overflowing the clock.
+fn far_future(now: Instant) -> Instant {
+    now + Duration::from_secs(86_400 * 365 * 30)
 }

@@ -144,7 +144,12 @@ fn classify(error: reqwest::Error, target: &str) -> TransportError {
     } else {
         TransportErrorKind::Other
     };
-    TransportError::new(kind, target.to_owned()).with_source(error)
+    let message = if error.is_redirect() {
+        format!("too many redirects (or a redirect loop) from {target}")
+    } else {
+        target.to_owned()
+    };
+    TransportError::new(kind, message).with_source(error)
 }
 
 /// Whether a connection broke mid-exchange, looking through the source
