@@ -71,7 +71,7 @@ async fn serve(mut socket: TcpStream, behaviour: Behaviour, seen: Arc<Mutex<Vec<
             std::future::pending().await
         }
         Behaviour::Reset => {
-            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            socket.set_zero_linger().unwrap();
             drop(socket);
         }
         Behaviour::Flood(total, sent, stopped) => {
