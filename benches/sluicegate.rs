@@ -4,6 +4,7 @@
 //! cargo bench --bench sluicegate                 # everything
 //! cargo bench --bench sluicegate -- fetch        # criterion groups matching "fetch"
 //! cargo bench --bench sluicegate -- rate_accuracy
+//! cargo bench --bench sluicegate -- real_http
 //! ```
 
 use criterion::Criterion;
@@ -14,6 +15,8 @@ mod fetch_overhead;
 mod flat_unpack;
 #[path = "sluicegate/rate_accuracy.rs"]
 mod rate_accuracy;
+#[path = "sluicegate/real_http.rs"]
+mod real_http;
 
 fn main() {
     let filter = std::env::args()
@@ -27,5 +30,6 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     fetch_overhead::bench(&mut criterion);
     flat_unpack::bench(&mut criterion);
+    real_http::bench(&mut criterion);
     criterion.final_summary();
 }

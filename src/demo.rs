@@ -5,6 +5,8 @@
 //! - `GET /items` → a JSON array of ids `0..items`
 //! - `GET /items/{id}` → `{"email": "..."}`, the same for an id every time;
 //!   `404` past the end
+//! - `GET /customers?cursor=K` → a page of `{"id", "email"}` records, with
+//!   the next page in a `Link` header and in `"next_cursor"`
 //!
 //! Optionally it answers `429 Too Many Requests` with `Retry-After` above a
 //! server-side [`Rate`], and `503 Service Unavailable` with `Retry-After`
@@ -52,6 +54,7 @@ pub struct DemoConfig {
     latency: Duration,
     rate_limit: Option<Rate>,
     outage: Option<Outage>,
+    record: bool,
 }
 
 /// Periodic outages: every `every`, the server answers 503 for `lasting`.
@@ -72,6 +75,7 @@ impl Default for DemoConfig {
             latency: Duration::ZERO,
             rate_limit: None,
             outage: None,
+            record: false,
         }
     }
 }
@@ -92,6 +96,14 @@ impl DemoConfig {
     /// Answers 429 with `Retry-After` to requests above `rate`.
     pub fn rate_limit(mut self, rate: Rate) -> Self {
         self.rate_limit = Some(rate);
+        self
+    }
+
+    /// Keeps a log of every request's arrival time and answer, for
+    /// measurements ([`DemoServer::arrivals`]); off by default so long runs
+    /// stay small.
+    pub fn record_arrivals(mut self, yes: bool) -> Self {
+        self.record = yes;
         self
     }
 
@@ -137,6 +149,16 @@ struct State {
     started: Instant,
     limiter: Option<Limiter>,
     counters: Counters,
+    arrivals: std::sync::Mutex<Vec<Arrival>>,
+}
+
+/// One request as the demo server saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// When it arrived, since the server started.
+    pub at: Duration,
+    /// What it was answered.
+    pub status: u16,
 }
 
 /// A running demo server. Dropping it stops it and closes its connections.
@@ -160,6 +182,7 @@ impl DemoServer {
             config,
             started: Instant::now(),
             counters: Counters::default(),
+            arrivals: std::sync::Mutex::default(),
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self {
@@ -177,6 +200,11 @@ impl DemoServer {
     /// `http://127.0.0.1:PORT`, for a client's base URL.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every request so far, when [`DemoConfig::record_arrivals`] is on.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.state.arrivals.lock().expect("arrivals lock").clone()
     }
 
     /// What the server has answered so far.
@@ -226,6 +254,20 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
 }
 
 async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let at = state.started.elapsed();
+    let response = answer(state, request).await;
+    if state.config.record {
+        let status = response.status().as_u16();
+        state
+            .arrivals
+            .lock()
+            .expect("arrivals lock")
+            .push(Arrival { at, status });
+    }
+    response
+}
+
+async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let counters = &state.counters;
     counters.requests.fetch_add(1, Ordering::Relaxed);
     if !state.config.latency.is_zero() {
@@ -248,6 +290,9 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Full<Byte
     let found = match (request.method(), path) {
         (&Method::GET, "/") => Some(text("Hello, world")),
         (&Method::GET, "/items") => Some(json(items_body(state.config.items))),
+        (&Method::GET, "/customers") => {
+            Some(customers_page(state.config.items, request.uri().query()))
+        }
         (&Method::GET, _) => path
             .strip_prefix("/items/")
             .and_then(|id| id.parse::<u64>().ok())
@@ -309,6 +354,35 @@ fn json(body: String) -> Response<Full<Bytes>> {
         CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// How many customers one page of `/customers` holds.
+pub const PAGE_SIZE: u64 = 50;
+
+/// `GET /customers?cursor=K`: up to [`PAGE_SIZE`] customers from id `K`, with
+/// the next page both as a `Link: <...>; rel="next"` header and as
+/// `"next_cursor"` in the body (`null` on the last page).
+fn customers_page(n: u64, query: Option<&str>) -> Response<Full<Bytes>> {
+    let start = query
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("cursor=")))
+        .and_then(|c| c.parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(n);
+    let end = (start + PAGE_SIZE).min(n);
+    let customers: Vec<serde_json::Value> = (start..end)
+        .map(|id| serde_json::json!({ "id": id, "email": email(id) }))
+        .collect();
+    let next = (end < n).then(|| end.to_string());
+    let body = serde_json::json!({ "customers": customers, "next_cursor": next });
+    let mut response = json(body.to_string());
+    if let Some(next) = next {
+        let link = format!("</customers?cursor={next}>; rel=\"next\"");
+        response.headers_mut().insert(
+            http::header::LINK,
+            http::HeaderValue::from_str(&link).expect("ascii link"),
+        );
+    }
     response
 }
 

@@ -323,3 +323,120 @@ impl<T: fmt::Debug> StdError for FetchError<T> {
             .map(|e| e as &(dyn StdError + 'static))
     }
 }
+
+/// A failed item of any stage, with its item type erased: what a pipeline
+/// of several stages uses as its one error type.
+///
+/// A stage's [`FetchError<T>`] is typed by that stage's item; when stages
+/// with different items are chained, turn their errors into `Failure`s
+/// (`.map_err(Failure::from)` from `TryStreamExt`) and every later stage
+/// passes them through. The item is kept: as JSON for reports and dead
+/// letters, and as itself for [`item`](Self::item).
+///
+/// ```
+/// use futures::{stream, StreamExt, TryStreamExt};
+/// use sluicegate::mock::{MockResponse, MockTransport, Route};
+/// use sluicegate::{Client, Failure, SluiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/lists/{n}").respond(MockResponse::json(&[1, 2, 404])));
+/// mock.mount(Route::get("/items/404").respond(MockResponse::status(404)));
+/// mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+/// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+///
+/// let results: Vec<_> = stream::iter(["a"])
+///     .fetch_concurrent(1, client.get(|list: &&str| format!("/lists/{list}")))
+///     .flat_unpack::<u64>()
+///     .map_err(Failure::from)
+///     .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+///     .ordered()
+///     .collect()
+///     .await;
+/// let failure = results[2].as_ref().unwrap_err();
+/// assert_eq!(failure.item::<u64>(), Some(&404));
+/// assert_eq!(failure.status(), Some(http::StatusCode::NOT_FOUND));
+/// # }
+/// ```
+pub struct Failure {
+    item: Box<dyn std::any::Any + Send + Sync>,
+    item_json: serde_json::Value,
+    kind: FetchErrorKind,
+    status: Option<StatusCode>,
+    attempts: u32,
+    message: String,
+    source: Option<BoxError>,
+}
+
+impl Failure {
+    /// The failed item, if it is a `T`.
+    pub fn item<T: 'static>(&self) -> Option<&T> {
+        self.item.downcast_ref()
+    }
+
+    /// The failed item as JSON.
+    pub fn item_json(&self) -> &serde_json::Value {
+        &self.item_json
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> FetchErrorKind {
+        self.kind
+    }
+
+    /// The status of the final response, if there was one.
+    pub fn status(&self) -> Option<StatusCode> {
+        self.status
+    }
+
+    /// Requests sent for the item.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+}
+
+impl<T> From<FetchError<T>> for Failure
+where
+    T: serde::Serialize + Send + Sync + 'static,
+{
+    fn from(mut error: FetchError<T>) -> Self {
+        let message = error.to_string();
+        let status = error.status();
+        let source = error.source.take();
+        Self {
+            item_json: serde_json::to_value(&error.item).unwrap_or(serde_json::Value::Null),
+            kind: error.kind,
+            status,
+            attempts: error.attempts,
+            message,
+            source,
+            item: Box::new(error.item),
+        }
+    }
+}
+
+impl fmt::Debug for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Failure")
+            .field("item", &self.item_json)
+            .field("kind", &self.kind)
+            .field("status", &self.status)
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (item {})", self.message, self.item_json)
+    }
+}
+
+impl StdError for Failure {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}

@@ -6,6 +6,10 @@
 //! every item at the end: each output carries the input item it came from,
 //! as a result or as an error.
 //!
+//! The pipeline of the lesson this grew from, on the scripted
+//! [`MockTransport`](mock::MockTransport) in virtual time (in production,
+//! [`ReqwestTransport`] against a real server):
+//!
 //! ```
 //! use std::time::Duration;
 //! use futures::stream;
@@ -13,9 +17,13 @@
 //! use sluicegate::mock::{MockResponse, MockTransport, Route};
 //! use sluicegate::prelude::*;
 //!
+//! #[derive(serde::Deserialize, serde::Serialize)]
+//! struct Customer {
+//!     email: String,
+//! }
+//!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! // A scripted server: in tests, MockTransport; in production, ReqwestTransport.
 //! let mock = MockTransport::new();
 //! mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2, 3])));
 //! mock.mount(Route::get("/items/{id}").respond_with(|r| {
@@ -25,20 +33,24 @@
 //! let client = Client::builder()
 //!     .transport(mock.clone())
 //!     .base_url("http://127.0.0.1:8080")
-//!     .rate(Rate::per_second(100).burst(10)) // shared by every fetch of this client
+//!     .rate(Rate::per_second(100).burst(10)) // one budget for every request of this client
+//!     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(6))
+//!     .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(10)) // stalls every stage
 //!     .build()?;
 //!
-//! let ids: Vec<u64> = serde_json::from_slice(client.send("/items").await?.body())?;
-//! let emails: Vec<String> = stream::iter(ids)
-//!     .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
-//!     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(6))
-//!     .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(10))
-//!     .ordered()
-//!     .json::<serde_json::Value>()
-//!     .map(|r| r.map(|d| d.value["email"].as_str().unwrap().to_owned()))
-//!     .try_collect()
+//! let out = std::env::temp_dir().join(format!("sluicegate-crate-doc-{}.jsonl", std::process::id()));
+//! let report = stream::iter([()])
+//!     .fetch_concurrent(1, client.get(|_: &()| "/items"))
+//!     .flat_unpack::<u64>() // JSON array -> ids
+//!     .map_err(Failure::from) // one error type for both stages
+//!     .try_fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+//!     .json::<Customer>()
+//!     .write_jsonl(&out) // failures go beside it, to a .failed.jsonl
 //!     .await?;
-//! assert_eq!(emails, ["1@example.com", "2@example.com", "3@example.com"]);
+//! assert_eq!((report.ok, report.failed), (3, 0));
+//! assert_eq!(mock.call_count(), 4);
+//! # std::fs::remove_file(&report.output)?;
+//! # std::fs::remove_file(&report.dead_letters)?;
 //! # Ok(())
 //! # }
 //! ```
@@ -105,7 +117,8 @@ mod transport;
 pub use crate::client::{Client, ClientBuilder};
 pub use crate::endpoint::{Endpoint, Fetched};
 pub use crate::error::{
-    BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
+    BuildError, Failure, FetchError, FetchErrorKind, TimeoutScope, TransportError,
+    TransportErrorKind,
 };
 pub use crate::ext::{
     Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
@@ -129,7 +142,7 @@ pub use crate::transport::mock;
 pub mod prelude {
     pub use crate::retry::{Backoff, Matcher, RetryBudget};
     pub use crate::{
-        Client, Endpoint, FetchError, FetchErrorKind, Fetched, Limiter, PauseHandle, Rate,
+        Client, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, Limiter, PauseHandle, Rate,
         RequestSpec, SluiceExt,
     };
     pub use futures::{StreamExt, TryStreamExt};

@@ -385,11 +385,15 @@ impl fmt::Display for StatsSnapshot {
                 open => format!(", {open} unfinished"),
             }
         )?;
-        writeln!(
-            f,
-            "  retries    {}; pauses {} ({:.2?} paused)",
-            self.retries, self.pauses, self.paused
-        )?;
+        if self.pauses == 0 {
+            writeln!(f, "  retries    {}; no pause", self.retries)?;
+        } else {
+            writeln!(
+                f,
+                "  retries    {}; pauses {} ({:.2?} paused)",
+                self.retries, self.pauses, self.paused
+            )?;
+        }
         write!(
             f,
             "  latency    p50 {:.1?}  p90 {:.1?}  p99 {:.1?}  max {:.1?}  ({} bytes received)",

@@ -38,6 +38,19 @@ impl<T: Serialize> DeadLetter for FetchError<T> {
     }
 }
 
+impl DeadLetter for crate::error::Failure {
+    /// `{"item", "kind", "status", "attempts", "error"}`, as for a [`FetchError`].
+    fn dead_letter(&self) -> serde_json::Value {
+        serde_json::json!({
+            "item": self.item_json(),
+            "kind": self.kind().to_string(),
+            "status": self.status().map(|s| s.as_u16()),
+            "attempts": self.attempts(),
+            "error": self.to_string(),
+        })
+    }
+}
+
 impl DeadLetter for JsonlError {
     /// `{"path", "line", "text", "kind", "error"}`.
     fn dead_letter(&self) -> serde_json::Value {

@@ -87,32 +87,55 @@ impl Transport for ReqwestTransport {
         let client = self.client.clone();
         let max = self.max_body_bytes;
         Box::pin(async move {
-            let target = without_query(request.uri());
+            // Keep the URI (cheap: shared bytes) and render it only for an error.
+            let uri = request.uri().clone();
+            let target = || without_query(&uri);
             let request = reqwest::Request::try_from(request).map_err(|e| {
-                TransportError::new(TransportErrorKind::InvalidRequest, target.clone())
-                    .with_source(e)
+                TransportError::new(TransportErrorKind::InvalidRequest, target()).with_source(e)
             })?;
             let mut response = client
                 .execute(request)
                 .await
-                .map_err(|e| classify(e, &target))?;
-            if let Some(len) = response.content_length() {
-                if len > max as u64 {
-                    return Err(too_large(&target, max));
-                }
+                .map_err(|e| classify(e, &target()))?;
+            if response
+                .content_length()
+                .is_some_and(|len| len > max as u64)
+            {
+                return Err(too_large(&target(), max));
             }
-            let capacity = response.content_length().unwrap_or(0).min(max as u64) as usize;
-            let mut body = BytesMut::with_capacity(capacity);
-            while let Some(chunk) = response.chunk().await.map_err(|e| classify(e, &target))? {
-                if body.len() + chunk.len() > max {
-                    return Err(too_large(&target, max));
-                }
-                body.extend_from_slice(&chunk);
+            let status = response.status();
+            let version = response.version();
+            let headers = std::mem::take(response.headers_mut());
+            // Most bodies come in one chunk: keep it as it is, copy nothing.
+            let mut body = match response.chunk().await.map_err(|e| classify(e, &target()))? {
+                None => Bytes::new(),
+                Some(first) => first,
+            };
+            if body.len() > max {
+                return Err(too_large(&target(), max));
             }
-            let mut out = Response::new(body.freeze());
-            *out.status_mut() = response.status();
-            *out.version_mut() = response.version();
-            *out.headers_mut() = std::mem::take(response.headers_mut());
+            if let Some(second) = response.chunk().await.map_err(|e| classify(e, &target()))? {
+                let capacity = response.content_length().unwrap_or(0).min(max as u64) as usize;
+                let mut all = BytesMut::with_capacity(capacity.max(body.len() + second.len()));
+                all.extend_from_slice(&body);
+                all.extend_from_slice(&second);
+                while let Some(chunk) =
+                    response.chunk().await.map_err(|e| classify(e, &target()))?
+                {
+                    if all.len() + chunk.len() > max {
+                        return Err(too_large(&target(), max));
+                    }
+                    all.extend_from_slice(&chunk);
+                }
+                if all.len() > max {
+                    return Err(too_large(&target(), max));
+                }
+                body = all.freeze();
+            }
+            let mut out = Response::new(body);
+            *out.status_mut() = status;
+            *out.version_mut() = version;
+            *out.headers_mut() = headers;
             Ok(out)
         })
     }

@@ -1,0 +1,261 @@
+//! Whole-process measurements, printed as tables: memory that stays flat,
+//! rate accuracy against a rate-limiting server, and pause latency. All
+//! traffic goes to the in-process demo server on 127.0.0.1.
+//!
+//! ```text
+//! cargo bench --bench loopback                 # everything (about a minute)
+//! cargo bench --bench loopback -- memory
+//! cargo bench --bench loopback -- rate
+//! cargo bench --bench loopback -- pause
+//! ```
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures::{stream, StreamExt};
+use http::StatusCode;
+use sluicegate::demo::{DemoConfig, DemoServer};
+use sluicegate::mock::{MockResponse, MockTransport, Route};
+use sluicegate::prelude::*;
+use sluicegate::ReqwestTransport;
+use tokio::time::Instant;
+
+const CONCURRENCY: usize = 64;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
+        let mode = args[i + 1].clone();
+        let n: u64 = args[i + 2].parse().unwrap();
+        memory_child(&mode, n);
+        return;
+    }
+    let filter = args
+        .iter()
+        .find(|a| !a.starts_with('-'))
+        .cloned()
+        .unwrap_or_default();
+    let wanted = |name: &str| filter.is_empty() || name.contains(filter.as_str());
+    if wanted("memory") {
+        memory();
+    }
+    if wanted("rate") {
+        rate_against_server();
+    }
+    if wanted("pause") {
+        pause_latency();
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Peak resident memory of this process so far, in KiB (Linux `VmHWM`).
+fn peak_rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn memory_child(mode: &str, n: u64) {
+    let ok = runtime().block_on(async {
+        let client = match mode {
+            "mock" => {
+                let mock = MockTransport::new();
+                mock.record_calls(false);
+                mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
+                    &serde_json::json!({ "email": "a@example.com" }),
+                )));
+                Client::builder()
+                    .transport(mock)
+                    .base_url("http://127.0.0.1:8080")
+                    .build()
+                    .unwrap()
+            }
+            _ => {
+                let server = DemoServer::start(DemoConfig::default().items(n))
+                    .await
+                    .unwrap();
+                let client = Client::builder()
+                    .transport(ReqwestTransport::default())
+                    .base_url(server.url())
+                    .build()
+                    .unwrap();
+                // The server lives as long as the process.
+                std::mem::forget(server);
+                client
+            }
+        };
+        stream::iter(0..n)
+            .fetch_concurrent(CONCURRENCY, client.get(|id: &u64| format!("/items/{id}")))
+            .filter(|r| futures::future::ready(r.is_ok()))
+            .count()
+            .await as u64
+    });
+    assert_eq!(ok, n);
+    println!("{}", peak_rss_kib());
+}
+
+fn child_peak(mode: &str, n: u64) -> u64 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--memory-child", mode, &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn memory() {
+    println!("\n## Peak memory (VmHWM of a fresh process), fetch_concurrent({CONCURRENCY})\n");
+    println!("| transport | items | peak RSS | vs the smaller run |");
+    println!("|---|---|---|---|");
+    for (mode, small, large) in [("mock", 100_000, 1_000_000), ("http", 20_000, 200_000)] {
+        let a = child_peak(mode, small);
+        let b = child_peak(mode, large);
+        println!("| {mode} | {small} | {:.1} MiB | |", a as f64 / 1024.0);
+        println!(
+            "| {mode} | {large} | {:.1} MiB | {:+.1}% |",
+            b as f64 / 1024.0,
+            100.0 * (b as f64 - a as f64) / a as f64
+        );
+    }
+}
+
+struct RateRun {
+    asked: u32,
+    items: u64,
+    ok: u64,
+    elapsed: Duration,
+    server_ok: u64,
+    server_429: u64,
+}
+
+async fn rate_run(limit: u32, asked: u32, items: u64) -> RateRun {
+    let server = DemoServer::start(
+        DemoConfig::default()
+            .items(items)
+            .rate_limit(Rate::per_second(limit).burst(10)),
+    )
+    .await
+    .unwrap();
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(server.url())
+        // Burst 2: a tolerance of one interval covers tokio's 1 ms timer tick.
+        .rate(Rate::per_second(asked).burst(2))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::full_jitter(Duration::from_millis(50))
+                .max_attempts(50)
+                .ignore_retry_after(),
+        )
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let ok = stream::iter(0..items)
+        .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await as u64;
+    let counts = server.counts();
+    RateRun {
+        asked,
+        items,
+        ok,
+        elapsed: started.elapsed(),
+        server_ok: counts.ok,
+        server_429: counts.too_many_requests,
+    }
+}
+
+fn rate_against_server() {
+    const LIMIT: u32 = 200;
+    println!("\n## Rate against a server that allows {LIMIT}/s (burst 10), 16 in flight\n");
+    println!("| asked | items | arrived | goodput | share of limit | 429s | wasted |");
+    println!("|---|---|---|---|---|---|---|");
+    let rt = runtime();
+    for asked in [LIMIT, 2 * LIMIT] {
+        let run = rt.block_on(rate_run(LIMIT, asked, 1_000));
+        let goodput = run.server_ok as f64 / run.elapsed.as_secs_f64();
+        let total = run.server_ok + run.server_429;
+        println!(
+            "| {}/s | {} | {} | {goodput:.1}/s | {:.1}% | {} | {:.1}% |",
+            run.asked,
+            run.items,
+            run.ok,
+            100.0 * goodput / f64::from(LIMIT),
+            run.server_429,
+            100.0 * run.server_429 as f64 / total as f64,
+        );
+    }
+}
+
+fn pause_latency() {
+    println!("\n## Pause latency: requests that still reach the server after its first 503 of an outage\n");
+    println!(
+        "| outage | first 503 at | arrivals after it, during the outage | in flight allowed |"
+    );
+    println!("|---|---|---|---|");
+    let rt = runtime();
+    rt.block_on(async {
+        let every = Duration::from_secs(2);
+        let lasting = Duration::from_millis(500);
+        let server = DemoServer::start(
+            DemoConfig::default()
+                .items(3_000)
+                .outages(every, lasting)
+                .record_arrivals(true),
+        )
+        .await
+        .unwrap();
+        let client = Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(server.url())
+            .rate(Rate::per_second(500).burst(10))
+            .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let ok = stream::iter(0..3_000u64)
+            .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+            .filter(|r| futures::future::ready(r.is_ok()))
+            .count()
+            .await;
+        assert_eq!(ok, 3_000);
+        let arrivals = server.arrivals();
+        let mut k = 1;
+        loop {
+            let start = every * k;
+            let end = start + lasting;
+            if arrivals.last().is_none_or(|a| a.at < start) {
+                break;
+            }
+            let first = arrivals
+                .iter()
+                .find(|a| a.at >= start && a.at < end && a.status == 503);
+            if let Some(first) = first {
+                let after = arrivals
+                    .iter()
+                    .filter(|a| a.at > first.at && a.at < end)
+                    .count();
+                println!(
+                    "| {k} | {:.1?} into it | {after} | {} |",
+                    first.at - start,
+                    16 - 1
+                );
+            }
+            k += 1;
+        }
+    });
+}
