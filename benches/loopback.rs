@@ -17,7 +17,7 @@ use http::StatusCode;
 use sluicegate::demo::{DemoConfig, DemoServer};
 use sluicegate::mock::{MockResponse, MockTransport, Route};
 use sluicegate::prelude::*;
-use sluicegate::ReqwestTransport;
+use sluicegate::{Adaptive, ReqwestTransport};
 use tokio::time::Instant;
 
 const CONCURRENCY: usize = 64;
@@ -135,18 +135,22 @@ fn memory() {
 
 struct RateRun {
     asked: u32,
+    adaptive: bool,
     items: u64,
     ok: u64,
     elapsed: Duration,
     server_ok: u64,
     server_429: u64,
+    /// (ok, 429) answered after the first 5 s, once learning is done.
+    steady: (u64, u64),
 }
 
-async fn rate_run(limit: u32, asked: u32, items: u64) -> RateRun {
+async fn rate_run(limit: u32, asked: u32, adaptive: bool, items: u64) -> RateRun {
     let server = DemoServer::start(
         DemoConfig::default()
             .items(items)
-            .rate_limit(Rate::per_second(limit).burst(10)),
+            .rate_limit(Rate::per_second(limit).burst(10))
+            .record_arrivals(true),
     )
     .await
     .unwrap();
@@ -154,7 +158,11 @@ async fn rate_run(limit: u32, asked: u32, items: u64) -> RateRun {
         .transport(ReqwestTransport::default())
         .base_url(server.url())
         // Burst 2: a tolerance of one interval covers tokio's 1 ms timer tick.
-        .rate(Rate::per_second(asked).burst(2))
+        .limiter(if adaptive {
+            Limiter::new(Rate::per_second(asked).burst(2)).adaptive(Adaptive::new())
+        } else {
+            Limiter::new(Rate::per_second(asked).burst(2))
+        })
         .retry_on(
             StatusCode::TOO_MANY_REQUESTS,
             Backoff::full_jitter(Duration::from_millis(50))
@@ -170,34 +178,51 @@ async fn rate_run(limit: u32, asked: u32, items: u64) -> RateRun {
         .count()
         .await as u64;
     let counts = server.counts();
+    let late: Vec<_> = server
+        .arrivals()
+        .into_iter()
+        .filter(|a| a.at >= Duration::from_secs(5))
+        .collect();
+    let steady = (
+        late.iter().filter(|a| a.status == 200).count() as u64,
+        late.iter().filter(|a| a.status == 429).count() as u64,
+    );
     RateRun {
         asked,
+        adaptive,
         items,
         ok,
         elapsed: started.elapsed(),
         server_ok: counts.ok,
         server_429: counts.too_many_requests,
+        steady,
     }
 }
 
 fn rate_against_server() {
     const LIMIT: u32 = 200;
     println!("\n## Rate against a server that allows {LIMIT}/s (burst 10), 16 in flight\n");
-    println!("| asked | items | arrived | goodput | share of limit | 429s | wasted |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| asked | adaptive | items | arrived | goodput | share of limit | 429s | wasted | wasted after 5 s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let rt = runtime();
-    for asked in [LIMIT, 2 * LIMIT] {
-        let run = rt.block_on(rate_run(LIMIT, asked, 1_000));
+    for (asked, adaptive, items) in [
+        (LIMIT, false, 1_000),
+        (2 * LIMIT, false, 3_000),
+        (2 * LIMIT, true, 3_000),
+    ] {
+        let run = rt.block_on(rate_run(LIMIT, asked, adaptive, items));
         let goodput = run.server_ok as f64 / run.elapsed.as_secs_f64();
         let total = run.server_ok + run.server_429;
         println!(
-            "| {}/s | {} | {} | {goodput:.1}/s | {:.1}% | {} | {:.1}% |",
+            "| {}/s | {} | {} | {} | {goodput:.1}/s | {:.1}% | {} | {:.1}% | {:.1}% |",
             run.asked,
+            if run.adaptive { "yes" } else { "no" },
             run.items,
             run.ok,
             100.0 * goodput / f64::from(LIMIT),
             run.server_429,
             100.0 * run.server_429 as f64 / total as f64,
+            100.0 * run.steady.1 as f64 / (run.steady.0 + run.steady.1).max(1) as f64,
         );
     }
 }

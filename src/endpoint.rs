@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -15,6 +15,7 @@ use crate::client::Client;
 use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
+use crate::limiter::Limiter;
 use crate::request::RequestSpec;
 use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
 use crate::stats::Stats;
@@ -415,7 +416,7 @@ impl<T> Endpoint<T> {
     async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
         let client = &self.client.inner;
         tracing::debug!("sending");
-        let sent = InFlight::start(&self.stats);
+        let sent = InFlight::start(&self.stats, client.limiter.as_ref());
         let send = client.transport.send(request);
         let outcome = match self.timeout {
             Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
@@ -426,7 +427,7 @@ impl<T> Endpoint<T> {
             }),
             None => send.await,
         };
-        let latency = sent.finish(&outcome);
+        let latency = sent.finish(&outcome, client.wall_clock);
         match &outcome {
             Ok(response) => tracing::debug!(
                 status = response.status().as_u16(),
@@ -447,23 +448,36 @@ impl<T> Endpoint<T> {
     }
 }
 
-/// Counts a request in flight until it ends, or is abandoned when dropped.
+/// Counts a request in flight until it ends, or is abandoned when dropped,
+/// and reports its outcome to the limiter that granted its token.
 struct InFlight<'a> {
     stats: &'a [Stats],
+    limiter: Option<&'a Limiter>,
     sent_at: Option<Instant>,
+    open: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn start(stats: &'a [Stats]) -> Self {
+    fn start(stats: &'a [Stats], limiter: Option<&'a Limiter>) -> Self {
         for s in stats {
             s.request_sent();
         }
         let sent_at = (!stats.is_empty()).then(Instant::now);
-        Self { stats, sent_at }
+        Self {
+            stats,
+            limiter,
+            sent_at,
+            open: true,
+        }
     }
 
-    fn finish(mut self, outcome: &Result<Response<Bytes>, TransportError>) -> Duration {
-        let latency = self.sent_at.take().map_or(Duration::ZERO, |t| t.elapsed());
+    fn finish(
+        mut self,
+        outcome: &Result<Response<Bytes>, TransportError>,
+        wall_now: fn() -> SystemTime,
+    ) -> Duration {
+        self.open = false;
+        let latency = self.sent_at.map_or(Duration::ZERO, |t| t.elapsed());
         let summary = outcome
             .as_ref()
             .map(|r| (r.status(), r.body().len()))
@@ -471,15 +485,28 @@ impl<'a> InFlight<'a> {
         for s in self.stats {
             s.request_ended(summary, latency);
         }
+        if let Some(limiter) = self.limiter {
+            if let Some(rate) = limiter.observe(outcome, wall_now) {
+                tracing::info!(rate_per_second = rate, "learned rate changed");
+            }
+            for s in self.stats {
+                s.limiter_seen(limiter.learned_rate(), limiter.malformed_headers());
+            }
+        }
         latency
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        if self.sent_at.is_some() {
-            for s in self.stats {
-                s.request_abandoned();
+        if self.open {
+            if self.sent_at.is_some() {
+                for s in self.stats {
+                    s.request_abandoned();
+                }
+            }
+            if let Some(limiter) = self.limiter {
+                limiter.abandoned();
             }
         }
     }

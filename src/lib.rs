@@ -126,7 +126,7 @@ pub use crate::ext::{
 };
 #[cfg(feature = "progress")]
 pub use crate::ext::{Progress, WithProgress};
-pub use crate::limiter::{KeyedLimiter, Limiter, NotUntil};
+pub use crate::limiter::{Adaptive, KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;
 pub use crate::rate::{Mode, Rate};
 pub use crate::request::RequestSpec;

@@ -21,18 +21,30 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::Response;
 
 use tokio::time::Instant;
 
+use crate::error::TransportError;
 use crate::pause::PauseHandle;
 use crate::rate::Rate;
 
+mod adaptive;
+pub(crate) mod advertised;
 mod keyed;
 mod pacing;
 
+pub use self::adaptive::Adaptive;
+use self::adaptive::Learner;
+use self::advertised::Advertised;
 pub use self::keyed::KeyedLimiter;
 use self::pacing::Pacing;
+
+/// Two resets closer than this are taken to end the same server window.
+const SAME_WINDOW_NANOS: u64 = 1_000_000_000;
 
 /// A shared rate budget. Clones share one budget, across stages, branches
 /// and clients.
@@ -68,8 +80,48 @@ struct State {
     pacing: Pacing,
     queue: VecDeque<Waiter>,
     next_id: u64,
-    /// Bumped by `set_rate` so a sleeping head recomputes its deadline.
+    /// Bumped when the rate changes so a sleeping head recomputes its deadline.
     generation: u64,
+    /// Opt-in: the controller that learns the server's limit.
+    learner: Option<Learner>,
+    /// What the server last said is left of its window, and when it resets.
+    advert: Option<Advert>,
+    /// Tokens granted whose request has not been reported back yet.
+    outstanding: u64,
+    /// Rate-limit headers ignored as malformed.
+    malformed: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Advert {
+    remaining: u64,
+    /// Nanoseconds since the epoch.
+    reset: u64,
+}
+
+impl State {
+    /// Takes a token at `now` if the pacing and the server's advertised
+    /// quota allow it; otherwise says from when.
+    fn grant(&mut self, now: u64) -> Result<(), u64> {
+        if let Some(advert) = self.advert {
+            if now >= advert.reset {
+                self.advert = None;
+            } else if advert.remaining == 0 {
+                return Err(advert.reset);
+            }
+        }
+        self.pacing.take(now)?;
+        if let Some(advert) = &mut self.advert {
+            advert.remaining -= 1;
+        }
+        self.outstanding += 1;
+        Ok(())
+    }
+
+    fn rate_changed(&mut self) {
+        self.generation += 1;
+        wake_head(self);
+    }
 }
 
 struct Waiter {
@@ -109,6 +161,10 @@ impl Limiter {
                     queue: VecDeque::new(),
                     next_id: 0,
                     generation: 0,
+                    learner: None,
+                    advert: None,
+                    outstanding: 0,
+                    malformed: 0,
                 }),
             }),
         }
@@ -120,18 +176,99 @@ impl Limiter {
     }
 
     /// Changes the rate; the next token is granted under the new one. The
-    /// budget already used is carried over in proportion.
+    /// budget already used is carried over in proportion. With adaptive
+    /// pacing on, this is the new ceiling, and learning starts again from it.
     pub fn set_rate(&self, rate: Rate) {
-        let now = self.offset(Instant::now());
+        let now = Instant::now();
         let mut state = self.lock();
         state.rate = rate;
-        state.pacing.retune(&rate, now);
-        state.generation += 1;
-        if let Some(head) = state.queue.front_mut() {
-            if let Some(waker) = head.waker.take() {
-                waker.wake();
-            }
+        state.pacing.retune(&rate, self.offset(now));
+        if let Some(learner) = &mut state.learner {
+            *learner = Learner::new(learner.config().clone(), rate.per_second_f64(), now);
         }
+        state.rate_changed();
+    }
+
+    /// Turns on adaptive pacing: the rate given is the ceiling, and the
+    /// limiter learns the server's real limit from its refusals (see
+    /// [`Adaptive`]). Every clone learns together.
+    pub fn adaptive(self, config: Adaptive) -> Self {
+        {
+            let mut state = self.lock();
+            let ceiling = state.rate.per_second_f64();
+            state.learner = Some(Learner::new(config, ceiling, Instant::now()));
+        }
+        self
+    }
+
+    /// The rate learned so far, in events per second, with adaptive pacing on.
+    pub fn learned_rate(&self) -> Option<f64> {
+        self.lock().learner.as_ref().map(Learner::current)
+    }
+
+    /// How many rate-limit headers were ignored as malformed or absurd.
+    pub fn malformed_headers(&self) -> u64 {
+        self.lock().malformed
+    }
+
+    /// Learns from the outcome of a request sent with a token from this
+    /// limiter: the server's advertised quota (rate-limit headers) and, with
+    /// adaptive pacing, whether it refused. Returns the learned rate when
+    /// it changed.
+    pub(crate) fn observe(
+        &self,
+        outcome: &Result<Response<Bytes>, TransportError>,
+        wall_now: fn() -> SystemTime,
+    ) -> Option<f64> {
+        let now = Instant::now();
+        let reading = outcome
+            .as_ref()
+            .map(|r| advertised::read(r.headers(), wall_now))
+            .unwrap_or_default();
+        let mut state = self.lock();
+        state.outstanding = state.outstanding.saturating_sub(1);
+        state.malformed += u64::from(reading.malformed);
+        if let Some(Advertised {
+            remaining: Some(remaining),
+            reset: Some(reset),
+            ..
+        }) = reading.advertised
+        {
+            // Requests still in flight may already count against what is
+            // left: assume they do, so the quota is never overrun.
+            let left = remaining.saturating_sub(state.outstanding);
+            let reset = self.offset(now + reset);
+            let same_window = |old: &Advert| old.reset.abs_diff(reset) < SAME_WINDOW_NANOS;
+            state.advert = Some(match state.advert {
+                Some(old) if same_window(&old) => Advert {
+                    remaining: old.remaining.min(left),
+                    reset: old.reset.max(reset),
+                },
+                _ => Advert {
+                    remaining: left,
+                    reset,
+                },
+            });
+        }
+        let learner = state.learner.as_mut()?;
+        let changed = if learner.matcher().matches(outcome) {
+            learner.refusal(now)
+        } else if outcome.is_ok() {
+            learner.success(now)
+        } else {
+            None
+        }?;
+        let burst = state.rate.burst_size();
+        let learned = Rate::per_second_f64_burst(changed, burst);
+        state.pacing.retune(&learned, self.offset(now));
+        state.rate_changed();
+        Some(changed)
+    }
+
+    /// A token's request was dropped before it was answered.
+    pub(crate) fn abandoned(&self) {
+        let mut state = self.lock();
+        state.outstanding = state.outstanding.saturating_sub(1);
     }
 
     /// Takes a token now if one is free and nobody is waiting ahead.
@@ -143,7 +280,7 @@ impl Limiter {
         let now = Instant::now();
         let mut state = self.lock();
         let earliest = if state.queue.is_empty() {
-            match state.pacing.take(self.offset(now)) {
+            match state.grant(self.offset(now)) {
                 Ok(()) => return Ok(()),
                 Err(at) => self.instant(at),
             }
@@ -191,7 +328,7 @@ impl Limiter {
                     // A pause began since `ready`; wait it out at the head.
                     continue;
                 } else {
-                    match state.pacing.take(self.offset(now)) {
+                    match state.grant(self.offset(now)) {
                         Ok(()) => {
                             if let Some(ticket) = ticket.as_mut() {
                                 state.queue.pop_front();

@@ -164,6 +164,15 @@ impl Rate {
         (self.period.as_nanos() / u128::from(self.count)) as u64
     }
 
+    /// `per_second` events per second (fractions allowed), with `burst`:
+    /// what adaptive pacing sets as it learns. Clamped to at least one
+    /// event per hour.
+    pub(crate) fn per_second_f64_burst(per_second: f64, burst: u32) -> Self {
+        let per_second = per_second.max(1.0 / 3_600.0);
+        let interval = Duration::from_secs_f64(1.0 / per_second).max(Duration::from_nanos(1));
+        Self::new(1, interval).burst(burst.max(1))
+    }
+
     /// Events per second, as a float, for display and arithmetic.
     pub fn per_second_f64(&self) -> f64 {
         f64::from(self.count) / self.period.as_secs_f64()

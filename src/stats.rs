@@ -69,6 +69,9 @@ struct Inner {
     items_failed: AtomicU64,
     in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
+    /// The learned rate's `f64` bits; `u64::MAX` while there is none.
+    learned_rate: AtomicU64,
+    malformed_rate_headers: AtomicU64,
     /// What each answer adds, kept per thread slot: one uncontended lock per
     /// answer instead of an atomic per counter.
     answers: [Mutex<Answers>; SHARDS],
@@ -112,6 +115,8 @@ impl Stats {
 
                 in_flight: AtomicU64::new(0),
                 peak_in_flight: AtomicU64::new(0),
+                learned_rate: AtomicU64::new(u64::MAX),
+                malformed_rate_headers: AtomicU64::new(0),
                 answers: std::array::from_fn(|_| Mutex::new(Answers::new())),
             }),
         }
@@ -174,6 +179,16 @@ impl Stats {
     /// stream was dropped) is no longer in flight.
     pub(crate) fn request_abandoned(&self) {
         self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// What the limiter knows after an answer: its learned rate (adaptive
+    /// pacing) and the rate-limit headers it ignored.
+    pub(crate) fn limiter_seen(&self, learned: Option<f64>, malformed: u64) {
+        let bits = learned.map_or(u64::MAX, f64::to_bits);
+        self.inner.learned_rate.store(bits, Ordering::Relaxed);
+        self.inner
+            .malformed_rate_headers
+            .store(malformed, Ordering::Relaxed);
     }
 
     pub(crate) fn retried(&self) {
@@ -248,6 +263,11 @@ impl Stats {
             items_failed: load(&inner.items_failed),
             bytes_received: all.bytes,
             in_flight: load(&inner.in_flight),
+            learned_rate: match load(&inner.learned_rate) {
+                u64::MAX => None,
+                bits => Some(f64::from_bits(bits)),
+            },
+            malformed_rate_headers: load(&inner.malformed_rate_headers),
             peak_in_flight: load(&inner.peak_in_flight),
             latency: LatencySummary {
                 count: merged.len(),
@@ -294,7 +314,7 @@ pub struct LatencySummary {
 }
 
 /// The counters of a [`Stats`] at one moment.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatsSnapshot {
     /// The stage's name, if it has one.
     pub name: Option<String>,
@@ -322,6 +342,10 @@ pub struct StatsSnapshot {
     pub bytes_received: u64,
     /// Requests in flight now.
     pub in_flight: u64,
+    /// The rate adaptive pacing has learned, events per second.
+    pub learned_rate: Option<f64>,
+    /// Rate-limit headers ignored as malformed or absurd.
+    pub malformed_rate_headers: u64,
     /// Most requests in flight at once.
     pub peak_in_flight: u64,
     /// Attempt latency.

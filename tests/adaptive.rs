@@ -1,0 +1,251 @@
+//! Learning the server's real limit: from its refusals (adaptive pacing) and
+//! from the limits it advertises in headers. Virtual time, MockTransport.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{stream, StreamExt};
+use http::StatusCode;
+use sluicegate::mock::{Call, Latency, MockResponse, MockTransport, Route};
+use sluicegate::prelude::*;
+use sluicegate::Adaptive;
+use tokio::time::Instant;
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn between(calls: &[Call], t0: Instant, from: Duration, to: Duration) -> Vec<&Call> {
+    calls
+        .iter()
+        .filter(|c| c.sent_at >= t0 + from && c.sent_at < t0 + to)
+        .collect()
+}
+
+/// A server with a hidden GCRA limit: 429 with Retry-After above it.
+fn limited_server(rate: Rate) -> MockTransport {
+    let mock = MockTransport::new();
+    let limit = Limiter::new(rate);
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::uniform(ms(5), ms(15)))
+            .respond_with(move |_| match limit.check() {
+                Ok(()) => MockResponse::ok().text("{}"),
+                Err(_) => MockResponse::status(429).header("retry-after", "1"),
+            }),
+    );
+    mock
+}
+
+async fn run_at_twice_the_limit(adaptive: bool) -> (MockTransport, Instant, Client) {
+    let mock = limited_server(Rate::per_second(200).burst(10));
+    let mut limiter = Limiter::new(Rate::per_second(400).burst(5));
+    if adaptive {
+        limiter = limiter.adaptive(Adaptive::new());
+    }
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(limiter)
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(ms(100)).max_attempts(30),
+        )
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..6_000)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 6_000, "every item arrives either way");
+    (mock, t0, client)
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_pacing_converges_under_the_hidden_limit() {
+    let (mock, t0, client) = run_at_twice_the_limit(true).await;
+    let calls = mock.calls();
+    // After the first seconds of learning, measured over 15 s of steady state.
+    let steady = between(&calls, t0, Duration::from_secs(10), Duration::from_secs(25));
+    let refused = steady
+        .iter()
+        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+        .count();
+    let accepted = steady.len() - refused;
+    let goodput = accepted as f64 / 15.0;
+    println!(
+        "adaptive: {refused} of {} refused, goodput {goodput:.1}/s",
+        steady.len()
+    );
+    assert!(
+        (refused as f64) < 0.05 * steady.len() as f64,
+        "{refused} of {} requests refused after convergence",
+        steady.len()
+    );
+    assert!(goodput >= 0.95 * 200.0, "goodput {goodput:.1}/s");
+    let learned = client.limiter().unwrap().learned_rate().unwrap();
+    assert!((180.0..=215.0).contains(&learned), "learned {learned:.1}/s");
+    assert_eq!(
+        client.stats().unwrap().snapshot().learned_rate,
+        Some(learned)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_adaptive_pacing_requests_are_wasted_and_goodput_lost() {
+    let (mock, t0, _) = run_at_twice_the_limit(false).await;
+    let calls = mock.calls();
+    let steady = between(&calls, t0, Duration::from_secs(10), Duration::from_secs(25));
+    let refused = steady
+        .iter()
+        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+        .count();
+    let goodput = (steady.len() - refused) as f64 / 15.0;
+    // Refused items sit out their Retry-After holding a slot each, so the
+    // pipeline both wastes requests and falls well short of the limit.
+    assert!(
+        refused as f64 > 0.05 * steady.len() as f64,
+        "{refused} of {}",
+        steady.len()
+    );
+    assert!(goodput < 0.9 * 200.0, "goodput {goodput:.1}/s");
+}
+
+/// A server counting requests in fixed 1 s windows (aligned to its start)
+/// and saying what is left, in the header family `style` picks.
+fn advertising_server(quota: u64, style: &'static str) -> MockTransport {
+    let mock = MockTransport::new();
+    let t0 = Instant::now();
+    let used = Arc::new(Mutex::new((0u64, 0u64))); // (window, used in it)
+                                                   // The server's wall clock, moving with virtual time (for Date and Unix resets).
+    const EPOCH: u64 = 1_700_000_000;
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(10)))
+            .respond_with(move |_| {
+                let elapsed = t0.elapsed();
+                let window = elapsed.as_secs();
+                let mut used = used.lock().unwrap();
+                if used.0 != window {
+                    *used = (window, 0);
+                }
+                let response = if used.1 < quota {
+                    used.1 += 1;
+                    MockResponse::ok()
+                } else {
+                    MockResponse::status(429)
+                };
+                let remaining = quota - used.1;
+                let reset_in = (Duration::from_secs(window + 1) - elapsed)
+                    .as_secs_f64()
+                    .ceil() as u64;
+                let date = httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + Duration::from_secs(EPOCH + window),
+                );
+                match style {
+                    "ietf" => response
+                        .header("ratelimit-policy", format!("\"default\";q={quota};w=1"))
+                        .header(
+                            "ratelimit",
+                            format!("\"default\";r={remaining};t={reset_in}"),
+                        ),
+                    _ => response
+                        .header("date", date)
+                        .header("x-ratelimit-limit", quota.to_string())
+                        .header("x-ratelimit-remaining", remaining.to_string())
+                        .header("x-ratelimit-reset", (EPOCH + window + 1).to_string()),
+                }
+            }),
+    );
+    mock
+}
+
+async fn zero_refusals_after_the_first_answer(style: &'static str) {
+    let mock = advertising_server(100, style);
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .rate(Rate::per_second(400).burst(5))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let results: Vec<_> = stream::iter(0u32..600)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .collect()
+        .await;
+    let calls = mock.calls();
+    let refused = calls
+        .iter()
+        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+        .count();
+    assert_eq!(refused, 0, "{style}: the quota is never overrun");
+    assert!(results.iter().all(Result::is_ok));
+    // 100 per window: 600 requests need six windows, no more.
+    assert!(
+        t0.elapsed() < Duration::from_secs(7),
+        "{style}: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(client.limiter().unwrap().malformed_headers(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ietf_ratelimit_fields_are_obeyed() {
+    zero_refusals_after_the_first_answer("ietf").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn x_ratelimit_headers_with_a_unix_reset_are_obeyed() {
+    zero_refusals_after_the_first_answer("x").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn hostile_rate_limit_headers_change_nothing_dangerous() {
+    let mock = MockTransport::new();
+    let n = Arc::new(Mutex::new(0usize));
+    mock.mount(Route::get("/items/{id}").respond_with(move |_| {
+        let mut n = n.lock().unwrap();
+        *n += 1;
+        let hostile: [(&str, &str); 2] = match *n % 4 {
+            0 => [("x-ratelimit-remaining", "-5"), ("x-ratelimit-reset", "10")],
+            1 => [
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "999999999"),
+            ],
+            2 => [
+                ("ratelimit", "\"default\";r=zero;t=soon"),
+                ("ratelimit-policy", "lots"),
+            ],
+            _ => [
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "1000000001"),
+            ], // long past
+        };
+        MockResponse::ok()
+            .header(hostile[0].0, hostile[0].1)
+            .header(hostile[1].0, hostile[1].1)
+            .header("date", "Tue, 14 Nov 2023 22:13:20 GMT")
+    }));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .rate(Rate::per_second(100))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..100)
+        .fetch_concurrent(4, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 100);
+    // Nothing was held back beyond the client's own pace: 100 at 100/s.
+    assert_eq!(t0.elapsed(), ms(990));
+    assert!(client.limiter().unwrap().malformed_headers() >= 100);
+    assert_eq!(
+        client.stats().unwrap().snapshot().malformed_rate_headers,
+        client.limiter().unwrap().malformed_headers()
+    );
+}
