@@ -266,6 +266,11 @@ impl<T> Endpoint<T> {
             ),
             End::Transport(e) => (FetchErrorKind::Transport(e.kind()), None, Some(e)),
             End::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None, None),
+            End::LimiterUnavailable(reason) => (
+                FetchErrorKind::LimiterUnavailable,
+                None,
+                Some(TransportError::new(TransportErrorKind::Other, reason)),
+            ),
         };
         let mut error_out = FetchError::new(item, kind).with_attempts(attempts, elapsed);
         if let Some(response) = response {
@@ -282,7 +287,7 @@ impl<T> Endpoint<T> {
     /// Pause first, then the token: a token taken before a pause would be
     /// spent at the pause's end, all at once. The common case (no pause, a
     /// token free) takes the token here and allocates nothing.
-    fn gate(&self) -> Option<BoxFuture<'static, ()>> {
+    fn gate(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
         let client = &self.client.inner;
         if !client.pause.is_paused() {
             match &client.limiter {
@@ -295,8 +300,9 @@ impl<T> Endpoint<T> {
         let limiter = client.limiter.clone();
         Some(Box::pin(async move {
             pause.ready().await;
-            if let Some(limiter) = limiter {
-                limiter.acquire_owned(Some(pause)).await;
+            match limiter {
+                Some(limiter) => limiter.acquire_owned(Some(pause)).await,
+                None => Ok(()),
             }
         }))
     }
@@ -317,7 +323,9 @@ impl<T> Endpoint<T> {
         loop {
             let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
             if let Some(wait) = self.gate() {
-                wait.await;
+                if let Err(reason) = wait.await {
+                    return End::LimiterUnavailable(reason);
+                }
             }
             if std::mem::take(&mut paused_by_us) {
                 tracing::info!(item = index, "pause over, resuming");
@@ -517,6 +525,8 @@ enum End {
     Response(Response<Bytes>),
     Transport(TransportError),
     ItemTimeout,
+    /// A remote rate limiter stayed unreachable (failing closed).
+    LimiterUnavailable(String),
 }
 
 fn clone_request(request: &Request<Bytes>) -> Request<Bytes> {

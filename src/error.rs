@@ -157,6 +157,9 @@ pub enum FetchErrorKind {
     Decode,
     /// Pagination led back to a page already fetched.
     PaginationLoop,
+    /// A shared rate limiter (Redis) could not be reached in time, and it
+    /// fails closed: nothing was sent.
+    LimiterUnavailable,
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -169,6 +172,7 @@ impl fmt::Display for FetchErrorKind {
             Self::Timeout(TimeoutScope::Item) => f.write_str("item timed out"),
             Self::Decode => f.write_str("undecodable body"),
             Self::PaginationLoop => f.write_str("pagination loop"),
+            Self::LimiterUnavailable => f.write_str("rate limiter unavailable"),
         }
     }
 }

@@ -89,6 +89,8 @@
 //! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
 //! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
 //! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
+//! - `redis` — a `Limiter` and `PauseHandle` shared by many processes through
+//!   Redis (feature `redis`).
 //! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
@@ -109,6 +111,8 @@ mod ext;
 mod limiter;
 mod pause;
 mod rate;
+#[cfg(feature = "redis")]
+pub mod redis;
 mod request;
 pub mod retry;
 mod stats;

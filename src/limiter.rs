@@ -73,6 +73,16 @@ pub struct Limiter {
 struct Shared {
     epoch: Instant,
     state: Mutex<State>,
+    /// A limit decided elsewhere (Redis); the local state then serves as
+    /// the fallback.
+    #[cfg(feature = "redis")]
+    remote: Option<Remote>,
+}
+
+#[cfg(feature = "redis")]
+struct Remote {
+    limit: Arc<crate::redis::RemoteLimit>,
+    rate: Mutex<Rate>,
 }
 
 struct State {
@@ -151,6 +161,28 @@ impl NotUntil {
 impl Limiter {
     /// A limiter enforcing `rate`, starting now.
     pub fn new(rate: Rate) -> Self {
+        Self::build(rate)
+    }
+
+    /// A limiter decided by `remote` at `shared_rate`, falling back to the
+    /// local state at `local_rate`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn with_remote(
+        local_rate: Rate,
+        shared_rate: Rate,
+        remote: Arc<crate::redis::RemoteLimit>,
+    ) -> Self {
+        let mut limiter = Self::build(local_rate);
+        Arc::get_mut(&mut limiter.shared)
+            .expect("fresh limiter")
+            .remote = Some(Remote {
+            limit: remote,
+            rate: Mutex::new(shared_rate),
+        });
+        limiter
+    }
+
+    fn build(rate: Rate) -> Self {
         let epoch = Instant::now();
         Self {
             shared: Arc::new(Shared {
@@ -166,6 +198,8 @@ impl Limiter {
                     outstanding: 0,
                     malformed: 0,
                 }),
+                #[cfg(feature = "redis")]
+                remote: None,
             }),
         }
     }
@@ -179,6 +213,14 @@ impl Limiter {
     /// budget already used is carried over in proportion. With adaptive
     /// pacing on, this is the new ceiling, and learning starts again from it.
     pub fn set_rate(&self, rate: Rate) {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.shared.remote {
+            *remote
+                .rate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = rate;
+            return;
+        }
         let now = Instant::now();
         let mut state = self.lock();
         state.rate = rate;
@@ -278,6 +320,11 @@ impl Limiter {
     /// [`NotUntil`] when the caller would have to wait; nothing is taken.
     pub fn check(&self) -> Result<(), NotUntil> {
         let now = Instant::now();
+        // A remote limit is only known by asking it, which is not instant.
+        #[cfg(feature = "redis")]
+        if self.shared.remote.is_some() {
+            return Err(NotUntil { earliest: now });
+        }
         let mut state = self.lock();
         let earliest = if state.queue.is_empty() {
             match state.grant(self.offset(now)) {
@@ -294,13 +341,73 @@ impl Limiter {
     ///
     /// Cancel safe: a dropped `acquire` leaves the line and takes nothing.
     pub fn acquire(&self) -> impl Future<Output = ()> + Send + 'static {
-        self.clone().acquire_owned(None)
+        self.clone().acquire_until_granted(None)
     }
 
     /// Like [`acquire`](Self::acquire), but grants nothing while `pause` is
     /// in force, so a pause never turns into a burst when it ends.
     pub fn acquire_during(&self, pause: &PauseHandle) -> impl Future<Output = ()> + Send + 'static {
-        self.clone().acquire_owned(Some(pause.clone()))
+        self.clone().acquire_until_granted(Some(pause.clone()))
+    }
+
+    /// Waits for a token however long it takes: a limiter that cannot be
+    /// consulted (Redis down, failing closed) means waiting, never going.
+    pub(crate) async fn acquire_until_granted(self, pause: Option<PauseHandle>) {
+        while let Err(e) = self.clone().acquire_owned(pause.clone()).await {
+            tracing::warn!(error = %e, "still waiting for the rate limiter");
+        }
+    }
+
+    /// Waits for a token; fails only when a remote limiter that fails closed
+    /// stayed unreachable past its limit.
+    pub(crate) async fn acquire_owned(self, pause: Option<PauseHandle>) -> Result<(), String> {
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.shared.remote {
+            return self.acquire_remote(remote, pause).await;
+        }
+        self.acquire_local(pause).await;
+        Ok(())
+    }
+
+    #[cfg(feature = "redis")]
+    async fn acquire_remote(
+        &self,
+        remote: &Remote,
+        pause: Option<PauseHandle>,
+    ) -> Result<(), String> {
+        use crate::redis::{FailureMode, Reply};
+        let started = Instant::now();
+        loop {
+            if let Some(pause) = &pause {
+                pause.ready().await;
+            }
+            let rate = *remote
+                .rate
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match remote.limit.take(&rate).await {
+                Reply::Granted => return Ok(()),
+                Reply::NotYet(wait) => tokio::time::sleep(wait).await,
+                Reply::Paused(left) => match &pause {
+                    Some(pause) => pause.pause_local(left),
+                    None => tokio::time::sleep(left).await,
+                },
+                Reply::Unavailable(error) => match remote.limit.failure() {
+                    FailureMode::FallbackLocal { .. } => {
+                        self.clone().acquire_local(pause).await;
+                        return Ok(());
+                    }
+                    FailureMode::FailClosed { give_up_after } => {
+                        if started.elapsed() >= give_up_after {
+                            return Err(format!(
+                                "rate limiter unreachable for {give_up_after:?}: {error}"
+                            ));
+                        }
+                        tokio::time::sleep(remote.limit.retry_every()).await;
+                    }
+                },
+            }
+        }
     }
 
     /// How many callers are waiting in line.
@@ -308,7 +415,7 @@ impl Limiter {
         self.lock().queue.len()
     }
 
-    pub(crate) async fn acquire_owned(self, pause: Option<PauseHandle>) {
+    async fn acquire_local(self, pause: Option<PauseHandle>) {
         let mut ticket: Option<Ticket<'_>> = None;
         loop {
             if let Some(pause) = &pause {

@@ -44,6 +44,27 @@ pub struct PauseHandle {
 struct Shared {
     deadline: watch::Sender<Option<Instant>>,
     max_pause: Duration,
+    /// Where pauses and resumes are also sent, for other processes.
+    remote: Option<Arc<dyn RemotePause>>,
+}
+
+/// Carries a handle's pauses and resumes to other processes.
+pub(crate) trait RemotePause: Send + Sync {
+    /// A pause of `duration` from now began here.
+    fn publish_pause(&self, duration: Duration);
+    /// The pause was ended here.
+    fn publish_resume(&self);
+}
+
+/// A handle that does not keep the pause alive (for background listeners).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+pub(crate) struct WeakPauseHandle(std::sync::Weak<Shared>);
+
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+impl WeakPauseHandle {
+    pub(crate) fn upgrade(&self) -> Option<PauseHandle> {
+        self.0.upgrade().map(|shared| PauseHandle { shared })
+    }
 }
 
 impl PauseHandle {
@@ -61,8 +82,26 @@ impl PauseHandle {
             shared: Arc::new(Shared {
                 deadline: watch::Sender::new(None),
                 max_pause,
+                remote: None,
             }),
         }
+    }
+
+    /// A handle whose pauses and resumes also go to `remote`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_remote(max_pause: Duration, remote: Arc<dyn RemotePause>) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                deadline: watch::Sender::new(None),
+                max_pause,
+                remote: Some(remote),
+            }),
+        }
+    }
+
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn downgrade(&self) -> WeakPauseHandle {
+        WeakPauseHandle(Arc::downgrade(&self.shared))
     }
 
     /// The cap on any one pause.
@@ -82,13 +121,44 @@ impl PauseHandle {
     /// Pauses until `deadline` (capped at `max_pause` from now), unless
     /// already paused until later. Returns the deadline in force afterwards.
     pub fn pause_until(&self, deadline: Instant) -> Instant {
+        let (in_force, extended) = self.extend(deadline);
+        if extended {
+            if let Some(remote) = &self.shared.remote {
+                remote.publish_pause(in_force.saturating_duration_since(Instant::now()));
+            }
+        }
+        in_force
+    }
+
+    /// Applies a pause another process announced, without announcing it again.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn pause_local(&self, duration: Duration) {
+        let now = Instant::now();
+        self.extend(
+            now.checked_add(duration.min(self.shared.max_pause))
+                .unwrap_or_else(|| far_future(now)),
+        );
+    }
+
+    /// Applies a resume another process announced.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn resume_local(&self) {
+        self.shared
+            .deadline
+            .send_if_modified(|current| current.take().is_some());
+    }
+
+    /// Moves the deadline to `deadline` (capped) if that is later; returns
+    /// the deadline in force and whether it moved.
+    fn extend(&self, deadline: Instant) -> (Instant, bool) {
         let now = Instant::now();
         let deadline = match now.checked_add(self.shared.max_pause) {
             Some(cap) => deadline.min(cap),
             None => deadline,
         };
         let mut in_force = deadline;
-        self.shared
+        let extended = self
+            .shared
             .deadline
             .send_if_modified(|current| match current {
                 Some(existing) if *existing >= deadline => {
@@ -100,14 +170,15 @@ impl PauseHandle {
                     true
                 }
             });
-        in_force
+        (in_force, extended)
     }
 
     /// Ends any pause now and wakes every waiter.
     pub fn resume(&self) {
-        self.shared
-            .deadline
-            .send_if_modified(|current| current.take().is_some());
+        self.resume_local();
+        if let Some(remote) = &self.shared.remote {
+            remote.publish_resume();
+        }
     }
 
     /// Whether a pause is in force now.

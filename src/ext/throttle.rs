@@ -96,7 +96,11 @@ impl<S: Stream> Stream for Throttle<S> {
         if !paused && this.limiter.check().is_ok() {
             return Poll::Ready(Some(item));
         }
-        let mut wait: Wait = Box::pin(this.limiter.clone().acquire_owned(this.pause.clone()));
+        let mut wait: Wait = Box::pin(
+            this.limiter
+                .clone()
+                .acquire_until_granted(this.pause.clone()),
+        );
         match wait.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(item)),
             Poll::Pending => {

@@ -1,0 +1,486 @@
+//! One rate budget and one pause for many processes, through Redis
+//! (feature `redis`).
+//!
+//! The limit is decided on the Redis server, by a Lua script that reads the
+//! server's own clock (`TIME`): no worker's clock is ever consulted, so
+//! clock skew between workers cannot over-issue. A token is granted only
+//! when it is due by that clock; otherwise the reply says how long until it
+//! is, and the worker sleeps exactly that long before asking again (there
+//! is no reservation a fast clock could cash in early). A pause is a deadline stored in
+//! Redis (only ever extended, capped by `max_pause`); the limiter's script
+//! refuses slots while it holds, and a pub/sub channel carries pauses and
+//! resumes to every worker's [`PauseHandle`] at once.
+//!
+//! When Redis is unreachable, [`FailureMode`] decides: wait for it (and give
+//! up with a clear error after a limit), or fall back to an in-process
+//! limiter at a share of the rate. Either way the connection is retried on
+//! its own, and the rate is never silently unlimited.
+//!
+//! ```no_run
+//! use sluicegate::redis::{FailureMode, RedisCoordinator};
+//! use sluicegate::{Client, Rate};
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let redis = RedisCoordinator::new("redis://127.0.0.1:6379", "my-api")?
+//!     .on_failure(FailureMode::FallbackLocal { share: 0.25 });
+//! let client = Client::builder()
+//!     .base_url("https://api.example.com")
+//!     .limiter(redis.limiter(Rate::per_second(200).burst(5)))
+//!     .pause_handle(redis.pause_handle())
+//!     .build()?;
+//! # let _ = client;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::Script;
+use tokio::time::Instant;
+
+use crate::error::BuildError;
+use crate::limiter::Limiter;
+use crate::pause::{PauseHandle, RemotePause};
+use crate::rate::Rate;
+
+/// Take a token of a GCRA limit if one is due now by the Redis server's
+/// clock. Returns `{status, wait_us}`: 1 = granted; 0 = not yet, ask again
+/// in `wait_us`; 2 = the shared pause holds for `wait_us`. Nothing is ever
+/// reserved ahead: a worker whose clock runs fast only asks early, and is
+/// told to wait again.
+const TAKE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+if paused > now then
+  return {2, paused - now}
+end
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local due = tat - tolerance
+if due > now then
+  return {0, due - now}
+end
+local next = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.floor((next - now) / 1000) + 1000)
+return {1, 0}
+";
+
+/// Extend the shared pause to `now + ARGV[1]` µs (never shorten it) and
+/// tell every worker how long is left.
+const PAUSE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wanted = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if wanted > current then
+  redis.call('SET', KEYS[1], string.format('%.0f', wanted), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+  redis.call('PUBLISH', KEYS[2], 'pause ' .. ARGV[1])
+  return tonumber(ARGV[1])
+end
+return current - now
+";
+
+/// What a worker does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FailureMode {
+    /// Wait for Redis, retrying the connection; a fetch waiting longer than
+    /// `give_up_after` fails with a clear error instead of sending.
+    FailClosed {
+        /// How long one acquisition may wait for Redis.
+        give_up_after: Duration,
+    },
+    /// Go on with an in-process limiter at `share` of the rate (say 0.25 for
+    /// four workers), until Redis answers again.
+    FallbackLocal {
+        /// The share of the shared rate this worker may use alone.
+        share: f64,
+    },
+}
+
+/// The connection and names shared by the limiters and the pause of one
+/// API. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisCoordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    name: String,
+    failure: FailureMode,
+    op_timeout: Duration,
+    retry_every: Duration,
+    max_pause: Duration,
+    connection: tokio::sync::Mutex<Option<ConnectionManager>>,
+    /// After a failure, Redis is not asked again before this instant.
+    down_until: Mutex<Option<Instant>>,
+    pause: Mutex<Option<PauseHandle>>,
+}
+
+impl fmt::Debug for RedisCoordinator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCoordinator")
+            .field("name", &self.inner.name)
+            .field("failure", &self.inner.failure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCoordinator {
+    /// Coordinates through the Redis at `url`; `name` prefixes every key and
+    /// channel, so several APIs can share one Redis. Nothing connects until
+    /// first use.
+    ///
+    /// # Errors
+    ///
+    /// If `url` is not a Redis URL.
+    pub fn new(url: &str, name: &str) -> Result<Self, BuildError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| BuildError::new(format!("invalid Redis URL: {e}")))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                name: name.to_owned(),
+                failure: FailureMode::FailClosed {
+                    give_up_after: Duration::from_secs(30),
+                },
+                op_timeout: Duration::from_millis(500),
+                retry_every: Duration::from_millis(500),
+                max_pause: PauseHandle::DEFAULT_MAX_PAUSE,
+                connection: tokio::sync::Mutex::new(None),
+                down_until: Mutex::new(None),
+                pause: Mutex::new(None),
+            }),
+        })
+    }
+
+    fn configure(mut self, f: impl FnOnce(&mut Inner)) -> Self {
+        let inner =
+            Arc::get_mut(&mut self.inner).expect("configure a coordinator before sharing it");
+        f(inner);
+        self
+    }
+
+    /// What to do while Redis is unreachable (default: fail closed after 30 s).
+    ///
+    /// # Panics
+    ///
+    /// If called after the coordinator was cloned or used, or with a share
+    /// outside (0, 1].
+    #[track_caller]
+    pub fn on_failure(self, mode: FailureMode) -> Self {
+        if let FailureMode::FallbackLocal { share } = mode {
+            assert!(
+                share > 0.0 && share <= 1.0,
+                "FallbackLocal share must be within (0, 1]"
+            );
+        }
+        self.configure(|i| i.failure = mode)
+    }
+
+    /// The cap on a shared pause (default [`PauseHandle::DEFAULT_MAX_PAUSE`]).
+    pub fn max_pause(self, max: Duration) -> Self {
+        self.configure(|i| i.max_pause = max)
+    }
+
+    /// How long one Redis call may take before it counts as a failure
+    /// (default 500 ms), and how long to leave Redis alone after one.
+    pub fn timeouts(self, op_timeout: Duration, retry_every: Duration) -> Self {
+        self.configure(|i| {
+            i.op_timeout = op_timeout;
+            i.retry_every = retry_every;
+        })
+    }
+
+    /// A limiter of `rate` shared by every process using this name.
+    pub fn limiter(&self, rate: Rate) -> Limiter {
+        self.limiter_for("default", rate)
+    }
+
+    /// A limiter of `rate` for `key` (per host, per tenant...), shared by
+    /// every process using this name and key.
+    pub fn limiter_for(&self, key: &str, rate: Rate) -> Limiter {
+        let local_rate = match self.inner.failure {
+            FailureMode::FallbackLocal { share } => {
+                Rate::per_second_f64_burst(rate.per_second_f64() * share, rate.burst_size())
+            }
+            FailureMode::FailClosed { .. } => rate,
+        };
+        Limiter::with_remote(
+            local_rate,
+            rate,
+            Arc::new(RemoteLimit {
+                coordinator: self.clone(),
+                key: format!("{}:limit:{key}", self.inner.name),
+            }),
+        )
+    }
+
+    /// The pause shared by every process using this name. The first call
+    /// starts listening for pauses from other workers (so it needs a tokio
+    /// runtime); later calls return the same handle.
+    pub fn pause_handle(&self) -> PauseHandle {
+        let mut slot = self
+            .inner
+            .pause
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pause) = &*slot {
+            return pause.clone();
+        }
+        let pause = PauseHandle::with_remote(self.inner.max_pause, Arc::new(self.clone()));
+        tokio::spawn(listen(self.clone(), pause.downgrade()));
+        *slot = Some(pause.clone());
+        pause
+    }
+
+    fn pause_key(&self) -> String {
+        format!("{}:pause", self.inner.name)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:pauses", self.inner.name)
+    }
+
+    /// Runs `script`, unless Redis failed a moment ago.
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<T, String> {
+        let now = Instant::now();
+        if let Some(until) = *self
+            .inner
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            if now < until {
+                return Err("Redis was unreachable a moment ago".to_owned());
+            }
+        }
+        let result = tokio::time::timeout(self.inner.op_timeout, async {
+            let mut slot = self.inner.connection.lock().await;
+            if slot.is_none() {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.inner.op_timeout))
+                    .set_response_timeout(Some(self.inner.op_timeout))
+                    .set_number_of_retries(1);
+                *slot = Some(
+                    ConnectionManager::new_with_config(self.inner.client.clone(), config).await?,
+                );
+            }
+            let mut connection = slot.clone().expect("connected above");
+            drop(slot);
+            invocation.invoke_async::<T>(&mut connection).await
+        })
+        .await;
+        let error = match result {
+            Ok(Ok(value)) => {
+                *self
+                    .inner
+                    .down_until
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                return Ok(value);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer from Redis within {:?}", self.inner.op_timeout),
+        };
+        *self
+            .inner
+            .down_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(now + self.inner.retry_every);
+        tracing::warn!(name = %self.inner.name, error = %error, "Redis unavailable");
+        Err(error)
+    }
+}
+
+impl RemotePause for RedisCoordinator {
+    fn publish_pause(&self, duration: Duration) {
+        let coordinator = self.clone();
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
+        tokio::spawn(async move {
+            let script = Script::new(PAUSE);
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(coordinator.pause_key())
+                .key(coordinator.channel())
+                .arg(micros);
+            let _ = coordinator.call::<i64>(invocation).await;
+        });
+    }
+
+    fn publish_resume(&self) {
+        let coordinator = self.clone();
+        tokio::spawn(async move {
+            let script = Script::new(
+                "redis.call('DEL', KEYS[1]) redis.call('PUBLISH', KEYS[2], 'resume') return 1",
+            );
+            let mut invocation = script.prepare_invoke();
+            invocation
+                .key(coordinator.pause_key())
+                .key(coordinator.channel());
+            let _ = coordinator.call::<i64>(invocation).await;
+        });
+    }
+}
+
+/// Follows the pause channel, applying other workers' pauses and resumes
+/// to the local handle; reconnects after a failure. Ends when the handle
+/// is dropped.
+async fn listen(coordinator: RedisCoordinator, pause: crate::pause::WeakPauseHandle) {
+    loop {
+        if let Ok(mut pubsub) = coordinator.inner.client.get_async_pubsub().await {
+            if pubsub.subscribe(coordinator.channel()).await.is_ok() {
+                let mut messages = pubsub.on_message();
+                while let Some(message) = messages.next().await {
+                    let Some(pause) = pause.upgrade() else { return };
+                    let text: String = message.get_payload().unwrap_or_default();
+                    if text == "resume" {
+                        pause.resume_local();
+                    } else if let Some(micros) = text
+                        .strip_prefix("pause ")
+                        .and_then(|m| m.parse::<u64>().ok())
+                    {
+                        pause.pause_local(Duration::from_micros(micros));
+                    }
+                }
+            }
+        }
+        if pause.upgrade().is_none() {
+            return;
+        }
+        tokio::time::sleep(coordinator.inner.retry_every).await;
+    }
+}
+
+/// One Redis-backed limit.
+pub(crate) struct RemoteLimit {
+    coordinator: RedisCoordinator,
+    key: String,
+}
+
+/// What the Redis side of a limiter answered.
+pub(crate) enum Reply {
+    /// A token was taken: go now.
+    Granted,
+    /// No token is due yet: ask again after this long.
+    NotYet(Duration),
+    /// The shared pause holds for this long; nothing was reserved.
+    Paused(Duration),
+    /// Redis could not be asked; the error says why.
+    Unavailable(String),
+}
+
+impl RemoteLimit {
+    pub(crate) async fn take(&self, rate: &Rate) -> Reply {
+        let interval = rate.interval().as_micros().max(1) as u64;
+        let tolerance = interval * u64::from(rate.burst_size().saturating_sub(1));
+        let script = Script::new(TAKE);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(&self.key)
+            .key(self.coordinator.pause_key())
+            .arg(interval)
+            .arg(tolerance);
+        let micros = |wait: i64| Duration::from_micros(wait.max(1) as u64);
+        match self.coordinator.call::<(i64, i64)>(invocation).await {
+            Ok((1, _)) => Reply::Granted,
+            Ok((0, wait)) => Reply::NotYet(micros(wait)),
+            Ok((_, wait)) => Reply::Paused(micros(wait)),
+            Err(e) => Reply::Unavailable(e),
+        }
+    }
+
+    pub(crate) fn failure(&self) -> FailureMode {
+        self.coordinator.inner.failure
+    }
+
+    pub(crate) fn retry_every(&self) -> Duration {
+        self.coordinator.inner.retry_every
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// A worker whose clock runs arbitrarily fast is one that never waits:
+    /// it asks again at once, as often as it can. Redis's clock still decides.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_worker_that_never_waits_cannot_over_issue() {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert_ne!(
+                std::env::var("SLUICEGATE_REQUIRE_REDIS").as_deref(),
+                Ok("1"),
+                "redis-server not found: install the Debian package `redis-server`"
+            );
+            eprintln!("skipped: redis-server not found (Debian package `redis-server`)");
+            return;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(server.stdout.take().unwrap());
+        for line in stdout.lines() {
+            if line.unwrap().contains("Ready to accept connections") {
+                break;
+            }
+        }
+        let coordinator =
+            RedisCoordinator::new(&format!("redis://127.0.0.1:{port}/"), "skew").unwrap();
+        let limit = RemoteLimit {
+            coordinator,
+            key: "skew:limit".to_owned(),
+        };
+        let rate = Rate::per_second(100).burst(3);
+        let started = Instant::now();
+        let (mut asked, mut granted) = (0u64, 0u64);
+        while started.elapsed() < Duration::from_millis(500) {
+            asked += 1;
+            if matches!(limit.take(&rate).await, Reply::Granted) {
+                granted += 1;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        server.kill().unwrap();
+        server.wait().unwrap();
+        assert!(asked > 100, "the worker hammered ({asked} asks)");
+        assert!(
+            granted as f64 <= 3.0 + 100.0 * elapsed + 1.0,
+            "{granted} granted in {elapsed:.3}s"
+        );
+    }
+}

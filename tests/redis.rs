@@ -1,0 +1,348 @@
+//! A Limiter and PauseHandle shared through a real redis-server, by worker
+//! processes this test starts. Needs the Debian package `redis-server`:
+//! without it these tests are skipped with a notice, or fail when
+//! `SLUICEGATE_REQUIRE_REDIS=1` (as CI sets it).
+#![cfg(all(feature = "redis", feature = "demo", feature = "reqwest"))]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use futures::{stream, StreamExt};
+use http::StatusCode;
+use sluicegate::demo::{Arrival, DemoConfig, DemoServer};
+use sluicegate::prelude::*;
+use sluicegate::redis::{FailureMode, RedisCoordinator};
+use sluicegate::ReqwestTransport;
+use tokio::sync::Notify;
+
+const RATE: u32 = 200;
+const BURST: u32 = 5;
+
+/// A redis-server of this test's own, on a free loopback port.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    /// Starts one, or returns `None` (after saying why) when the package is
+    /// missing and CI did not ask for it.
+    fn start() -> Option<Self> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            if std::env::var("SLUICEGATE_REQUIRE_REDIS").as_deref() == Ok("1") {
+                panic!("redis-server not found: install the Debian package `redis-server`");
+            }
+            eprintln!("skipped: redis-server not found (Debian package `redis-server`)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("sluicegate-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir,
+        };
+        redis.spawn();
+        Some(redis)
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        for line in stdout.lines() {
+            if line.unwrap().contains("Ready to accept connections") {
+                break;
+            }
+        }
+        self.child = Some(child);
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client(redis: &RedisCoordinator, server: &str) -> Client {
+    Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(server)
+        .limiter(redis.limiter(Rate::per_second(RATE).burst(BURST)))
+        .pause_handle(redis.pause_handle())
+        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(500))
+        .build()
+        .unwrap()
+}
+
+/// Not a test on its own: the worker process the tests below start, one
+/// per `SLUICEGATE_REDIS_WORKER="redis-url server-url first count"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_worker_process() {
+    let Ok(spec) = std::env::var("SLUICEGATE_REDIS_WORKER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let (first, count): (u64, u64) = (parts[2].parse().unwrap(), parts[3].parse().unwrap());
+    let redis = RedisCoordinator::new(parts[0], "workers").unwrap();
+    let client = client(&redis, parts[1]);
+    let ok = stream::iter(first..first + count)
+        .fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok as u64, count, "every item of the worker arrives");
+}
+
+/// Runs `workers` worker processes against `server`, 150 items each.
+fn run_workers(redis: &Redis, server: &DemoServer, workers: u64) {
+    let children: Vec<Child> = (0..workers)
+        .map(|w| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "redis_worker_process", "--test-threads=1"])
+                .env(
+                    "SLUICEGATE_REDIS_WORKER",
+                    format!("{} {} {} 150", redis.url(), server.url(), w * 150),
+                )
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().unwrap().success(), "a worker failed");
+    }
+}
+
+fn max_in_window(arrivals: &[Arrival], width: Duration) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..arrivals.len() {
+        while arrivals[end].at - arrivals[start].at >= width {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_worker_processes_share_one_rate() {
+    let Some(redis) = Redis::start() else { return };
+    let server = DemoServer::start(DemoConfig::default().items(600).record_arrivals(true))
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| run_workers(&redis, &server, 4));
+
+    let mut arrivals = server.arrivals();
+    arrivals.sort_by_key(|a| a.at);
+    assert_eq!(arrivals.len(), 600);
+    let span = arrivals.last().unwrap().at - arrivals[0].at;
+    // The first BURST go at once; the rest are paced.
+    let rate = (arrivals.len() - BURST as usize) as f64 / span.as_secs_f64();
+    eprintln!("aggregate {rate:.1}/s");
+    assert!(
+        (rate - f64::from(RATE)).abs() <= 0.02 * f64::from(RATE),
+        "aggregate {rate:.1}/s"
+    );
+    let most = max_in_window(&arrivals, Duration::from_millis(100));
+    eprintln!("most in 100 ms: {most}");
+    assert!(
+        most <= (RATE / 10 + BURST) as usize,
+        "{most} requests in one 100 ms window"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_seen_by_one_worker_stalls_every_worker() {
+    let Some(redis) = Redis::start() else { return };
+    let every = Duration::from_millis(1_200);
+    let lasting = Duration::from_millis(400);
+    let server = DemoServer::start(
+        DemoConfig::default()
+            .items(600)
+            .outages(every, lasting)
+            .record_arrivals(true),
+    )
+    .await
+    .unwrap();
+    tokio::task::block_in_place(|| run_workers(&redis, &server, 3));
+
+    let mut arrivals = server.arrivals();
+    arrivals.sort_by_key(|a| a.at);
+    let mut outages = 0;
+    for k in 1.. {
+        let (start, end) = (every * k, every * k + lasting);
+        if arrivals.last().unwrap().at < start {
+            break;
+        }
+        let Some(first) = arrivals.iter().find(|a| a.at >= start && a.status == 503) else {
+            continue;
+        };
+        outages += 1;
+        let after = arrivals
+            .iter()
+            .filter(|a| a.at > first.at && a.at < end)
+            .count();
+        eprintln!("outage {k}: {after} after the first 503");
+        // Only requests already on their way (3 workers x 4 in flight) may
+        // still arrive; no worker starts a new one.
+        assert!(
+            after <= 12,
+            "outage {k}: {after} requests after the first 503"
+        );
+    }
+    assert!(outages >= 1, "the run met an outage");
+}
+
+/// Wakes whoever waits when sluicegate reports the Redis of coordinator
+/// `name` unavailable (tests run in parallel, each with its own name).
+fn redis_failures(name: &str) -> Arc<Notify> {
+    type Registry = Mutex<Vec<(String, Arc<Notify>)>>;
+    static INIT: Once = Once::new();
+    static WAITING: Registry = Mutex::new(Vec::new());
+    struct OnFailure;
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OnFailure {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            #[derive(Default)]
+            struct Fields {
+                unavailable: bool,
+                name: String,
+            }
+            impl tracing::field::Visit for Fields {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    match field.name() {
+                        "message" => self.unavailable = format!("{value:?}") == "Redis unavailable",
+                        "name" => self.name = format!("{value:?}"),
+                        _ => {}
+                    }
+                }
+            }
+            let mut fields = Fields::default();
+            event.record(&mut fields);
+            if fields.unavailable {
+                for (name, notify) in WAITING.lock().unwrap().iter() {
+                    if *name == fields.name {
+                        notify.notify_one();
+                    }
+                }
+            }
+        }
+    }
+    INIT.call_once(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(OnFailure))
+            .unwrap();
+    });
+    let notify = Arc::new(Notify::new());
+    WAITING
+        .lock()
+        .unwrap()
+        .push((name.to_owned(), notify.clone()));
+    notify
+}
+
+/// Kills Redis after 100 items, restarts it once sluicegate notices, and
+/// checks every item arrives. Returns how many requests reached the server
+/// while Redis was down (beyond those already in flight).
+async fn survive_a_redis_restart(mode: FailureMode) -> Option<u64> {
+    let mut redis = Redis::start()?;
+    let name = format!("restart-{}", redis.port);
+    let failures = redis_failures(&name);
+    let server = DemoServer::start(DemoConfig::default().items(400))
+        .await
+        .unwrap();
+    let coordinator = RedisCoordinator::new(&redis.url(), &name)
+        .unwrap()
+        .on_failure(mode)
+        .timeouts(Duration::from_millis(300), Duration::from_millis(200));
+    let client = client(&coordinator, &server.url());
+    let mut results =
+        stream::iter(0u64..400).fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")));
+    let mut ok = 0;
+    let mut down_requests = None;
+    while let Some(result) = results.next().await {
+        assert!(result.is_ok(), "{result:?}");
+        ok += 1;
+        if ok == 100 {
+            let before = server.counts().requests;
+            redis.kill();
+            failures.notified().await;
+            let during = server.counts().requests - before;
+            tokio::task::block_in_place(|| redis.spawn());
+            down_requests = Some(during);
+        }
+    }
+    assert_eq!(ok, 400, "no item lost");
+    down_requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_closed_waits_for_redis_and_loses_nothing() {
+    let Some(during) = survive_a_redis_restart(FailureMode::FailClosed {
+        give_up_after: Duration::from_secs(60),
+    })
+    .await
+    else {
+        return;
+    };
+    eprintln!("requests while Redis was down: {during}");
+    assert!(
+        during <= 4,
+        "only the requests in flight went out: {during}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn falling_back_keeps_going_at_a_share_and_loses_nothing() {
+    survive_a_redis_restart(FailureMode::FallbackLocal { share: 0.5 }).await;
+}
