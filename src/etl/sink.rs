@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::jsonl::JsonlError;
 use crate::endpoint::Fetched;
-use crate::error::FetchError;
+use crate::error::{Failure, FetchError, FetchErrorKind};
 use crate::ext::{Decoded, Element};
 
 /// A failure that can be written to a dead-letter file: what failed, why,
@@ -24,30 +24,41 @@ pub trait DeadLetter {
     fn dead_letter(&self) -> serde_json::Value;
 }
 
+/// The dead-letter record of a failed fetch: `{"item", "kind", "status",
+/// "attempts", "error"}`; `error` is the error's text, which never holds
+/// request headers.
+fn fetch_record(
+    item: serde_json::Value,
+    kind: FetchErrorKind,
+    status: Option<http::StatusCode>,
+    attempts: u32,
+    error: &dyn fmt::Display,
+) -> serde_json::Value {
+    serde_json::json!({
+        "item": item,
+        "kind": kind.to_string(),
+        "status": status.map(|s| s.as_u16()),
+        "attempts": attempts,
+        "error": error.to_string(),
+    })
+}
+
 impl<T: Serialize> DeadLetter for FetchError<T> {
-    /// `{"item", "kind", "status", "attempts", "error"}`; `error` is the
-    /// error's text, which never holds request headers.
     fn dead_letter(&self) -> serde_json::Value {
-        serde_json::json!({
-            "item": self.item(),
-            "kind": self.kind().to_string(),
-            "status": self.status().map(|s| s.as_u16()),
-            "attempts": self.attempts(),
-            "error": self.to_string(),
-        })
+        let item = serde_json::to_value(self.item()).unwrap_or(serde_json::Value::Null);
+        fetch_record(item, self.kind(), self.status(), self.attempts(), self)
     }
 }
 
-impl DeadLetter for crate::error::Failure {
-    /// `{"item", "kind", "status", "attempts", "error"}`, as for a [`FetchError`].
+impl DeadLetter for Failure {
     fn dead_letter(&self) -> serde_json::Value {
-        serde_json::json!({
-            "item": self.item_json(),
-            "kind": self.kind().to_string(),
-            "status": self.status().map(|s| s.as_u16()),
-            "attempts": self.attempts(),
-            "error": self.to_string(),
-        })
+        fetch_record(
+            self.item_json().clone(),
+            self.kind(),
+            self.status(),
+            self.attempts(),
+            self,
+        )
     }
 }
 
