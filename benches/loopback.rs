@@ -7,6 +7,7 @@
 //! cargo bench --bench loopback -- memory
 //! cargo bench --bench loopback -- rate
 //! cargo bench --bench loopback -- pause
+//! cargo bench --bench loopback -- chart       # writes benches/pictures/requests-per-100ms.png
 //! ```
 
 use std::process::Command;
@@ -44,6 +45,9 @@ fn main() {
     }
     if wanted("pause") {
         pause_latency();
+    }
+    if wanted("chart") {
+        chart();
     }
 }
 
@@ -283,4 +287,125 @@ fn pause_latency() {
             k += 1;
         }
     });
+}
+
+/// Requests per 100 ms as the server saw them, during a run asking for the
+/// server's own limit with one 503 outage in the middle, drawn to a PNG.
+fn chart() {
+    const LIMIT: u32 = 200;
+    let arrivals = runtime().block_on(async {
+        let server = DemoServer::start(
+            DemoConfig::default()
+                .items(1_000)
+                .rate_limit(Rate::per_second(LIMIT).burst(10))
+                .outages(Duration::from_millis(2_500), Duration::from_millis(1_000))
+                .record_arrivals(true),
+        )
+        .await
+        .unwrap();
+        let client = Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(server.url())
+            .rate(Rate::per_second(LIMIT).burst(2))
+            .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
+            .build()
+            .unwrap();
+        stream::iter(0..700u64)
+            .fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
+            .for_each(|_| async {})
+            .await;
+        server.arrivals()
+    });
+    let bins = (arrivals.iter().map(|a| a.at.as_millis()).max().unwrap_or(0) / 100 + 1) as usize;
+    let mut ok = vec![0u32; bins];
+    let mut refused = vec![0u32; bins];
+    for a in &arrivals {
+        let bin = (a.at.as_millis() / 100) as usize;
+        if a.status == 200 {
+            ok[bin] += 1
+        } else {
+            refused[bin] += 1
+        }
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("benches/pictures/requests-per-100ms.png");
+    match draw(&path, &ok, &refused, LIMIT) {
+        Ok(()) => println!("\nchart written to {}", path.display()),
+        Err(e) => println!("\nno chart: {e}"),
+    }
+}
+
+fn draw(
+    path: &std::path::Path,
+    ok: &[u32],
+    refused: &[u32],
+    limit: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let font = std::fs::read("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").map_err(|e| {
+        format!("DejaVuSans.ttf not found ({e}); install the Debian package fonts-dejavu-core")
+    })?;
+    plotters::style::register_font(
+        "sans-serif",
+        FontStyle::Normal,
+        Box::leak(font.into_boxed_slice()),
+    )
+    .map_err(|_| "unusable font")?;
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let seconds = ok.len() as f64 / 10.0;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Requests per 100 ms at the server: asking for its limit ({limit}/s), one 503 outage"),
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..seconds, 0u32..(limit / 10 + 16))?;
+    chart
+        .configure_mesh()
+        .x_desc("seconds")
+        .y_desc("requests per 100 ms")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let at = |i: usize| i as f64 / 10.0;
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, limit / 10), (seconds, limit / 10)],
+            ShapeStyle::from(&BLACK.mix(0.5)).stroke_width(1),
+        ))?
+        .label(format!("server limit ({limit}/s)"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    chart
+        .draw_series(ok.iter().enumerate().map(|(i, n)| {
+            Rectangle::new(
+                [(at(i) + 0.01, 0), (at(i) + 0.09, *n)],
+                GREEN.mix(0.7).filled(),
+            )
+        }))?
+        .label("answered 200")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], GREEN.mix(0.7).filled()));
+    chart
+        .draw_series(
+            refused
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| **n > 0)
+                .map(|(i, n)| {
+                    Rectangle::new([(at(i) + 0.01, 0), (at(i) + 0.09, *n)], RED.filled())
+                }),
+        )?
+        .label("refused (503)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], RED.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
 }
