@@ -183,6 +183,32 @@ impl fmt::Display for FetchErrorKind {
 /// A pipeline never drops an item: when it fails, this error carries it
 /// ([`item`](Self::item), [`into_item`](Self::into_item)), together with the
 /// number of attempts made and the last response, if there was one.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::mock::{MockResponse, MockTransport, Route};
+/// use sluicegate::retry::Backoff;
+/// use sluicegate::{Client, FetchErrorKind};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items/{id}").respond(MockResponse::status(500).text("boom")));
+/// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+///
+/// let err = client
+///     .get(|id: &u32| format!("/items/{id}"))
+///     .retry_on(sluicegate::retry::Matcher::server_errors(), Backoff::constant(Duration::from_secs(1)))
+///     .fetch(42)
+///     .await
+///     .unwrap_err();
+/// assert_eq!(err.kind(), FetchErrorKind::Status(http::StatusCode::INTERNAL_SERVER_ERROR));
+/// assert_eq!((err.attempts(), err.elapsed()), (3, Duration::from_secs(2)));
+/// assert_eq!(err.response().unwrap().body().as_ref(), b"boom");
+/// assert_eq!(err.to_string(), "fetch failed: status 500 Internal Server Error after 3 attempts");
+/// assert_eq!(err.into_item(), 42); // to queue again, or to write off
+/// # }
+/// ```
 pub struct FetchError<T> {
     item: T,
     kind: FetchErrorKind,

@@ -67,7 +67,14 @@
 //!   becomes a request.
 //! - [`SluiceExt`] adds the combinators: [`throttle`](SluiceExt::throttle),
 //!   [`fetch_concurrent`](SluiceExt::fetch_concurrent),
-//!   [`json`](SluiceExt::json).
+//!   [`json`](SluiceExt::json), [`flat_unpack`](SluiceExt::flat_unpack),
+//!   [`write_jsonl`](SluiceExt::write_jsonl).
+//! - Every output carries its input item: [`Fetched`] or [`FetchError`];
+//!   [`Failure`] erases the item type where stages with different items meet.
+//! - [`Limiter`] (GCRA, shared, fair, optionally [`Adaptive`]) and
+//!   [`PauseHandle`] (a shared deadline) are what every fetch waits on.
+//! - [`Stats`] count everything per client or stage; each attempt is a
+//!   `sluicegate::fetch` tracing span with events before and after it.
 //!
 //! # Time
 //!

@@ -19,6 +19,25 @@ use crate::client::Client;
 ///
 /// It draws on stderr and only when stderr is a terminal, so logs and
 /// pipes stay clean.
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use sluicegate::mock::{MockResponse, MockTransport, Route};
+/// use sluicegate::{Client, Progress, SluiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+/// let client = Client::builder().transport(mock).base_url("http://mock").build().unwrap();
+/// let done = stream::iter(0..100u32)
+///     .fetch_concurrent(8, client.get(|id: &u32| format!("/items/{id}")))
+///     .progress(Progress::new(Some(100)).watch(&client))
+///     .count()
+///     .await;
+/// assert_eq!(done, 100);
+/// # }
+/// ```
 pub struct Progress {
     bar: ProgressBar,
     client: Option<Client>,

@@ -326,6 +326,18 @@ impl MockRequest {
 }
 
 /// A scripted answer: a response, or a transport error.
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::mock::MockResponse;
+/// use sluicegate::TransportErrorKind;
+///
+/// let limited = MockResponse::status(429).header("retry-after", "2");
+/// let customer = MockResponse::json(&serde_json::json!({ "email": "a@example.com" }));
+/// let slow = MockResponse::ok().text("late").delay(Duration::from_secs(3));
+/// let reset = MockResponse::transport_error(TransportErrorKind::Reset);
+/// # let _ = (limited, customer, slow, reset);
+/// ```
 #[derive(Debug, Clone)]
 pub struct MockResponse {
     status: StatusCode,
@@ -501,6 +513,22 @@ impl Latency {
 }
 
 /// One scripted endpoint of a [`MockTransport`].
+///
+/// ```
+/// use std::time::Duration;
+/// use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
+///
+/// let mock = MockTransport::with_seed(7);
+/// mock.mount(
+///     Route::get("/items/{id}")
+///         // 10 to 50 ms, drawn from the mock's seeded generator
+///         .latency(Latency::uniform(Duration::from_millis(10), Duration::from_millis(50)))
+///         // one answer in ten is a 503, also seeded
+///         .fault(0.1, MockResponse::status(503).header("retry-after", "1"))
+///         .respond_with(|r| MockResponse::json(&serde_json::json!({ "id": r.param("id") }))),
+/// );
+/// mock.mount(Route::post("/login").sequence([MockResponse::status(401), MockResponse::ok()]));
+/// ```
 pub struct Route {
     method: Option<Method>,
     pattern: PathPattern,
