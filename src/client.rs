@@ -367,6 +367,9 @@ impl ClientBuilder {
                 pause: self.pause.unwrap_or_default(),
                 timeout: self.timeout,
                 rules: self.rules.inherited(),
+                // The wall clock is read only to interpret an absolute time
+                // (a Retry-After HTTP-date or a Unix reset) that came without
+                // the server's own Date; tests replace it with `wall_clock`.
                 wall_clock: self.wall_clock.unwrap_or(SystemTime::now),
                 stats: (!self.without_stats).then(|| Stats::new(None)),
                 sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
