@@ -458,3 +458,33 @@ fn a_journal_refuses_output_changed_behind_its_back() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_journal_writes_an_item_once_even_when_it_comes_twice() {
+    let dir = temp_dir("twice");
+    let output = dir.join("items.jsonl");
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond_with(|r| {
+        MockResponse::json(
+            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
+        )
+    }));
+    let journal = Journal::open(&output, |id: &u64| id.to_string()).unwrap();
+    // No skip_done here, and every id twice: the journal still writes each once.
+    let report = journal
+        .write_jsonl(
+            stream::iter([1u64, 2, 1, 3, 2])
+                .fetch_concurrent(1, client(&mock).get(|id: &u64| format!("/items/{id}")))
+                .json::<serde_json::Value>(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((report.ok, report.skipped), (3, 2));
+    let ids: Vec<u64> = lines(&output)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [1, 2, 3]);
+    assert_eq!(journal.done_count(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -80,12 +80,14 @@ pub struct Journal<I> {
 
 struct Shared<I> {
     key: Box<KeyFn<I>>,
-    done: HashSet<String>,
     skipped: AtomicU64,
     files: Mutex<Files>,
 }
 
 struct Files {
+    /// Keys committed, by earlier runs and this one: kept beside the files
+    /// so a key is marked done in the same step its record is committed.
+    done: HashSet<String>,
     output: PathBuf,
     dead_letters: PathBuf,
     ok: File,
@@ -115,7 +117,7 @@ impl<I> Clone for Journal<I> {
 impl<I> fmt::Debug for Journal<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Journal")
-            .field("done", &self.shared.done.len())
+            .field("done", &self.done_count())
             .field("skipped", &self.shared.skipped.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
@@ -155,9 +157,9 @@ impl<I> Journal<I> {
         Ok(Self {
             shared: Arc::new(Shared {
                 key: Box::new(key),
-                done,
                 skipped: AtomicU64::new(0),
                 files: Mutex::new(Files {
+                    done,
                     output,
                     dead_letters,
                     ok,
@@ -170,14 +172,15 @@ impl<I> Journal<I> {
         })
     }
 
-    /// How many items earlier runs finished.
+    /// How many items are done (by earlier runs, and this one so far).
     pub fn done_count(&self) -> usize {
-        self.shared.done.len()
+        self.files().done.len()
     }
 
     /// Whether an earlier run finished `item`.
     pub fn is_done(&self, item: &I) -> bool {
-        self.shared.done.contains(&(self.shared.key)(item))
+        let key = (self.shared.key)(item);
+        self.files().done.contains(&key)
     }
 
     /// Drops the items of `items` that an earlier run finished (counted as
@@ -226,8 +229,11 @@ impl<I> Journal<I> {
                     ((self.shared.key)(failure.item()), false)
                 }
             };
-            self.commit(&key, to_ok, &line)?;
-            if to_ok {
+            // An item already done (it came twice, or the stream was not
+            // filtered through `skip_done`) is not written twice.
+            if !self.commit(&key, to_ok, &line)? {
+                self.shared.skipped.fetch_add(1, Ordering::Relaxed);
+            } else if to_ok {
                 ok += 1;
             } else {
                 failed += 1;
@@ -244,10 +250,14 @@ impl<I> Journal<I> {
         })
     }
 
-    /// Writes the record, then the journal line that commits it.
-    fn commit(&self, key: &str, to_ok: bool, record: &[u8]) -> io::Result<()> {
+    /// Writes the record, then the journal line that commits it; `false`
+    /// (and nothing written) when the key is already done.
+    fn commit(&self, key: &str, to_ok: bool, record: &[u8]) -> io::Result<bool> {
         let mut files = self.files();
         let files = &mut *files;
+        if files.done.contains(key) {
+            return Ok(false);
+        }
         let (file, len) = if to_ok {
             (&mut files.ok, &mut files.ok_len)
         } else {
@@ -262,7 +272,9 @@ impl<I> Journal<I> {
         };
         let mut line = Vec::with_capacity(64);
         encode(&mut line, &entry)?;
-        files.journal.write_all(&line)
+        files.journal.write_all(&line)?;
+        files.done.insert(entry.key);
+        Ok(true)
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, Files> {
