@@ -293,8 +293,17 @@ impl Limiter {
             });
         }
         let learner = state.learner.as_mut()?;
+        // A server that states its quota per window saves the learning.
+        let stated = reading
+            .advertised
+            .and_then(|ad| ad.quota)
+            .and_then(|(quota, window)| {
+                Some(quota as f64 / window.filter(|w| !w.is_zero())?.as_secs_f64())
+            });
         let changed = if learner.matcher().matches(outcome) {
             learner.refusal(now)
+        } else if let Some(per_second) = stated {
+            learner.stated(per_second, now)
         } else if outcome.is_ok() {
             learner.success(now)
         } else {

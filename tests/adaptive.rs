@@ -249,3 +249,28 @@ async fn hostile_rate_limit_headers_change_nothing_dangerous() {
         client.limiter().unwrap().malformed_headers()
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stated_quota_sets_the_learned_rate_at_once() {
+    let mock = advertising_server(100, "ietf");
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(400).burst(5)).adaptive(Adaptive::new()))
+        .build()
+        .unwrap();
+    let ok = stream::iter(0u32..300)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 300);
+    // `RateLimit-Policy: q=100;w=1`: no refusal needed to learn 97% of it.
+    assert_eq!(client.limiter().unwrap().learned_rate(), Some(97.0));
+    let refused = mock
+        .calls()
+        .iter()
+        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+        .count();
+    assert_eq!(refused, 0);
+}

@@ -176,6 +176,18 @@ impl Learner {
         None
     }
 
+    /// The server stated its limit (a quota per window): keep under it.
+    /// Returns the new rate if it changed.
+    pub(crate) fn stated(&mut self, per_second: f64, now: Instant) -> Option<f64> {
+        let target = (per_second * self.config.target).clamp(self.config.floor, self.ceiling);
+        if (target - self.current).abs() < f64::EPSILON {
+            return None;
+        }
+        self.current = target;
+        self.last_change = now;
+        Some(target)
+    }
+
     /// A refusal at `now`; returns the new rate if it is cut.
     pub(crate) fn refusal(&mut self, now: Instant) -> Option<f64> {
         if self
