@@ -9,6 +9,9 @@
 
 use criterion::Criterion;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 #[path = "sluicegate/fetch_overhead.rs"]
 mod fetch_overhead;
 #[path = "sluicegate/flat_unpack.rs"]
@@ -17,6 +20,28 @@ mod flat_unpack;
 mod rate_accuracy;
 #[path = "sluicegate/real_http.rs"]
 mod real_http;
+
+/// The runtimes every comparison runs on: current-thread, and multi-thread
+/// with the machine's two workers.
+fn runtimes() -> [(&'static str, tokio::runtime::Runtime); 2] {
+    [
+        (
+            "current_thread",
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        ),
+        (
+            "multi_thread",
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap(),
+        ),
+    ]
+}
 
 fn main() {
     let filter = std::env::args()

@@ -13,17 +13,7 @@ use tokio::time::Instant;
 
 const RUN: Duration = Duration::from_secs(2);
 
-fn max_in_window(times: &[Duration], width: Duration) -> usize {
-    let mut best = 0;
-    let mut start = 0;
-    for end in 0..times.len() {
-        while times[end] - times[start] >= width {
-            start += 1;
-        }
-        best = best.max(end - start + 1);
-    }
-    best
-}
+use crate::common::max_in_window;
 
 async fn collect(items: impl futures::Stream<Item = ()>) -> Vec<Duration> {
     let t0 = Instant::now();

@@ -18,23 +18,7 @@ pub(crate) fn bench(c: &mut Criterion) {
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(15));
-    let runtimes = [
-        (
-            "current_thread",
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        ),
-        (
-            "multi_thread",
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap(),
-        ),
-    ];
+    let runtimes = crate::runtimes();
     for (flavor, runtime) in &runtimes {
         let (server, http, client) = runtime.block_on(async {
             let server = DemoServer::start(DemoConfig::default().items(REQUESTS))
