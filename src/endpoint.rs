@@ -494,11 +494,12 @@ impl<'a> InFlight<'a> {
             s.request_ended(summary, latency);
         }
         if let Some(limiter) = self.limiter {
-            if let Some(rate) = limiter.observe(outcome, wall_now) {
+            let observed = limiter.observe(outcome, wall_now);
+            if let Some(rate) = observed.changed {
                 tracing::info!(rate_per_second = rate, "learned rate changed");
             }
             for s in self.stats {
-                s.limiter_seen(limiter.learned_rate(), limiter.malformed_headers());
+                s.limiter_seen(observed.learned, observed.malformed);
             }
         }
         latency

@@ -139,6 +139,17 @@ struct Waiter {
     waker: Option<Waker>,
 }
 
+/// What a limiter made of an answer, all read under one lock.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Observed {
+    /// The learned rate, when this answer changed it.
+    pub(crate) changed: Option<f64>,
+    /// The learned rate now, with adaptive pacing on.
+    pub(crate) learned: Option<f64>,
+    /// Rate-limit headers ignored so far.
+    pub(crate) malformed: u64,
+}
+
 /// A refusal from [`Limiter::check`]: no token now, and when one could be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotUntil {
@@ -255,13 +266,12 @@ impl Limiter {
 
     /// Learns from the outcome of a request sent with a token from this
     /// limiter: the server's advertised quota (rate-limit headers) and, with
-    /// adaptive pacing, whether it refused. Returns the learned rate when
-    /// it changed.
+    /// adaptive pacing, whether it refused.
     pub(crate) fn observe(
         &self,
         outcome: &Result<Response<Bytes>, TransportError>,
         wall_now: fn() -> SystemTime,
-    ) -> Option<f64> {
+    ) -> Observed {
         let now = Instant::now();
         let reading = outcome
             .as_ref()
@@ -292,7 +302,13 @@ impl Limiter {
                 },
             });
         }
-        let learner = state.learner.as_mut()?;
+        let Some(learner) = state.learner.as_mut() else {
+            return Observed {
+                changed: None,
+                learned: None,
+                malformed: state.malformed,
+            };
+        };
         // A server that states its quota per window saves the learning.
         let stated = reading
             .advertised
@@ -308,12 +324,18 @@ impl Limiter {
             learner.success(now)
         } else {
             None
-        }?;
-        let burst = state.rate.burst_size();
-        let learned = Rate::per_second_f64_burst(changed, burst);
-        state.pacing.retune(&learned, self.offset(now));
-        state.rate_changed();
-        Some(changed)
+        };
+        let learned = Some(learner.current());
+        if let Some(per_second) = changed {
+            let rate = Rate::per_second_f64_burst(per_second, state.rate.burst_size());
+            state.pacing.retune(&rate, self.offset(now));
+            state.rate_changed();
+        }
+        Observed {
+            changed,
+            learned,
+            malformed: state.malformed,
+        }
     }
 
     /// A token's request was dropped before it was answered.

@@ -88,6 +88,15 @@ impl Redis {
         self.child = Some(child);
     }
 
+    /// A placeholder that owns no server.
+    fn detached() -> Self {
+        Self {
+            child: None,
+            port: 0,
+            dir: std::env::temp_dir().join("sluicegate-redis-detached"),
+        }
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
@@ -289,16 +298,20 @@ fn redis_failures(name: &str) -> Arc<Notify> {
     notify
 }
 
-/// Kills Redis after 100 items, restarts it once sluicegate notices, and
-/// checks every item arrives. Returns how many requests reached the server
-/// while Redis was down (beyond those already in flight).
+/// Kills Redis after 100 items while the pipeline keeps going, restarts it
+/// once sluicegate notices (on another task: the consumer must keep polling,
+/// or no new request would ask Redis anything), and checks every item
+/// arrives. Returns how many requests reached the server while Redis was
+/// down.
 async fn survive_a_redis_restart(mode: FailureMode) -> Option<u64> {
     let mut redis = Redis::start()?;
     let name = format!("restart-{}", redis.port);
     let failures = redis_failures(&name);
-    let server = DemoServer::start(DemoConfig::default().items(400))
-        .await
-        .unwrap();
+    let server = Arc::new(
+        DemoServer::start(DemoConfig::default().items(400))
+            .await
+            .unwrap(),
+    );
     let coordinator = RedisCoordinator::new(&redis.url(), &name)
         .unwrap()
         .on_failure(mode)
@@ -307,21 +320,27 @@ async fn survive_a_redis_restart(mode: FailureMode) -> Option<u64> {
     let mut results =
         stream::iter(0u64..400).fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")));
     let mut ok = 0;
-    let mut down_requests = None;
+    let mut restarter = None;
     while let Some(result) = results.next().await {
         assert!(result.is_ok(), "{result:?}");
         ok += 1;
         if ok == 100 {
             let before = server.counts().requests;
             redis.kill();
-            failures.notified().await;
-            let during = server.counts().requests - before;
-            tokio::task::block_in_place(|| redis.spawn());
-            down_requests = Some(during);
+            let server = server.clone();
+            let failures = failures.clone();
+            let mut redis = std::mem::replace(&mut redis, Redis::detached());
+            restarter = Some(tokio::spawn(async move {
+                failures.notified().await;
+                let during = server.counts().requests - before;
+                tokio::task::block_in_place(|| redis.spawn());
+                (redis, during)
+            }));
         }
     }
     assert_eq!(ok, 400, "no item lost");
-    down_requests
+    let (_redis, during) = restarter.expect("Redis was killed").await.unwrap();
+    Some(during)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,8 @@
 //! The [`FetchConcurrent`] combinator: one request per item, at most `n`
 //! outstanding.
 //!
-//! The attempts of every item run on one driver task per stream (see
-//! `driver`), not inside the consumer's `poll_next`: requests in flight,
+//! The attempts of every item are polled by the consumer while it waits and
+//! by a driver task while it is busy (see `driver`): requests in flight,
 //! retry waits and pauses keep making progress while the consumer is busy
 //! elsewhere, so a slow consumer cannot make a request look slow and time
 //! out (the trap of polling request futures only from `buffer_unordered`).
@@ -250,12 +250,7 @@ where
                             Err(upstream) => return Poll::Ready(Some(Err(upstream))),
                         }
                     }
-                    Poll::Ready(None) => {
-                        if let Some(driver) = this.driver.as_mut() {
-                            driver.close();
-                        }
-                        break;
-                    }
+                    Poll::Ready(None) => break,
                     Poll::Pending => {
                         upstream_pending = true;
                         break;
@@ -283,11 +278,13 @@ where
                     this.waiting[slot] = Some(out);
                 }
                 Poll::Ready(None) => {
-                    // The driver is done: every item it was sent has come back.
-                    *this.driver = None;
-                    if *this.outstanding == 0 && this.stream.is_terminated() {
-                        return Poll::Ready(None);
-                    }
+                    // Nothing in flight: the end, or waiting on upstream
+                    // (whose waker the fill loop registered).
+                    return if *this.outstanding == 0 && this.stream.is_terminated() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Pending
+                    };
                 }
                 Poll::Pending => return Poll::Pending,
             }

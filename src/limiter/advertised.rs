@@ -50,6 +50,13 @@ pub(crate) struct Reading {
 /// Reads the rate-limit headers of a response. `wall_now` is used only for
 /// a Unix-time reset without a `Date` header.
 pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -> Reading {
+    // Most responses carry none of these: one pass over the names decides.
+    if !headers
+        .keys()
+        .any(|name| name.as_str().contains("ratelimit"))
+    {
+        return Reading::default();
+    }
     let mut ad = Advertised::default();
     let mut malformed = 0;
     let get = |name: &str| {
@@ -76,9 +83,16 @@ pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -
     }
 
     // The earlier draft, then the X- family; the first present wins.
-    for prefix in ["ratelimit-", "x-ratelimit-"] {
+    for [remaining, reset, limit] in [
+        ["ratelimit-remaining", "ratelimit-reset", "ratelimit-limit"],
+        [
+            "x-ratelimit-remaining",
+            "x-ratelimit-reset",
+            "x-ratelimit-limit",
+        ],
+    ] {
         if ad.remaining.is_none() {
-            if let Some(value) = get(&format!("{prefix}remaining")) {
+            if let Some(value) = get(remaining) {
                 match integer(&value) {
                     Some(r) => ad.remaining = Some(r),
                     None => malformed += 1,
@@ -86,7 +100,7 @@ pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -
             }
         }
         if ad.reset.is_none() {
-            if let Some(value) = get(&format!("{prefix}reset")) {
+            if let Some(value) = get(reset) {
                 match integer(&value) {
                     // Seconds or a Unix time: told apart below.
                     Some(n) => ad.reset = Some(Duration::from_secs(n)),
@@ -95,7 +109,7 @@ pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -
             }
         }
         if ad.quota.is_none() {
-            if let Some(value) = get(&format!("{prefix}limit")) {
+            if let Some(value) = get(limit) {
                 // `100` or, in the earlier draft, `100, 100;w=60`.
                 let first = value.split(',').next().unwrap_or_default();
                 match integer(first.split(';').next().unwrap_or_default()) {

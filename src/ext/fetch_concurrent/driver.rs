@@ -1,24 +1,72 @@
-//! The task that runs a fetch stream's items, apart from its consumer.
+//! Who polls a fetch stream's requests: its consumer while it waits, a
+//! background task while it is busy.
 //!
-//! One task per stream rather than one per item: a spawned task per item
-//! costs an allocation, a registry entry and a join per item, while this
-//! costs two channel operations, and still keeps every request moving while
-//! the consumer is busy.
+//! The requests in flight live in one `FuturesUnordered` shared by the
+//! consumer and a driver task, and are always polled with the same waker,
+//! which routes each wake-up: to the consumer when it is waiting in
+//! `poll_next` (it then drives the requests itself, as `buffer_unordered`
+//! would, with no hand-off), to the driver task when the consumer is busy
+//! elsewhere (so requests, retry waits and pauses keep moving and nothing
+//! times out for want of a poll). Finished outputs the driver collects wait
+//! in a queue, at most `n` of them.
+//!
+//! Lost wake-ups are excluded by the lock: the consumer says it is waiting
+//! and looks for outputs under the same lock the driver holds while it
+//! collects outputs and decides whom to wake.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use futures::stream::{FuturesUnordered, StreamExt as _};
-use tokio::sync::mpsc;
+use futures::task::{waker, ArcWake, AtomicWaker};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::FetchError;
 
+type Running<O> = Pin<Box<dyn Future<Output = (u64, O)> + Send>>;
+
+struct Shared<O> {
+    core: Mutex<Core<O>>,
+    consumer: AtomicWaker,
+    driver: AtomicWaker,
+    /// The consumer is parked in `poll_next`, waiting for an output.
+    consumer_waiting: AtomicBool,
+}
+
+struct Core<O> {
+    running: FuturesUnordered<Running<O>>,
+    done: VecDeque<(u64, O)>,
+}
+
+impl<O: Send> ArcWake for Shared<O> {
+    fn wake_by_ref(shared: &Arc<Self>) {
+        if shared.consumer_waiting.load(Ordering::Acquire) {
+            shared.consumer.wake();
+        } else {
+            shared.driver.wake();
+        }
+    }
+}
+
+impl<O> Shared<O> {
+    fn lock(&self) -> MutexGuard<'_, Core<O>> {
+        self.core
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 pub(super) struct Driver<T, O> {
-    inbox: Option<mpsc::UnboundedSender<(u64, T)>>,
-    outbox: mpsc::UnboundedReceiver<(u64, O)>,
+    endpoint: Arc<Endpoint<T>>,
+    finish: fn(Result<Fetched<T>, FetchError<T>>) -> O,
+    shared: Arc<Shared<O>>,
+    /// The routing waker every poll of the requests uses.
+    hub: Waker,
     task: AbortOnDropHandle<()>,
 }
 
@@ -27,8 +75,8 @@ where
     T: Send + 'static,
     O: Send + 'static,
 {
-    /// Starts the driver on the current tokio runtime. `finish` turns each
-    /// item's result into the stream's output.
+    /// Starts the background half on the current tokio runtime. `finish`
+    /// turns each item's result into the stream's output.
     ///
     /// # Panics
     ///
@@ -37,71 +85,86 @@ where
         endpoint: Endpoint<T>,
         finish: fn(Result<Fetched<T>, FetchError<T>>) -> O,
     ) -> Self {
-        let (inbox, mut items) = mpsc::unbounded_channel::<(u64, T)>();
-        let (results, outbox) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            let endpoint = &endpoint;
-            let mut running = FuturesUnordered::new();
-            let mut open = true;
-            std::future::poll_fn(|cx| {
-                while open {
-                    match items.poll_recv(cx) {
-                        Poll::Ready(Some((index, item))) => running.push(async move {
-                            (index, finish(endpoint.fetch_indexed(item, index).await))
-                        }),
-                        Poll::Ready(None) => open = false,
-                        Poll::Pending => break,
-                    }
-                }
-                loop {
-                    match running.poll_next_unpin(cx) {
-                        Poll::Ready(Some(done)) => {
-                            if results.send(done).is_err() {
-                                return Poll::Ready(());
-                            }
-                        }
-                        Poll::Ready(None) if open => return Poll::Pending,
-                        Poll::Ready(None) => return Poll::Ready(()),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-            })
-            .await;
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                running: FuturesUnordered::new(),
+                done: VecDeque::new(),
+            }),
+            consumer: AtomicWaker::new(),
+            driver: AtomicWaker::new(),
+            consumer_waiting: AtomicBool::new(false),
         });
+        let hub = waker(shared.clone());
+        let task = {
+            let shared = shared.clone();
+            let hub = hub.clone();
+            tokio::spawn(std::future::poll_fn(move |cx| {
+                shared.driver.register(cx.waker());
+                let mut core = shared.lock();
+                let mut hub_cx = Context::from_waker(&hub);
+                let mut collected = false;
+                while let Poll::Ready(Some(output)) = core.running.poll_next_unpin(&mut hub_cx) {
+                    core.done.push_back(output);
+                    collected = true;
+                }
+                if collected && shared.consumer_waiting.load(Ordering::Acquire) {
+                    shared.consumer.wake();
+                }
+                Poll::<()>::Pending
+            }))
+        };
         Self {
-            inbox: Some(inbox),
-            outbox,
+            endpoint: Arc::new(endpoint),
+            finish,
+            shared,
+            hub,
             task: AbortOnDropHandle::new(task),
         }
     }
 
-    /// Hands the driver an item to fetch.
+    /// Starts fetching an item.
     pub(super) fn send(&mut self, index: u64, item: T) {
-        if let Some(inbox) = &self.inbox {
-            // A closed inbox means the driver died; `poll_recv` reports why.
-            let _ = inbox.send((index, item));
-        }
+        let endpoint = self.endpoint.clone();
+        let finish = self.finish;
+        let running: Running<O> =
+            Box::pin(async move { (index, finish(endpoint.fetch_indexed(item, index).await)) });
+        self.shared.lock().running.push(running);
     }
 
-    /// No more items will come: the driver ends once the last one is done.
-    pub(super) fn close(&mut self) {
-        self.inbox = None;
-    }
-
-    /// The next finished item, or `None` once the driver has ended.
+    /// The next finished item, driving the requests inline meanwhile;
+    /// `None` when nothing is in flight.
     ///
     /// # Panics
     ///
     /// Resumes a panic raised while fetching (in a transport or a builder).
     pub(super) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<(u64, O)>> {
-        match self.outbox.poll_recv(cx) {
-            Poll::Ready(None) => match Pin::new(&mut self.task).poll(cx) {
-                Poll::Ready(Ok(())) => Poll::Ready(None),
-                Poll::Ready(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Poll::Ready(Err(e)) => panic!("fetch driver ended unexpectedly: {e}"),
-                Poll::Pending => Poll::Pending,
-            },
-            other => other,
+        if self.task.is_finished() {
+            // The driver task never ends by itself: it panicked.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut self.task).poll(cx) {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+        self.shared.consumer.register(cx.waker());
+        let mut core = self.shared.lock();
+        if let Some(output) = core.done.pop_front() {
+            self.shared.consumer_waiting.store(false, Ordering::Release);
+            return Poll::Ready(Some(output));
+        }
+        let mut hub_cx = Context::from_waker(&self.hub);
+        match core.running.poll_next_unpin(&mut hub_cx) {
+            Poll::Ready(output) => {
+                // An output, or `None`: nothing is in flight.
+                self.shared.consumer_waiting.store(false, Ordering::Release);
+                Poll::Ready(output)
+            }
+            Poll::Pending => {
+                // Said under the lock the driver takes to decide whom to
+                // wake, so a wake-up cannot fall between the two.
+                self.shared.consumer_waiting.store(true, Ordering::Release);
+                Poll::Pending
+            }
         }
     }
 }
