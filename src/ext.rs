@@ -70,9 +70,11 @@ pub trait SluiceExt: Stream {
     /// Yields `Ok(Fetched { item, response, attempts, elapsed })` or
     /// `Err(FetchError)` carrying the item: exactly one output per input.
     /// Unordered by default (a slow item holds up nobody);
-    /// [`ordered`](FetchConcurrent::ordered) keeps input order. Each
-    /// item runs on its own task, so requests progress while the consumer
-    /// is busy; dropping the stream aborts them. Retry and pause rules
+        /// [`ordered`](FetchConcurrent::ordered) keeps input order. The
+    /// consumer drives the requests while it waits for an output, and a
+    /// background task drives them while it is busy elsewhere, so requests,
+    /// retry waits and pauses never stall for want of a poll; dropping the
+    /// stream cancels them. Retry and pause rules
     /// come from the endpoint, its client, or
     /// [`retry_on`](FetchConcurrent::retry_on) /
     /// [`pause_on`](FetchConcurrent::pause_on) on the returned stream.

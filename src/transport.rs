@@ -21,8 +21,8 @@ pub use self::reqwest::ReqwestTransport;
 ///
 /// The trait is object safe: a [`Client`](crate::Client) keeps its transport
 /// as `Arc<dyn Transport>`, so clients with different transports have one
-/// type, and the returned future is `'static` so the fetch operators can run
-/// it on its own task while the consumer is busy.
+/// type, and the returned future is `'static` so the fetch operators can keep
+/// driving it from a background task while the consumer is busy.
 ///
 /// # Example
 ///
