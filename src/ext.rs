@@ -70,7 +70,7 @@ pub trait SluiceExt: Stream {
     /// Yields `Ok(Fetched { item, response, attempts, elapsed })` or
     /// `Err(FetchError)` carrying the item: exactly one output per input.
     /// Unordered by default (a slow item holds up nobody);
-        /// [`ordered`](FetchConcurrent::ordered) keeps input order. The
+    /// [`ordered`](FetchConcurrent::ordered) keeps input order. The
     /// consumer drives the requests while it waits for an output, and a
     /// background task drives them while it is busy elsewhere, so requests,
     /// retry waits and pauses never stall for want of a poll; dropping the
