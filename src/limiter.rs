@@ -348,7 +348,9 @@ impl Limiter {
     ///
     /// # Errors
     ///
-    /// [`NotUntil`] when the caller would have to wait; nothing is taken.
+    /// [`NotUntil`] when the caller would have to wait; nothing is taken. A
+    /// limiter shared through Redis always answers this way (asking Redis
+    /// is not instant): use [`acquire`](Self::acquire).
     pub fn check(&self) -> Result<(), NotUntil> {
         let now = Instant::now();
         // A remote limit is only known by asking it, which is not instant.

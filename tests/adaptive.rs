@@ -63,26 +63,29 @@ async fn run_at_twice_the_limit(adaptive: bool) -> (MockTransport, Instant, Clie
     (mock, t0, client)
 }
 
-#[tokio::test(start_paused = true)]
-async fn adaptive_pacing_converges_under_the_hidden_limit() {
-    let (mock, t0, client) = run_at_twice_the_limit(true).await;
+/// Requests, refusals and goodput (per second) from 10 s to 25 s: after
+/// the first seconds of learning, 15 s of steady state.
+fn steady_state(mock: &MockTransport, t0: Instant) -> (usize, usize, f64) {
     let calls = mock.calls();
-    // After the first seconds of learning, measured over 15 s of steady state.
     let steady = between(&calls, t0, Duration::from_secs(10), Duration::from_secs(25));
     let refused = steady
         .iter()
         .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
         .count();
-    let accepted = steady.len() - refused;
-    let goodput = accepted as f64 / 15.0;
-    println!(
-        "adaptive: {refused} of {} refused, goodput {goodput:.1}/s",
-        steady.len()
-    );
+    (
+        steady.len(),
+        refused,
+        (steady.len() - refused) as f64 / 15.0,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_pacing_converges_under_the_hidden_limit() {
+    let (mock, t0, client) = run_at_twice_the_limit(true).await;
+    let (requests, refused, goodput) = steady_state(&mock, t0);
     assert!(
-        (refused as f64) < 0.05 * steady.len() as f64,
-        "{refused} of {} requests refused after convergence",
-        steady.len()
+        (refused as f64) < 0.05 * requests as f64,
+        "{refused} of {requests} requests refused after convergence"
     );
     assert!(goodput >= 0.95 * 200.0, "goodput {goodput:.1}/s");
     let learned = client.limiter().unwrap().learned_rate().unwrap();
@@ -96,19 +99,12 @@ async fn adaptive_pacing_converges_under_the_hidden_limit() {
 #[tokio::test(start_paused = true)]
 async fn without_adaptive_pacing_requests_are_wasted_and_goodput_lost() {
     let (mock, t0, _) = run_at_twice_the_limit(false).await;
-    let calls = mock.calls();
-    let steady = between(&calls, t0, Duration::from_secs(10), Duration::from_secs(25));
-    let refused = steady
-        .iter()
-        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
-        .count();
-    let goodput = (steady.len() - refused) as f64 / 15.0;
+    let (requests, refused, goodput) = steady_state(&mock, t0);
     // Refused items sit out their Retry-After holding a slot each, so the
     // pipeline both wastes requests and falls well short of the limit.
     assert!(
-        refused as f64 > 0.05 * steady.len() as f64,
-        "{refused} of {}",
-        steady.len()
+        refused as f64 > 0.05 * requests as f64,
+        "{refused} of {requests}"
     );
     assert!(goodput < 0.9 * 200.0, "goodput {goodput:.1}/s");
 }
