@@ -30,6 +30,8 @@
 //! let calls = mock.calls();
 //! assert_eq!(calls[0].sent_at - t0, Duration::ZERO);
 //! assert_eq!(calls[0].answered_at.unwrap() - t0, Duration::from_millis(20));
+//! // Due and collected at the same instant: nothing held the answer up.
+//! assert_eq!(calls[0].collected_at, calls[0].answered_at);
 //! # }
 //! ```
 
@@ -147,7 +149,7 @@ impl MockTransport {
         log.count = 0;
     }
 
-    fn record(&self, request: &Request<Bytes>) -> Option<usize> {
+    fn record(&self, request: &Request<Bytes>, sent_at: Instant) -> Option<usize> {
         let mut log = self.inner.calls.lock().expect("mock lock");
         log.count += 1;
         if !log.enabled {
@@ -158,18 +160,30 @@ impl MockTransport {
             uri: request.uri().clone(),
             headers: request.headers().clone(),
             body: request.body().clone(),
-            sent_at: Instant::now(),
+            sent_at,
+            due_at: sent_at,
             answered_at: None,
+            collected_at: None,
             outcome: None,
         });
         Some(log.calls.len() - 1)
+    }
+
+    fn schedule(&self, index: Option<usize>, due_at: Instant) {
+        if let Some(index) = index {
+            let mut log = self.inner.calls.lock().expect("mock lock");
+            if let Some(call) = log.calls.get_mut(index) {
+                call.due_at = due_at;
+            }
+        }
     }
 
     fn answer(&self, index: Option<usize>, outcome: Result<StatusCode, TransportErrorKind>) {
         if let Some(index) = index {
             let mut log = self.inner.calls.lock().expect("mock lock");
             if let Some(call) = log.calls.get_mut(index) {
-                call.answered_at = Some(Instant::now());
+                call.answered_at = Some(call.due_at);
+                call.collected_at = Some(Instant::now());
                 call.outcome = Some(outcome);
             }
         }
@@ -211,13 +225,21 @@ impl Transport for MockTransport {
         &self,
         request: Request<Bytes>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
-        let index = self.record(&request);
+        let sent_at = Instant::now();
+        let index = self.record(&request, sent_at);
         let (response, latency) = self.respond(&request);
-        let delay = response.delay.unwrap_or(latency);
+        let head = sent_at + response.delay.unwrap_or(latency);
+        let due_at = head + response.body_delay;
+        self.schedule(index, due_at);
         let mock = self.clone();
         Box::pin(async move {
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+            // Two steps, as a real server's head and then its body: each
+            // needs its own wake-up, so a stalled poller shows in `collected_at`.
+            if head > sent_at {
+                tokio::time::sleep_until(head).await;
+            }
+            if due_at > head {
+                tokio::time::sleep_until(due_at).await;
             }
             let result = response.into_result();
             mock.answer(
@@ -252,9 +274,16 @@ pub struct Call {
     pub body: Bytes,
     /// When the request reached the mock, on tokio's clock.
     pub sent_at: Instant,
-    /// When the answer was handed back; `None` if the request was cancelled
-    /// (or is still in flight).
+    /// When the answer was due: `sent_at` plus the latency drawn (or the
+    /// response's own delays). Known from the moment the request arrives.
+    pub due_at: Instant,
+    /// When the mock answered: `Some(due_at)` once the answer was taken,
+    /// `None` if the request was cancelled (or is still in flight).
     pub answered_at: Option<Instant>,
+    /// When the caller actually took the answer, on tokio's clock. Later
+    /// than `due_at` only if nobody polled the request when it was due: a
+    /// stall that `answered_at` alone would hide.
+    pub collected_at: Option<Instant>,
     /// The status answered, or the transport error raised; `None` while
     /// unanswered.
     pub outcome: Option<Result<StatusCode, TransportErrorKind>>,
@@ -278,7 +307,9 @@ impl fmt::Debug for Call {
             .field("method", &self.method)
             .field("uri", &self.uri)
             .field("sent_at", &self.sent_at)
+            .field("due_at", &self.due_at)
             .field("answered_at", &self.answered_at)
+            .field("collected_at", &self.collected_at)
             .field("outcome", &self.outcome)
             .finish_non_exhaustive()
     }
@@ -344,6 +375,7 @@ pub struct MockResponse {
     headers: HeaderMap,
     body: Bytes,
     delay: Option<Duration>,
+    body_delay: Duration,
     error: Option<TransportErrorKind>,
 }
 
@@ -368,6 +400,7 @@ impl MockResponse {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             delay: None,
+            body_delay: Duration::ZERO,
             error: None,
         }
     }
@@ -425,6 +458,14 @@ impl MockResponse {
     /// Answers after `delay` instead of the route's latency.
     pub fn delay(mut self, delay: Duration) -> Self {
         self.delay = Some(delay);
+        self
+    }
+
+    /// Sends the body `delay` after the head, as a slow server would: the
+    /// answer is due at the head's time plus `delay`, and reaching it takes
+    /// two separate wake-ups of whoever polls the request.
+    pub fn body_delay(mut self, delay: Duration) -> Self {
+        self.body_delay = delay;
         self
     }
 
