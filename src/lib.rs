@@ -94,6 +94,8 @@
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
 //! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
+//! - `task` — a request run as its own tokio task, so it moves whether or
+//!   not anybody polls; dropping its holder aborts it.
 //! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
 //! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
 //! - `redis` — a `Limiter` and `PauseHandle` shared by many processes through
@@ -123,6 +125,7 @@ pub mod redis;
 mod request;
 pub mod retry;
 mod stats;
+mod task;
 mod transport;
 
 pub use crate::client::{Client, ClientBuilder};

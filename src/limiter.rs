@@ -4,21 +4,38 @@
 //! takes tokio's `now` and answers "go" or "not before T". Waiting lives in
 //! the [`acquire`](Limiter::acquire) future, on tokio timers only.
 //!
-//! # Why a queue and not only an atomic word
+//! # Why a line with due instants, granted by whoever looks
 //!
 //! A lone atomic GCRA word (as in `governor`) lets whichever task polls
 //! first after a token frees up take it, so one busy stage can starve
-//! another, and it cannot be cancelled cleanly: a task that reserved a
-//! future slot and then went away leaves a hole. Here waiters line up;
-//! only the head of the line consults the pacing state, and a token is
-//! taken only at the moment it is granted. Dropping a waiter just leaves
-//! the line, so no capacity leaks, and [`set_rate`](Limiter::set_rate)
-//! wakes the head to recompute its wait.
+//! another. Here waiters line up, first come first served. But a line
+//! whose head must be polled to move is a trap: a waiter that nobody polls
+//! (a stage whose consumer is busy, a `throttle` upstream of a full fetch
+//! stage) would hold up everyone behind it, for ever. So the line never
+//! waits for its head. Every waiter sleeps until its own due instant, and
+//! whoever looks at the line (any waiter, or [`check`](Limiter::check))
+//! first grants every waiter ahead whose instant has come, in order, on
+//! its behalf, dated at that instant; the owner finds its token granted
+//! when it is next polled. Nobody's wait depends on anybody else being
+//! polled.
+//!
+//! Tokens are dated at their ideal instant (when the waiter was due), not
+//! at the moment somebody looked, so a timer that fires late costs no
+//! capacity and the rate is exact at every burst. Only lateness up to one
+//! timer tick is forgiven this way: a waiter looked at later than that was
+//! held up by something else, and dating it far back would let it go out
+//! in a burst with those on time. A waiter dropped before
+//! its token was granted takes nothing, and those behind it move up. A
+//! waiter honouring a [`PauseHandle`] keeps its place during the pause but
+//! is dated no earlier than the pause's end, so the end is not a burst.
+//!
+//! No lock is held while a waker is woken or dropped: wakers are carried
+//! out of the lock and woken after it.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
 use std::time::{Duration, SystemTime};
@@ -42,6 +59,9 @@ use self::adaptive::Learner;
 use self::advertised::Advertised;
 pub use self::keyed::KeyedLimiter;
 use self::pacing::Pacing;
+
+/// tokio's timer resolution: a timer fires up to this late, by design.
+const TIMER_TICK_NANOS: u64 = 1_000_000;
 
 /// Two resets closer than this are taken to end the same server window.
 const SAME_WINDOW_NANOS: u64 = 1_000_000_000;
@@ -88,10 +108,10 @@ struct Remote {
 struct State {
     rate: Rate,
     pacing: Pacing,
+    /// Waiters in arrival order, granted ones included until their owner
+    /// takes the token (or drops).
     queue: VecDeque<Waiter>,
     next_id: u64,
-    /// Bumped when the rate changes so a sleeping head recomputes its deadline.
-    generation: u64,
     /// Opt-in: the controller that learns the server's limit.
     learner: Option<Learner>,
     /// What the server last said is left of its window, and when it resets.
@@ -109,34 +129,137 @@ struct Advert {
     reset: u64,
 }
 
-impl State {
-    /// Takes a token at `now` if the pacing and the server's advertised
-    /// quota allow it; otherwise says from when.
-    fn grant(&mut self, now: u64) -> Result<(), u64> {
-        if let Some(advert) = self.advert {
-            if now >= advert.reset {
-                self.advert = None;
-            } else if advert.remaining == 0 {
-                return Err(advert.reset);
-            }
-        }
-        self.pacing.take(now)?;
-        if let Some(advert) = &mut self.advert {
-            advert.remaining -= 1;
-        }
-        self.outstanding += 1;
-        Ok(())
+/// The budget a token is taken from: the pacing and the server's
+/// advertised quota. Small and `Clone`, so a waiter can work out its due
+/// instant on a copy without touching the real one.
+#[derive(Clone)]
+struct Budget {
+    pacing: Pacing,
+    advert: Option<Advert>,
+}
+
+impl Budget {
+    /// The earliest instant, not before `t`, at which a token may be taken.
+    fn earliest(&self, t: u64) -> u64 {
+        let t = match self.advert {
+            Some(advert) if advert.remaining == 0 && t < advert.reset => advert.reset,
+            _ => t,
+        };
+        self.pacing.earliest(t)
     }
 
-    fn rate_changed(&mut self) {
-        self.generation += 1;
-        wake_head(self);
+    /// Takes a token dated `t`, which must be `earliest(t)`.
+    fn take(&mut self, t: u64) {
+        if let Some(advert) = &mut self.advert {
+            if t >= advert.reset {
+                self.advert = None;
+            } else {
+                advert.remaining = advert.remaining.saturating_sub(1);
+            }
+        }
+        let taken = self.pacing.take(t);
+        debug_assert_eq!(taken, Ok(()), "a token taken before its instant");
+    }
+}
+
+impl State {
+    /// A copy of the budget, to play the line forward on.
+    fn budget(&self) -> Budget {
+        Budget {
+            pacing: self.pacing.clone(),
+            advert: self.advert,
+        }
+    }
+
+    /// Takes a token dated `t` (see [`Budget::take`]).
+    fn take(&mut self, t: u64) {
+        let mut budget = self.budget();
+        budget.take(t);
+        self.pacing = budget.pacing;
+        self.advert = budget.advert;
+        self.outstanding += 1;
+    }
+
+    /// Grants, in line order, every waiter whose token is due by `now`,
+    /// each dated at its due instant, and hands back their wakers. A waiter
+    /// still paused is passed over (it keeps its place); the first one not
+    /// yet due stops the walk, so nobody overtakes it.
+    fn settle(&mut self, now: u64, floor: &dyn Fn(&Waiter) -> u64, woken: &mut Vec<Waker>) {
+        let mut previous = 0;
+        for i in 0..self.queue.len() {
+            let waiter = &self.queue[i];
+            if waiter.granted {
+                continue;
+            }
+            let lower = floor(waiter);
+            if lower > now {
+                continue;
+            }
+            let due = self.budget().earliest(lower).max(previous);
+            if due > now {
+                break;
+            }
+            // Dated at its due instant if looked at within a timer tick of
+            // it (a late timer costs nothing); a waiter looked at later than
+            // that was held up by something else (a busy thread, a consumer
+            // that did not poll), and a token dated far back would let its
+            // request go out in a burst with those on time.
+            let dated = due.max(now.saturating_sub(TIMER_TICK_NANOS));
+            self.take(dated);
+            previous = dated;
+            let waiter = &mut self.queue[i];
+            waiter.granted = true;
+            woken.extend(waiter.waker.take());
+        }
+    }
+
+    /// When waiter `id` is due if nothing changes: its place in line played
+    /// forward on a copy of the budget. Waiters ahead that are paused are
+    /// left out, so this is never later than the truth; a waiter woken
+    /// early just looks again.
+    fn due(&self, id: u64, now: u64, floor: &dyn Fn(&Waiter) -> u64) -> u64 {
+        let mut budget = self.budget();
+        // Nobody goes before those ahead, even where the burst tolerance
+        // would let a later token conform sooner.
+        let mut ahead = now;
+        for waiter in &self.queue {
+            if waiter.granted {
+                continue;
+            }
+            let lower = floor(waiter);
+            if waiter.id == id {
+                return budget.earliest(lower).max(ahead);
+            }
+            if lower > now {
+                continue;
+            }
+            ahead = budget.earliest(lower).max(ahead);
+            budget.take(ahead);
+        }
+        ahead
+    }
+
+    /// Every waiter must work out its due instant again (the rate or the
+    /// quota changed): their wakers, to wake once the lock is released.
+    fn rate_changed(&mut self) -> Vec<Waker> {
+        self.queue
+            .iter_mut()
+            .filter(|w| !w.granted)
+            .filter_map(|w| w.waker.take())
+            .collect()
     }
 }
 
 struct Waiter {
     id: u64,
+    /// When it joined the line (nanoseconds since the epoch): no token is
+    /// dated before.
+    arrived: u64,
+    /// The pause it honours: no token is dated before that pause ends.
+    pause: Option<PauseHandle>,
     waker: Option<Waker>,
+    /// A token was granted to it; the owner takes it when next polled.
+    granted: bool,
 }
 
 /// What a limiter made of an answer, all read under one lock.
@@ -203,7 +326,6 @@ impl Limiter {
                     pacing: Pacing::new(&rate, 0),
                     queue: VecDeque::new(),
                     next_id: 0,
-                    generation: 0,
                     learner: None,
                     advert: None,
                     outstanding: 0,
@@ -233,13 +355,16 @@ impl Limiter {
             return;
         }
         let now = Instant::now();
-        let mut state = self.lock();
-        state.rate = rate;
-        state.pacing.retune(&rate, self.offset(now));
-        if let Some(learner) = &mut state.learner {
-            *learner = Learner::new(learner.config().clone(), rate.per_second_f64(), now);
-        }
-        state.rate_changed();
+        let woken = {
+            let mut state = self.lock();
+            state.rate = rate;
+            state.pacing.retune(&rate, self.offset(now));
+            if let Some(learner) = &mut state.learner {
+                *learner = Learner::new(learner.config().clone(), rate.per_second_f64(), now);
+            }
+            state.rate_changed()
+        };
+        woken.into_iter().for_each(Waker::wake);
     }
 
     /// Turns on adaptive pacing: the rate given is the ceiling, and the
@@ -326,16 +451,20 @@ impl Limiter {
             None
         };
         let learned = Some(learner.current());
+        let mut woken = Vec::new();
         if let Some(per_second) = changed {
             let rate = Rate::per_second_f64_burst(per_second, state.rate.burst_size());
             state.pacing.retune(&rate, self.offset(now));
-            state.rate_changed();
+            woken = state.rate_changed();
         }
-        Observed {
+        let observed = Observed {
             changed,
             learned,
             malformed: state.malformed,
-        }
+        };
+        drop(state);
+        woken.into_iter().for_each(Waker::wake);
+        observed
     }
 
     /// A token's request was dropped before it was answered.
@@ -358,16 +487,35 @@ impl Limiter {
         if self.shared.remote.is_some() {
             return Err(NotUntil { earliest: now });
         }
-        let mut state = self.lock();
-        let earliest = if state.queue.is_empty() {
-            match state.grant(self.offset(now)) {
-                Ok(()) => return Ok(()),
-                Err(at) => self.instant(at),
+        let offset = self.offset(now);
+        let floor = self.floor();
+        let mut woken = Vec::new();
+        let verdict = {
+            let mut state = self.lock();
+            state.settle(offset, &floor, &mut woken);
+            // After everyone eligible in line: a newcomer's turn.
+            let mut budget = state.budget();
+            let mut ahead = None;
+            for waiter in state.queue.iter().filter(|w| !w.granted) {
+                let lower = floor(waiter);
+                if lower <= offset {
+                    let due = budget.earliest(lower).max(ahead.unwrap_or(0));
+                    budget.take(due);
+                    ahead = Some(due);
+                }
             }
-        } else {
-            now
+            let due = budget.earliest(offset).max(ahead.unwrap_or(0));
+            if ahead.is_none() && due <= offset {
+                state.take(offset);
+                Ok(())
+            } else {
+                Err(NotUntil {
+                    earliest: self.instant(due),
+                })
+            }
         };
-        Err(NotUntil { earliest })
+        woken.into_iter().for_each(Waker::wake);
+        verdict
     }
 
     /// Waits for a token, in line behind earlier callers.
@@ -443,90 +591,119 @@ impl Limiter {
         }
     }
 
-    /// How many callers are waiting in line.
+    /// How many callers are waiting in line for a token.
     pub fn waiting(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().queue.iter().filter(|w| !w.granted).count()
     }
 
     async fn acquire_local(self, pause: Option<PauseHandle>) {
-        let mut ticket: Option<Ticket<'_>> = None;
+        if !pause.as_ref().is_some_and(PauseHandle::is_paused) && self.check().is_ok() {
+            return;
+        }
+        let mut ticket = self.join(pause.clone());
         loop {
             if let Some(pause) = &pause {
                 pause.ready().await;
             }
-            let now = Instant::now();
-            let (deadline, generation) = {
-                let mut state = self.lock();
-                let ours = ticket.as_ref().map(|t| t.id);
-                let at_head = state.queue.front().map(|w| w.id) == ours;
-                if !at_head {
-                    if ticket.is_none() {
-                        ticket = Some(self.enqueue(&mut state));
-                    }
-                    (None, state.generation)
-                } else if pause.as_ref().is_some_and(PauseHandle::is_paused) {
-                    // A pause began since `ready`; wait it out at the head.
-                    continue;
-                } else {
-                    match state.grant(self.offset(now)) {
-                        Ok(()) => {
-                            if let Some(ticket) = ticket.as_mut() {
-                                state.queue.pop_front();
-                                ticket.served = true;
-                                wake_head(&mut state);
-                            }
-                            return;
-                        }
-                        Err(at) => {
-                            if ticket.is_none() {
-                                ticket = Some(self.enqueue(&mut state));
-                            }
-                            (Some(self.instant(at)), state.generation)
-                        }
-                    }
-                }
-            };
-            let id = ticket.as_ref().map_or(0, |t| t.id);
-            self.wait_turn(id, deadline, generation).await;
+            if self.wait_in_line(&mut ticket).await {
+                return;
+            }
         }
     }
 
-    /// Resolves when the waiter `id` should look again: its deadline passed,
-    /// the rate changed, or (with no deadline) it reached the head.
-    async fn wait_turn(&self, id: u64, deadline: Option<Instant>, generation: u64) {
-        let mut sleep = pin!(deadline.map(tokio::time::sleep_until));
-        std::future::poll_fn(|cx| {
-            if let Some(sleep) = sleep.as_mut().as_pin_mut() {
-                if sleep.poll(cx).is_ready() {
-                    return Poll::Ready(());
+    /// Waits in line until the token is granted (`true`), or until the
+    /// waiter's own pause is found in force (`false`: wait it out, keeping
+    /// the place, and come back).
+    async fn wait_in_line(&self, ticket: &mut Ticket<'_>) -> bool {
+        let floor = self.floor();
+        let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        std::future::poll_fn(|cx| loop {
+            let now = self.offset(Instant::now());
+            let mut woken = Vec::new();
+            let mut stale = None;
+            let mut old_waker = None;
+            let step = {
+                let mut state = self.lock();
+                state.settle(now, &floor, &mut woken);
+                let pos = state
+                    .queue
+                    .iter()
+                    .position(|w| w.id == ticket.id)
+                    .expect("a waiter stays in line until its ticket is dropped");
+                if state.queue[pos].granted {
+                    stale = state.queue.remove(pos);
+                    ticket.served = true;
+                    Err(true)
+                } else if floor(&state.queue[pos]) > now {
+                    Err(false)
+                } else {
+                    let due = state.due(ticket.id, now, &floor);
+                    let waiter = &mut state.queue[pos];
+                    if !waiter
+                        .waker
+                        .as_ref()
+                        .is_some_and(|w| w.will_wake(cx.waker()))
+                    {
+                        // The old waker is dropped below, outside the lock.
+                        old_waker = waiter.waker.replace(cx.waker().clone());
+                    }
+                    Ok(due)
+                }
+            };
+            drop((stale, old_waker));
+            woken.into_iter().for_each(Waker::wake);
+            let due = match step {
+                Err(granted) => return Poll::Ready(granted),
+                Ok(due) => {
+                    // Everyone due by `now` was just granted.
+                    debug_assert!(due > now, "waiter {} due at {due}, now {now}", ticket.id);
+                    self.instant(due.max(now + 1))
+                }
+            };
+            match &mut sleep {
+                Some(sleep) if sleep.deadline() == due => {}
+                Some(sleep) => sleep.as_mut().reset(due),
+                None => sleep = Some(Box::pin(tokio::time::sleep_until(due))),
+            }
+            if let Some(sleep) = sleep.as_mut() {
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
                 }
             }
-            let mut state = self.lock();
-            if state.generation != generation {
-                return Poll::Ready(());
-            }
-            if deadline.is_none() && state.queue.front().map(|w| w.id) == Some(id) {
-                return Poll::Ready(());
-            }
-            if let Some(waiter) = state.queue.iter_mut().find(|w| w.id == id) {
-                match &waiter.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => waiter.waker = Some(cx.waker().clone()),
-                }
-            }
-            Poll::Pending
         })
-        .await;
+        .await
     }
 
-    fn enqueue(&self, state: &mut State) -> Ticket<'_> {
+    /// Joins the back of the line, honouring `pause`.
+    fn join(&self, pause: Option<PauseHandle>) -> Ticket<'_> {
+        let arrived = self.offset(Instant::now());
+        let mut state = self.lock();
         let id = state.next_id;
         state.next_id += 1;
-        state.queue.push_back(Waiter { id, waker: None });
+        state.queue.push_back(Waiter {
+            id,
+            arrived,
+            pause,
+            waker: None,
+            granted: false,
+        });
         Ticket {
             limiter: self,
             id,
             served: false,
+        }
+    }
+
+    /// The earliest instant a waiter's token may be dated: when it arrived,
+    /// or when its pause ends, whichever is later.
+    fn floor(&self) -> impl Fn(&Waiter) -> u64 + '_ {
+        move |waiter| {
+            let pause_end = waiter
+                .pause
+                .as_ref()
+                .and_then(PauseHandle::last_end)
+                .map_or(0, |end| self.offset(end));
+            waiter.arrived.max(pause_end)
         }
     }
 
@@ -561,15 +738,8 @@ impl Limiter {
     }
 }
 
-fn wake_head(state: &mut State) {
-    if let Some(head) = state.queue.front_mut() {
-        if let Some(waker) = head.waker.take() {
-            waker.wake();
-        }
-    }
-}
-
-/// A place in line; leaving the line (by drop) wakes the next head.
+/// A place in line. Dropped before its token was granted, it takes
+/// nothing, and those behind it look again (they may be due sooner).
 struct Ticket<'a> {
     limiter: &'a Limiter,
     id: u64,
@@ -581,13 +751,30 @@ impl Drop for Ticket<'_> {
         if self.served {
             return;
         }
-        let mut state = self.limiter.lock();
-        if let Some(pos) = state.queue.iter().position(|w| w.id == self.id) {
-            state.queue.remove(pos);
-            if pos == 0 {
-                wake_head(&mut state);
+        let mut woken = Vec::new();
+        let left = {
+            let mut state = self.limiter.lock();
+            let Some(pos) = state.queue.iter().position(|w| w.id == self.id) else {
+                return;
+            };
+            let left = state.queue.remove(pos);
+            if left.as_ref().is_some_and(|w| w.granted) {
+                // Granted but never taken: the token is spent, no request went.
+                state.outstanding = state.outstanding.saturating_sub(1);
+            } else {
+                woken.extend(
+                    state
+                        .queue
+                        .range_mut(pos..)
+                        .filter(|w| !w.granted)
+                        .filter_map(|w| w.waker.take()),
+                );
             }
-        }
+            left
+        };
+        // Its waker and pause handle are dropped here, outside the lock.
+        drop(left);
+        woken.into_iter().for_each(Waker::wake);
     }
 }
 

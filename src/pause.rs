@@ -143,9 +143,25 @@ impl PauseHandle {
     /// Applies a resume another process announced.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn resume_local(&self) {
+        // The deadline moves to now rather than vanishing, so `last_end`
+        // still says when the last pause ended.
+        let now = Instant::now();
         self.shared
             .deadline
-            .send_if_modified(|current| current.take().is_some());
+            .send_if_modified(|current| match current {
+                Some(deadline) if *deadline > now => {
+                    *current = Some(now);
+                    true
+                }
+                _ => false,
+            });
+    }
+
+    /// When the pause in force ends, or the last one ended; `None` if this
+    /// handle was never paused. A limiter grants nobody who honours this
+    /// handle a token dated before it, so a pause never ends in a burst.
+    pub(crate) fn last_end(&self) -> Option<Instant> {
+        *self.shared.deadline.borrow()
     }
 
     /// Moves the deadline to `deadline` (capped) if that is later; returns

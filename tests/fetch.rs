@@ -460,8 +460,8 @@ async fn dropping_the_stream_cancels_requests_and_leaves_no_task() {
     let first = tokio::time::timeout(Duration::from_secs(1), results.next()).await;
     assert!(first.is_err());
     assert_eq!(results.outstanding(), 8);
-    // One driver task runs the stream's requests.
-    assert_eq!(metrics.num_alive_tasks(), before + 1);
+    // One task per item in flight runs its request.
+    assert_eq!(metrics.num_alive_tasks(), before + 8);
     drop(results);
     for _ in 0..3 {
         tokio::task::yield_now().await;

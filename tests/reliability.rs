@@ -435,9 +435,15 @@ async fn shared_limits_hold_across_threads_without_deadlock() {
     let mut sent: Vec<_> = calls.iter().map(|c| c.sent_at).collect();
     sent.sort();
     // The limiter never grants early: in any window of 100 ms at most
-    // burst + rate * 0.1 requests went out, across all stages and clients.
+    // burst + rate * (0.1 s + 1 ms) requests went out, across all stages
+    // and clients. The extra millisecond is the one timer tick by which a
+    // token may be dated before the moment it was handed over, so that a
+    // timer firing late costs no capacity.
     let most = common::max_in_window(&sent, Duration::from_millis(100));
-    assert!(most <= (BURST + RATE / 10) as usize, "{most} in one window");
+    assert!(
+        most <= (BURST + RATE * 101 / 1000) as usize,
+        "{most} in one window"
+    );
     let refused = calls
         .iter()
         .find(|c| c.status() == Some(StatusCode::SERVICE_UNAVAILABLE))

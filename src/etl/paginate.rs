@@ -18,6 +18,7 @@ use crate::error::{FetchError, FetchErrorKind};
 use crate::ext::flat_unpack::locate;
 use crate::request::RequestSpec;
 use crate::retry::{Backoff, Matcher};
+use crate::task::Task;
 
 /// Which page to fetch: its number (from 1) and what identifies it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -209,7 +210,11 @@ impl Paginate {
                         // Links are compared as absolute URLs, the first page's too.
                         seen.insert(url.clone());
                     }
-                    let fetched = match endpoint.fetch(page).await {
+                    // The page's request runs as its own task: once asked
+                    // for, it keeps moving (in a shared limiter's line, in
+                    // retries and pauses) whether or not this stream is polled.
+                    let fetch = Task::spawn(async move { endpoint.fetch(page).await });
+                    let fetched = match fetch.await {
                         Ok(fetched) => fetched,
                         Err(e) => return Some((Err(e), Walk::Done)),
                     };

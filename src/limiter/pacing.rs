@@ -53,8 +53,33 @@ impl Pacing {
         }
     }
 
+    /// The earliest instant, not before `t`, at which one event conforms.
+    pub(crate) fn earliest(&self, t: u64) -> u64 {
+        match self {
+            Self::Gcra { tolerance, tat, .. } => t.max(tat.saturating_sub(*tolerance)),
+            Self::Window {
+                period,
+                count,
+                window,
+                used,
+            } => {
+                // Never dated into a window already left behind.
+                let t = t.max(window.saturating_mul(*period));
+                if t / *period > *window || used < count {
+                    t
+                } else {
+                    (*window + 1).saturating_mul(*period)
+                }
+            }
+        }
+    }
+
     /// Takes one event at `now` if it conforms; otherwise returns the
     /// earliest time at which one would, and changes nothing.
+    ///
+    /// `now` may be an instant in the recent past (an event that was due
+    /// then, looked at late): the schedule then goes on from that ideal
+    /// instant, so a late look costs no capacity.
     pub(crate) fn take(&mut self, now: u64) -> Result<(), u64> {
         match self {
             Self::Gcra {
@@ -175,6 +200,37 @@ mod tests {
         assert_eq!(p.take(999 * MS), Ok(()));
         assert_eq!(p.take(999 * MS), Err(1000 * MS));
         assert_eq!(p.take(1000 * MS), Ok(()));
+    }
+
+    #[test]
+    fn earliest_agrees_with_take() {
+        for rate in [
+            Rate::per_second(100),
+            Rate::per_second(100).burst(3),
+            Rate::new(2, Duration::from_secs(1)).fixed_window(),
+        ] {
+            let mut p = Pacing::new(&rate, 0);
+            let mut t = 0;
+            for _ in 0..20 {
+                let due = p.earliest(t);
+                assert!(due >= t);
+                if due > t {
+                    assert_eq!(p.take(t), Err(due), "{rate:?}");
+                }
+                assert_eq!(p.take(due), Ok(()), "{rate:?}");
+                t = due + MS / 3;
+            }
+        }
+    }
+
+    #[test]
+    fn a_late_look_keeps_the_ideal_schedule() {
+        let mut p = Pacing::new(&Rate::per_second(1000), 0);
+        assert_eq!(p.take(0), Ok(()));
+        // Due at 1 ms, taken at its ideal instant although looked at later:
+        // the next is still due at 2 ms.
+        assert_eq!(p.take(MS), Ok(()));
+        assert_eq!(p.earliest(MS + MS / 2), 2 * MS);
     }
 
     #[test]
