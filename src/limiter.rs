@@ -39,12 +39,8 @@ mod pacing;
 
 pub use self::adaptive::Adaptive;
 use self::adaptive::Learner;
-use self::advertised::Advertised;
 pub use self::keyed::KeyedLimiter;
 use self::pacing::Pacing;
-
-/// Two resets closer than this are taken to end the same server window.
-const SAME_WINDOW_NANOS: u64 = 1_000_000_000;
 
 /// A shared rate budget. Clones share one budget, across stages, branches
 /// and clients.
@@ -102,27 +98,21 @@ struct State {
     malformed: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Advert {
-    remaining: u64,
-    /// Nanoseconds since the epoch.
-    reset: u64,
-}
+/// What is left of each quota policy the server advertised, and when each
+/// resets: a token goes only when [`earliest`](advertised::Held::earliest)
+/// says so, and [`take`](advertised::Held::take) counts it against all.
+type Advert = advertised::Held;
 
 impl State {
     /// Takes a token at `now` if the pacing and the server's advertised
     /// quota allow it; otherwise says from when.
     fn grant(&mut self, now: u64) -> Result<(), u64> {
-        if let Some(advert) = self.advert {
-            if now >= advert.reset {
-                self.advert = None;
-            } else if advert.remaining == 0 {
-                return Err(advert.reset);
-            }
+        if let Some(at) = self.advert.as_ref().and_then(|a| a.earliest(now)) {
+            return Err(at);
         }
         self.pacing.take(now)?;
         if let Some(advert) = &mut self.advert {
-            advert.remaining -= 1;
+            advert.take();
         }
         self.outstanding += 1;
         Ok(())
@@ -280,50 +270,46 @@ impl Limiter {
         let mut state = self.lock();
         state.outstanding = state.outstanding.saturating_sub(1);
         state.malformed += u64::from(reading.malformed);
-        if let Some(Advertised {
-            remaining: Some(remaining),
-            reset: Some(reset),
-            ..
-        }) = reading.advertised
-        {
-            // Requests still in flight may already count against what is
-            // left: assume they do, so the quota is never overrun.
-            let left = remaining.saturating_sub(state.outstanding);
-            let reset = self.offset(now + reset);
-            let same_window = |old: &Advert| old.reset.abs_diff(reset) < SAME_WINDOW_NANOS;
-            state.advert = Some(match state.advert {
-                Some(old) if same_window(&old) => Advert {
-                    remaining: old.remaining.min(left),
-                    reset: old.reset.max(reset),
-                },
-                _ => Advert {
-                    remaining: left,
-                    reset,
-                },
-            });
+        let at = self.offset(now);
+        let advertised = reading.advertised.unwrap_or_default();
+        if !advertised.limits.is_empty() {
+            let in_flight = state.outstanding;
+            state.advert.get_or_insert_with(Advert::default).update(
+                &advertised.limits,
+                at,
+                in_flight,
+            );
         }
-        let Some(learner) = state.learner.as_mut() else {
+        let malformed = state.malformed;
+        let State {
+            learner, advert, ..
+        } = &mut *state;
+        let Some(learner) = learner.as_mut() else {
             return Observed {
                 changed: None,
                 learned: None,
-                malformed: state.malformed,
+                malformed,
             };
         };
-        // A server that states its quota per window saves the learning.
-        let stated = reading
-            .advertised
-            .and_then(|ad| ad.quota)
-            .and_then(|(quota, window)| {
-                Some(quota as f64 / window.filter(|w| !w.is_zero())?.as_secs_f64())
-            });
-        let changed = if learner.matcher().matches(outcome) {
+        let refused = learner.matcher().matches(outcome);
+        let changed = if refused && !advertised.exhausted() {
             learner.refusal(now)
-        } else if let Some(per_second) = stated {
-            learner.stated(per_second, now)
-        } else if outcome.is_ok() {
-            learner.success(now)
-        } else {
+        } else if let Some(quota) = advertised.quota {
+            // A server that states its quota per window saves the learning;
+            // with several policies, the most restrictive one.
+            learner.stated(quota.per_second(), now)
+        } else if refused || outcome.is_err() {
+            // A refusal the headers explain (a quota spent until its reset)
+            // is waited out by the hold; it says nothing about the pace.
             None
+        } else {
+            // Probe up only when the pace is what limits sending: while an
+            // advertised quota does, a higher rate would never be tried,
+            // and the learned rate would drift above what is sent.
+            let held = advert
+                .as_ref()
+                .is_some_and(|a| a.binds(at, learner.current()));
+            learner.success(now, !held)
         };
         let learned = Some(learner.current());
         if let Some(per_second) = changed {
@@ -334,7 +320,7 @@ impl Limiter {
         Observed {
             changed,
             learned,
-            malformed: state.malformed,
+            malformed,
         }
     }
 
