@@ -244,7 +244,10 @@ impl Limiter {
         self
     }
 
-    /// The rate learned so far, in events per second, with adaptive pacing on.
+    /// The rate learned so far, in events per second, with adaptive pacing
+    /// on: the pace tokens are granted at, never above the ceiling or a
+    /// quota the server stated. (An advertised quota that has run out holds
+    /// tokens until its reset on top of this pace.)
     pub fn learned_rate(&self) -> Option<f64> {
         self.lock().learner.as_ref().map(Learner::current)
     }

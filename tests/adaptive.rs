@@ -488,3 +488,45 @@ async fn a_floor_above_the_ceiling_never_lifts_the_rate_over_it() {
     // Eleven at 5/s: the last goes at 2 s.
     assert_eq!(sent_ms(&mock, t0).last(), Some(&2_000));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_the_headers_explain_holds_without_cutting_the_pace() {
+    // The first four are refused with `r=0;t=2`: a quota spent, not a pace
+    // too fast.
+    let mock = MockTransport::new();
+    let n = Arc::new(Mutex::new(0u32));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(10)))
+            .respond_with(move |_| {
+                let mut n = n.lock().unwrap();
+                *n += 1;
+                if *n <= 4 {
+                    MockResponse::status(429).header("ratelimit", "\"d\";r=0;t=2")
+                } else {
+                    MockResponse::ok()
+                }
+            }),
+    );
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(100).burst(4)).adaptive(Adaptive::new()))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(ms(10)).max_attempts(2),
+        )
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..4)
+        .fetch_concurrent(4, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 4);
+    // Retries wait for the reset (2 s after the answers), then go as one
+    // burst at the unchanged pace.
+    assert_eq!(sent_ms(&mock, t0), [0, 0, 0, 0, 2_010, 2_010, 2_010, 2_010]);
+    assert_eq!(client.limiter().unwrap().learned_rate(), Some(100.0));
+}

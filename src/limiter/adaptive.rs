@@ -59,7 +59,8 @@ impl Default for Adaptive {
 
 impl Adaptive {
     /// Cut on 429, to 97% of the accepted rate (by 15% at most), probe up by
-    /// 1% of the ceiling after each quiet second, never below 1/s.
+    /// 1% of the ceiling after each quiet second, never below 1/s (unless the
+    /// ceiling or a quota the server states is lower).
     pub fn new() -> Self {
         Self::default()
     }
