@@ -56,15 +56,11 @@ mod pacing;
 
 pub use self::adaptive::Adaptive;
 use self::adaptive::Learner;
-use self::advertised::Advertised;
 pub use self::keyed::KeyedLimiter;
 use self::pacing::Pacing;
 
 /// tokio's timer resolution: a timer fires up to this late, by design.
 const TIMER_TICK_NANOS: u64 = 1_000_000;
-
-/// Two resets closer than this are taken to end the same server window.
-const SAME_WINDOW_NANOS: u64 = 1_000_000_000;
 
 /// A shared rate budget. Clones share one budget, across stages, branches
 /// and clients.
@@ -122,61 +118,59 @@ struct State {
     malformed: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Advert {
-    remaining: u64,
-    /// Nanoseconds since the epoch.
-    reset: u64,
+/// What is left of each quota policy the server advertised, and when each
+/// resets: a token goes only when [`earliest`](advertised::Held::earliest)
+/// says so, and [`take`](advertised::Held::take) counts it against all.
+type Advert = advertised::Held;
+
+/// The earliest instant, not before `t`, at which the pacing and the
+/// server's advertised quotas let a token go.
+fn earliest(pacing: &Pacing, advert: Option<&Advert>, t: u64) -> u64 {
+    let t = advert.and_then(|a| a.earliest(t)).map_or(t, |at| at.max(t));
+    pacing.earliest(t)
 }
 
-/// The budget a token is taken from: the pacing and the server's
-/// advertised quota. Small and `Clone`, so a waiter can work out its due
-/// instant on a copy without touching the real one.
-#[derive(Clone)]
+/// Takes a token dated `t`, which must be `earliest(.., t)`.
+fn take(pacing: &mut Pacing, advert: Option<&mut Advert>, t: u64) {
+    let taken = pacing.take(t);
+    debug_assert_eq!(taken, Ok(()), "a token taken before its instant");
+    if let Some(advert) = advert {
+        advert.take();
+    }
+}
+
+/// A copy of the budget (the pacing and the advertised quotas), to play the
+/// line forward on without touching the real one.
 struct Budget {
     pacing: Pacing,
     advert: Option<Advert>,
 }
 
 impl Budget {
-    /// The earliest instant, not before `t`, at which a token may be taken.
     fn earliest(&self, t: u64) -> u64 {
-        let t = match self.advert {
-            Some(advert) if advert.remaining == 0 && t < advert.reset => advert.reset,
-            _ => t,
-        };
-        self.pacing.earliest(t)
+        earliest(&self.pacing, self.advert.as_ref(), t)
     }
 
-    /// Takes a token dated `t`, which must be `earliest(t)`.
     fn take(&mut self, t: u64) {
-        if let Some(advert) = &mut self.advert {
-            if t >= advert.reset {
-                self.advert = None;
-            } else {
-                advert.remaining = advert.remaining.saturating_sub(1);
-            }
-        }
-        let taken = self.pacing.take(t);
-        debug_assert_eq!(taken, Ok(()), "a token taken before its instant");
+        take(&mut self.pacing, self.advert.as_mut(), t);
     }
 }
 
 impl State {
-    /// A copy of the budget, to play the line forward on.
     fn budget(&self) -> Budget {
         Budget {
             pacing: self.pacing.clone(),
-            advert: self.advert,
+            advert: self.advert.clone(),
         }
     }
 
-    /// Takes a token dated `t` (see [`Budget::take`]).
+    fn earliest(&self, t: u64) -> u64 {
+        earliest(&self.pacing, self.advert.as_ref(), t)
+    }
+
+    /// Takes a token dated `t`, which must be `earliest(t)`.
     fn take(&mut self, t: u64) {
-        let mut budget = self.budget();
-        budget.take(t);
-        self.pacing = budget.pacing;
-        self.advert = budget.advert;
+        take(&mut self.pacing, self.advert.as_mut(), t);
         self.outstanding += 1;
     }
 
@@ -195,7 +189,7 @@ impl State {
             if lower > now {
                 continue;
             }
-            let due = self.budget().earliest(lower).max(previous);
+            let due = self.earliest(lower).max(previous);
             if due > now {
                 break;
             }
@@ -213,11 +207,11 @@ impl State {
         }
     }
 
-    /// When waiter `id` is due if nothing changes: its place in line played
-    /// forward on a copy of the budget. Waiters ahead that are paused are
-    /// left out, so this is never later than the truth; a waiter woken
-    /// early just looks again.
-    fn due(&self, id: u64, now: u64, floor: &dyn Fn(&Waiter) -> u64) -> u64 {
+    /// When waiter `id` is due if nothing changes (`None`: a newcomer at
+    /// the back of the line): its place in line played forward on a copy of
+    /// the budget. Waiters ahead that are paused are left out, so this is
+    /// never later than the truth; a waiter woken early just looks again.
+    fn due(&self, id: Option<u64>, now: u64, floor: &dyn Fn(&Waiter) -> u64) -> u64 {
         let mut budget = self.budget();
         // Nobody goes before those ahead, even where the burst tolerance
         // would let a later token conform sooner.
@@ -227,7 +221,7 @@ impl State {
                 continue;
             }
             let lower = floor(waiter);
-            if waiter.id == id {
+            if Some(waiter.id) == id {
                 return budget.earliest(lower).max(ahead);
             }
             if lower > now {
@@ -236,7 +230,7 @@ impl State {
             ahead = budget.earliest(lower).max(ahead);
             budget.take(ahead);
         }
-        ahead
+        budget.earliest(now).max(ahead)
     }
 
     /// Every waiter must work out its due instant again (the rate or the
@@ -379,7 +373,10 @@ impl Limiter {
         self
     }
 
-    /// The rate learned so far, in events per second, with adaptive pacing on.
+    /// The rate learned so far, in events per second, with adaptive pacing
+    /// on: the pace tokens are granted at, never above the ceiling or a
+    /// quota the server stated. (An advertised quota that has run out holds
+    /// tokens until its reset on top of this pace.)
     pub fn learned_rate(&self) -> Option<f64> {
         self.lock().learner.as_ref().map(Learner::current)
     }
@@ -405,50 +402,46 @@ impl Limiter {
         let mut state = self.lock();
         state.outstanding = state.outstanding.saturating_sub(1);
         state.malformed += u64::from(reading.malformed);
-        if let Some(Advertised {
-            remaining: Some(remaining),
-            reset: Some(reset),
-            ..
-        }) = reading.advertised
-        {
-            // Requests still in flight may already count against what is
-            // left: assume they do, so the quota is never overrun.
-            let left = remaining.saturating_sub(state.outstanding);
-            let reset = self.offset(now + reset);
-            let same_window = |old: &Advert| old.reset.abs_diff(reset) < SAME_WINDOW_NANOS;
-            state.advert = Some(match state.advert {
-                Some(old) if same_window(&old) => Advert {
-                    remaining: old.remaining.min(left),
-                    reset: old.reset.max(reset),
-                },
-                _ => Advert {
-                    remaining: left,
-                    reset,
-                },
-            });
+        let at = self.offset(now);
+        let advertised = reading.advertised.unwrap_or_default();
+        if !advertised.limits.is_empty() {
+            let in_flight = state.outstanding;
+            state.advert.get_or_insert_with(Advert::default).update(
+                &advertised.limits,
+                at,
+                in_flight,
+            );
         }
-        let Some(learner) = state.learner.as_mut() else {
+        let malformed = state.malformed;
+        let State {
+            learner, advert, ..
+        } = &mut *state;
+        let Some(learner) = learner.as_mut() else {
             return Observed {
                 changed: None,
                 learned: None,
-                malformed: state.malformed,
+                malformed,
             };
         };
-        // A server that states its quota per window saves the learning.
-        let stated = reading
-            .advertised
-            .and_then(|ad| ad.quota)
-            .and_then(|(quota, window)| {
-                Some(quota as f64 / window.filter(|w| !w.is_zero())?.as_secs_f64())
-            });
-        let changed = if learner.matcher().matches(outcome) {
+        let refused = learner.matcher().matches(outcome);
+        let changed = if refused && !advertised.exhausted() {
             learner.refusal(now)
-        } else if let Some(per_second) = stated {
-            learner.stated(per_second, now)
-        } else if outcome.is_ok() {
-            learner.success(now)
-        } else {
+        } else if let Some(quota) = advertised.quota {
+            // A server that states its quota per window saves the learning;
+            // with several policies, the most restrictive one.
+            learner.stated(quota.per_second(), now)
+        } else if refused || outcome.is_err() {
+            // A refusal the headers explain (a quota spent until its reset)
+            // is waited out by the hold; it says nothing about the pace.
             None
+        } else {
+            // Probe up only when the pace is what limits sending: while an
+            // advertised quota does, a higher rate would never be tried,
+            // and the learned rate would drift above what is sent.
+            let held = advert
+                .as_ref()
+                .is_some_and(|a| a.binds(at, learner.current()));
+            learner.success(now, !held)
         };
         let learned = Some(learner.current());
         let mut woken = Vec::new();
@@ -460,7 +453,7 @@ impl Limiter {
         let observed = Observed {
             changed,
             learned,
-            malformed: state.malformed,
+            malformed,
         };
         drop(state);
         woken.into_iter().for_each(Waker::wake);
@@ -494,18 +487,13 @@ impl Limiter {
             let mut state = self.lock();
             state.settle(offset, &floor, &mut woken);
             // After everyone eligible in line: a newcomer's turn.
-            let mut budget = state.budget();
-            let mut ahead = None;
-            for waiter in state.queue.iter().filter(|w| !w.granted) {
-                let lower = floor(waiter);
-                if lower <= offset {
-                    let due = budget.earliest(lower).max(ahead.unwrap_or(0));
-                    budget.take(due);
-                    ahead = Some(due);
-                }
-            }
-            let due = budget.earliest(offset).max(ahead.unwrap_or(0));
-            if ahead.is_none() && due <= offset {
+            let waiting = state.queue.iter().any(|w| !w.granted && floor(w) <= offset);
+            let due = if waiting {
+                state.due(None, offset, &floor)
+            } else {
+                state.earliest(offset)
+            };
+            if due <= offset {
                 state.take(offset);
                 Ok(())
             } else {
@@ -637,7 +625,7 @@ impl Limiter {
                 } else if floor(&state.queue[pos]) > now {
                     Err(false)
                 } else {
-                    let due = state.due(ticket.id, now, &floor);
+                    let due = state.due(Some(ticket.id), now, &floor);
                     let waiter = &mut state.queue[pos];
                     if !waiter
                         .waker

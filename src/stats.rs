@@ -342,7 +342,9 @@ pub struct StatsSnapshot {
     pub bytes_received: u64,
     /// Requests in flight now.
     pub in_flight: u64,
-    /// The rate adaptive pacing has learned, events per second.
+    /// The rate adaptive pacing has learned, events per second, as of the
+    /// last answer: the pace the limiter grants at, never above its ceiling
+    /// or a quota the server stated.
     pub learned_rate: Option<f64>,
     /// Rate-limit headers ignored as malformed or absurd.
     pub malformed_rate_headers: u64,

@@ -270,3 +270,263 @@ async fn a_stated_quota_sets_the_learned_rate_at_once() {
         .count();
     assert_eq!(refused, 0);
 }
+
+/// A server enforcing two quotas at once, in fixed windows aligned to its
+/// start, and advertising both as the IETF draft does (one list member per
+/// policy in each field).
+fn two_policy_server(per_minute: u64, per_hour: u64) -> MockTransport {
+    let mock = MockTransport::new();
+    let t0 = Instant::now();
+    // (minute, used in it, hour, used in it)
+    let used = Arc::new(Mutex::new((0u64, 0u64, 0u64, 0u64)));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(100)))
+            .respond_with(move |_| {
+                let elapsed = t0.elapsed();
+                let (minute, hour) = (elapsed.as_secs() / 60, elapsed.as_secs() / 3_600);
+                let mut used = used.lock().unwrap();
+                if used.0 != minute {
+                    (used.0, used.1) = (minute, 0);
+                }
+                if used.2 != hour {
+                    (used.2, used.3) = (hour, 0);
+                }
+                let response = if used.1 < per_minute && used.3 < per_hour {
+                    used.1 += 1;
+                    used.3 += 1;
+                    MockResponse::ok()
+                } else {
+                    MockResponse::status(429)
+                };
+                let until = |end: u64| (Duration::from_secs(end) - elapsed).as_secs_f64().ceil();
+                response
+                    .header(
+                        "ratelimit-policy",
+                        format!("\"permin\";q={per_minute};w=60,\"perhr\";q={per_hour};w=3600"),
+                    )
+                    .header(
+                        "ratelimit",
+                        format!(
+                            "\"permin\";r={};t={},\"perhr\";r={};t={}",
+                            per_minute - used.1,
+                            until((minute + 1) * 60),
+                            per_hour - used.3,
+                            until((hour + 1) * 3_600),
+                        ),
+                    )
+            }),
+    );
+    mock
+}
+
+fn refusals(mock: &MockTransport) -> usize {
+    mock.calls()
+        .iter()
+        .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+        .count()
+}
+
+/// Send instants relative to `t0`, in milliseconds.
+fn sent_ms(mock: &MockTransport, t0: Instant) -> Vec<u64> {
+    mock.calls()
+        .iter()
+        .map(|c| (c.sent_at - t0).as_millis() as u64)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_advertised_policy_is_obeyed_until_its_own_reset() {
+    // 10 a minute and 25 an hour: the hourly quota runs out in the third
+    // minute, and only its reset (an hour in) lets more go.
+    let mock = two_policy_server(10, 25);
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .rate(Rate::per_second(1_000).burst(10))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..40)
+        .fetch_concurrent(5, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 40);
+    assert_eq!(refusals(&mock), 0, "neither quota is overrun");
+    // Five at a time, each answered 100 ms later. A minute's ten hold until
+    // that minute's reset (the last answer's `t` after it); after 25 the
+    // hourly policy holds until its own reset, although the minute's had
+    // five left.
+    let burst = |at: u64| [at; 5];
+    let expected: Vec<u64> = [
+        burst(0),
+        burst(100),
+        burst(60_200),
+        burst(60_300),
+        burst(120_400),
+        burst(3_600_500),
+        burst(3_600_600),
+        burst(3_660_700),
+    ]
+    .concat();
+    assert_eq!(sent_ms(&mock, t0), expected);
+    assert_eq!(client.limiter().unwrap().malformed_headers(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_quota_holds_until_the_window_ends_and_keeps_the_pace() {
+    // Closed for the first answer's window (`q=0;w=5`), then quiet.
+    let mock = MockTransport::new();
+    let first = Arc::new(Mutex::new(true));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(10)))
+            .respond_with(move |_| {
+                let response = MockResponse::ok();
+                if std::mem::take(&mut *first.lock().unwrap()) {
+                    response.header("ratelimit-policy", "\"maintenance\";q=0;w=5")
+                } else {
+                    response
+                }
+            }),
+    );
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(100)).adaptive(Adaptive::new()))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..4)
+        .fetch_concurrent(1, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 4);
+    // Nothing until 5 s after the answer, then the limiter's own pace.
+    assert_eq!(sent_ms(&mock, t0), [0, 5_010, 5_020, 5_030]);
+    // A quota of zero is a hold, not a rate: the pace stays where it was.
+    assert_eq!(client.limiter().unwrap().learned_rate(), Some(100.0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stated_quota_stays_the_ceiling_after_the_server_stops_stating_it() {
+    // A server that states its policy only in its first window, then only
+    // says what is left.
+    let mock = MockTransport::new();
+    let t0 = Instant::now();
+    let used = Arc::new(Mutex::new((0u64, 0u64)));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(10)))
+            .respond_with(move |_| {
+                let elapsed = t0.elapsed();
+                let window = elapsed.as_secs();
+                let mut used = used.lock().unwrap();
+                if used.0 != window {
+                    *used = (window, 0);
+                }
+                let response = if used.1 < 100 {
+                    used.1 += 1;
+                    MockResponse::ok()
+                } else {
+                    MockResponse::status(429)
+                };
+                let reset = (Duration::from_secs(window + 1) - elapsed)
+                    .as_secs_f64()
+                    .ceil();
+                let response =
+                    response.header("ratelimit", format!("\"d\";r={};t={reset}", 100 - used.1));
+                if window == 0 {
+                    response.header("ratelimit-policy", "\"d\";q=100;w=1")
+                } else {
+                    response
+                }
+            }),
+    );
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(400).burst(5)).adaptive(Adaptive::new()))
+        .build()
+        .unwrap();
+    let ok = stream::iter(0u32..2_000)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 2_000);
+    assert_eq!(refusals(&mock), 0);
+    // What is reported is what is sent: 97% of the stated 100/s, not a
+    // rate probed up while the advertised quota did the holding.
+    let learned = client.limiter().unwrap().learned_rate();
+    assert_eq!(learned, Some(97.0));
+    assert_eq!(client.stats().unwrap().snapshot().learned_rate, learned);
+    let calls = mock.calls();
+    let last = between(&calls, t0, Duration::from_secs(10), Duration::from_secs(20));
+    assert!(last.len() as f64 / 10.0 <= 97.0 + 0.1, "{}", last.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_floor_above_the_ceiling_never_lifts_the_rate_over_it() {
+    let mock = advertising_server(100, "ietf");
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(5)).adaptive(Adaptive::new().floor(10.0)))
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..11)
+        .fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 11);
+    assert_eq!(client.limiter().unwrap().learned_rate(), Some(5.0));
+    // Eleven at 5/s: the last goes at 2 s.
+    assert_eq!(sent_ms(&mock, t0).last(), Some(&2_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_the_headers_explain_holds_without_cutting_the_pace() {
+    // The first four are refused with `r=0;t=2`: a quota spent, not a pace
+    // too fast.
+    let mock = MockTransport::new();
+    let n = Arc::new(Mutex::new(0u32));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::fixed(ms(10)))
+            .respond_with(move |_| {
+                let mut n = n.lock().unwrap();
+                *n += 1;
+                if *n <= 4 {
+                    MockResponse::status(429).header("ratelimit", "\"d\";r=0;t=2")
+                } else {
+                    MockResponse::ok()
+                }
+            }),
+    );
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(100).burst(4)).adaptive(Adaptive::new()))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(ms(10)).max_attempts(2),
+        )
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..4)
+        .fetch_concurrent(4, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 4);
+    // Retries wait for the reset (2 s after the answers), then go as one
+    // burst at the unchanged pace.
+    assert_eq!(sent_ms(&mock, t0), [0, 0, 0, 0, 2_010, 2_010, 2_010, 2_010]);
+    assert_eq!(client.limiter().unwrap().learned_rate(), Some(100.0));
+}

@@ -3,10 +3,16 @@
 //! On a refusal the rate is cut to just under what the server has been
 //! accepting (the successes counted over the last window, which is the
 //! server's real limit while it is refusing), but never by more than a
-//! fixed factor at once. After a quiet stretch it rises additively, a small share of the
-//! ceiling at a time, to probe for more. At most one cut per window: the
-//! refusals of requests already in flight say nothing new. The result is a
-//! sawtooth just under the limit instead of a hammer above it.
+//! fixed factor at once. After a quiet stretch it rises additively, a small
+//! share of the ceiling at a time, to probe for more. At most one cut per
+//! window: the refusals of requests already in flight say nothing new. The
+//! result is a sawtooth just under the limit instead of a hammer above it.
+//!
+//! The rate is always the one the limiter paces at, so what is reported is
+//! what is granted: never above the configured ceiling (a floor above it
+//! gives way), never above a quota the server stated (probing stops there,
+//! and a stated quota below the floor is obeyed), and it does not rise
+//! while an advertised quota rather than the pace is holding requests back.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -53,7 +59,8 @@ impl Default for Adaptive {
 
 impl Adaptive {
     /// Cut on 429, to 97% of the accepted rate (by 15% at most), probe up by
-    /// 1% of the ceiling after each quiet second, never below 1/s.
+    /// 1% of the ceiling after each quiet second, never below 1/s (unless the
+    /// ceiling or a quota the server states is lower).
     pub fn new() -> Self {
         Self::default()
     }
@@ -64,7 +71,9 @@ impl Adaptive {
         self
     }
 
-    /// The lowest rate, in events per second.
+    /// The lowest rate a refusal can cut to, in events per second. It never
+    /// lifts the rate above the limiter's ceiling or a quota the server
+    /// states.
     ///
     /// # Panics
     ///
@@ -101,11 +110,19 @@ impl Adaptive {
     }
 }
 
+/// The slowest pace a limiter keeps (one event an hour), as
+/// `Rate::per_second_f64_burst` clamps it: below it, the rate reported
+/// would not be the one granted.
+const MIN_PER_SECOND: f64 = 1.0 / 3_600.0;
+
 /// The controller's state, shared by every clone of a limiter.
 #[derive(Debug)]
 pub(crate) struct Learner {
     config: Adaptive,
     ceiling: f64,
+    /// The server's own statement of its quota (already times `target`):
+    /// a lower ceiling until it states another.
+    stated: Option<f64>,
     current: f64,
     last_cut: Option<Instant>,
     last_change: Instant,
@@ -115,9 +132,11 @@ pub(crate) struct Learner {
 
 impl Learner {
     pub(crate) fn new(config: Adaptive, ceiling: f64, now: Instant) -> Self {
+        let ceiling = ceiling.max(MIN_PER_SECOND);
         Self {
             current: ceiling,
             ceiling,
+            stated: None,
             config,
             last_cut: None,
             last_change: now,
@@ -138,6 +157,18 @@ impl Learner {
         self.current
     }
 
+    /// The highest rate in force: the ceiling, or a lower stated quota.
+    fn limit(&self) -> f64 {
+        self.stated.map_or(self.ceiling, |s| s.min(self.ceiling))
+    }
+
+    /// The lowest rate a refusal can cut to: the configured floor, but
+    /// never above the limit (a floor over the ceiling would send faster
+    /// than the user allowed).
+    fn floor(&self) -> f64 {
+        self.config.floor.max(MIN_PER_SECOND).min(self.limit())
+    }
+
     /// Successes per second over the last window.
     fn accepted_rate(&mut self, now: Instant) -> f64 {
         self.forget(now);
@@ -155,8 +186,9 @@ impl Learner {
         }
     }
 
-    /// A success at `now`; returns the new rate if it rises.
-    pub(crate) fn success(&mut self, now: Instant) -> Option<f64> {
+    /// A success at `now`; returns the new rate if it rises. It rises only
+    /// if `may_probe`: when the pace, not something else, limits sending.
+    pub(crate) fn success(&mut self, now: Instant, may_probe: bool) -> Option<f64> {
         let slot = self.config.window / 10;
         match self.successes.back_mut() {
             Some((start, n)) if now.saturating_duration_since(*start) < slot => *n += 1,
@@ -165,27 +197,39 @@ impl Learner {
         let quiet = self
             .last_cut
             .is_none_or(|cut| now.saturating_duration_since(cut) >= self.config.probe_every);
-        if quiet
+        let limit = self.limit();
+        if may_probe
+            && quiet
             && now.saturating_duration_since(self.last_change) >= self.config.probe_every
-            && self.current < self.ceiling
+            && self.current < limit
         {
-            self.current = (self.current + self.config.step * self.ceiling).min(self.ceiling);
+            self.current = (self.current + self.config.step * self.ceiling).min(limit);
             self.last_change = now;
             return Some(self.current);
         }
         None
     }
 
-    /// The server stated its limit (a quota per window): keep under it.
+    /// The server stated its limit (a quota per window, `per_second` > 0):
+    /// keep under it, even below the floor, and probe no higher until it
+    /// states another. A new statement is taken at once; the same one
+    /// repeated only keeps the rate under it, so it does not undo a cut.
     /// Returns the new rate if it changed.
     pub(crate) fn stated(&mut self, per_second: f64, now: Instant) -> Option<f64> {
-        let target = (per_second * self.config.target).clamp(self.config.floor, self.ceiling);
-        if (target - self.current).abs() < f64::EPSILON {
+        let stated = (per_second * self.config.target).max(MIN_PER_SECOND);
+        let news = self.stated != Some(stated);
+        self.stated = Some(stated);
+        let next = if news {
+            self.limit()
+        } else {
+            self.current.min(self.limit())
+        };
+        if (next - self.current).abs() < f64::EPSILON {
             return None;
         }
-        self.current = target;
+        self.current = next;
         self.last_change = now;
-        Some(target)
+        Some(next)
     }
 
     /// A refusal at `now`; returns the new rate if it is cut.
@@ -206,7 +250,7 @@ impl Learner {
         } else {
             by_factor
         };
-        self.current = next.min(self.current).max(self.config.floor);
+        self.current = next.min(self.current).max(self.floor());
         self.last_cut = Some(now);
         self.last_change = now;
         Some(self.current)
@@ -223,7 +267,10 @@ mod tests {
         let mut learner = Learner::new(Adaptive::new(), 400.0, t0);
         // 200 successes over the last second: the server's real limit.
         for i in 0..200u64 {
-            assert_eq!(learner.success(t0 + Duration::from_millis(i * 5)), None);
+            assert_eq!(
+                learner.success(t0 + Duration::from_millis(i * 5), true),
+                None
+            );
         }
         let cut_at = t0 + Duration::from_millis(1_000);
         // Never more than 15% at once: 400 -> 340, not straight to 194.
@@ -232,9 +279,14 @@ mod tests {
         // More refusals in the same window change nothing.
         assert_eq!(learner.refusal(cut_at + Duration::from_millis(10)), None);
         // A quiet second later, one step of 1% of the ceiling.
-        let up = learner.success(cut_at + Duration::from_secs(1)).unwrap();
+        let up = learner
+            .success(cut_at + Duration::from_secs(1), true)
+            .unwrap();
         assert!((up - (cut + 4.0)).abs() < 1e-9, "{up}");
-        assert_eq!(learner.success(cut_at + Duration::from_millis(1_500)), None);
+        assert_eq!(
+            learner.success(cut_at + Duration::from_millis(1_500), true),
+            None
+        );
     }
 
     #[tokio::test(start_paused = true)]
