@@ -194,3 +194,23 @@ fn query_and_json_helpers_read_the_request() {
     let response = rt.block_on(mock.send(request)).unwrap();
     assert_eq!(response.body().as_ref(), br#"{"page":"2","q":"rust"}"#);
 }
+
+/// A responder is user code: it runs with no lock of the mock held, so it
+/// may mount routes and read the call log (this deadlocked when the route
+/// table stayed locked around it).
+#[tokio::test(start_paused = true)]
+async fn a_responder_may_use_the_mock_itself() {
+    let mock = MockTransport::new();
+    let inner = mock.clone();
+    mock.mount(Route::get("/arm").respond_with(move |_| {
+        inner.mount(Route::get("/armed").respond(MockResponse::status(204)));
+        MockResponse::status(200).text(inner.call_count().to_string())
+    }));
+    let armed = tokio::time::timeout(Duration::from_secs(1), mock.send(get("/arm")))
+        .await
+        .expect("no deadlock")
+        .unwrap();
+    assert_eq!(armed.body().as_ref(), b"1");
+    let then = mock.send(get("/armed")).await.unwrap();
+    assert_eq!(then.status(), 204);
+}

@@ -207,6 +207,10 @@ impl MockTransport {
                 }
             }
             drop(rng);
+            // The responder is user code: call it with no lock held, so it
+            // may mount routes or read the call log.
+            let route = Arc::clone(route);
+            drop(routes);
             return (route.responder.respond(request, params), latency);
         }
         let message = format!("no mock route for {} {}", request.method(), path);
