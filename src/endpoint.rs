@@ -1,5 +1,5 @@
 //! [`Endpoint`]: how one item becomes a request, with the rules for
-//! retrying it; and the single-item driver every fetch operator runs.
+//! retrying it; and the attempt loop every fetch operator runs per item.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -70,11 +70,15 @@ pub trait SluiceExt: Stream {
     /// Yields `Ok(Fetched { item, response, attempts, elapsed })` or
     /// `Err(FetchError)` carrying the item: exactly one output per input.
     /// Unordered by default (a slow item holds up nobody);
-    /// [`ordered`](FetchConcurrent::ordered) keeps input order. The
-    /// consumer drives the requests while it waits for an output, and a
-    /// background task drives them while it is busy elsewhere, so requests,
-    /// retry waits and pauses never stall for want of a poll; dropping the
-    /// stream cancels them. Retry and pause rules
+    /// [`ordered`](FetchConcurrent::ordered) keeps input order. Each
+    /// admitted item runs as its own tokio task, so its request, retry
+    /// waits, pause waits and rate-limit waits move whether or not anything
+    /// downstream is polling: a busy consumer never makes a request late
+    /// or time out, and stages sharing a limiter never wait on each other's
+    /// consumers. Backpressure applies only at admission: no item is taken
+    /// from upstream while `n` are outstanding (in flight, or done and not
+    /// yet yielded). Dropping the stream aborts every task and the requests
+    /// in them. Retry and pause rules
     /// come from the endpoint, its client, or
     /// [`retry_on`](FetchConcurrent::retry_on) /
     /// [`pause_on`](FetchConcurrent::pause_on) on the returned stream.
