@@ -193,12 +193,12 @@ impl State {
             if due > now {
                 break;
             }
-            // Dated at its due instant if looked at within a timer tick of
-            // it (a late timer costs nothing); a waiter looked at later than
+            // Dated at its due instant if looked at less than a timer tick
+            // after it (a late timer costs nothing); a waiter looked at later than
             // that was held up by something else (a busy thread, a consumer
             // that did not poll), and a token dated far back would let its
             // request go out in a burst with those on time.
-            let dated = due.max(now.saturating_sub(TIMER_TICK_NANOS));
+            let dated = due.max(now.saturating_sub(TIMER_TICK_NANOS - 1));
             self.take(dated);
             previous = dated;
             let waiter = &mut self.queue[i];
@@ -623,6 +623,15 @@ impl Limiter {
                     ticket.served = true;
                     Err(true)
                 } else if floor(&state.queue[pos]) > now {
+                    // Paused: those behind counted on this waiter's turn
+                    // and may now be due sooner.
+                    woken.extend(
+                        state
+                            .queue
+                            .range_mut(pos + 1..)
+                            .filter(|w| !w.granted)
+                            .filter_map(|w| w.waker.take()),
+                    );
                     Err(false)
                 } else {
                     let due = state.due(Some(ticket.id), now, &floor);

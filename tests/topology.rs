@@ -647,8 +647,13 @@ fn run_shape_here(shape: &Shape) -> Result<(), String> {
                     .push(call.sent_at);
             }
             for (budget, sent) in &by_budget {
-                check_windows(rate, sent, &widths_for(rate))
-                    .map_err(|e| format!("budget {budget}: {e}"))?;
+                check_windows(rate, sent, &widths_for(rate)).map_err(|e| {
+                    let log: Vec<_> = calls
+                        .iter()
+                        .map(|c| (c.path().to_owned(), c.sent_at - origin, c.status()))
+                        .collect();
+                    format!("budget {budget}: {e}; calls: {log:?}")
+                })?;
             }
         }
         // (d) No stall: every answer collected the instant it was due.
