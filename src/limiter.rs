@@ -203,6 +203,7 @@ impl State {
             previous = dated;
             let waiter = &mut self.queue[i];
             waiter.granted = true;
+            waiter.dated = dated;
             woken.extend(waiter.waker.take());
         }
     }
@@ -254,6 +255,8 @@ struct Waiter {
     waker: Option<Waker>,
     /// A token was granted to it; the owner takes it when next polled.
     granted: bool,
+    /// The instant its token is dated, once granted.
+    dated: u64,
 }
 
 /// What a limiter made of an answer, all read under one lock.
@@ -612,12 +615,21 @@ impl Limiter {
             let mut old_waker = None;
             let step = {
                 let mut state = self.lock();
-                state.settle(now, &floor, &mut woken);
                 let pos = state
                     .queue
                     .iter()
                     .position(|w| w.id == ticket.id)
                     .expect("a waiter stays in line until its ticket is dropped");
+                let waiter = &mut state.queue[pos];
+                if waiter.granted && waiter.dated < floor(waiter) {
+                    // Granted, then a pause began before the owner came for
+                    // the token: sent now, it would go out with those due
+                    // at the pause's end, in a burst. It is spent; the
+                    // waiter keeps its place and is granted anew.
+                    waiter.granted = false;
+                    state.outstanding = state.outstanding.saturating_sub(1);
+                }
+                state.settle(now, &floor, &mut woken);
                 if state.queue[pos].granted {
                     stale = state.queue.remove(pos);
                     ticket.served = true;
@@ -683,6 +695,7 @@ impl Limiter {
             pause,
             waker: None,
             granted: false,
+            dated: 0,
         });
         Ticket {
             limiter: self,
