@@ -70,6 +70,14 @@ pub(crate) struct ClientInner {
 }
 
 impl Client {
+    /// The default per-attempt timeout: 30 seconds.
+    ///
+    /// Every attempt is bounded unless asked otherwise, so a server that
+    /// accepts and never answers cannot hang an item: change it with
+    /// [`ClientBuilder::timeout`] (or [`Endpoint::timeout`]), or turn it off
+    /// with [`ClientBuilder::no_timeout`].
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// A builder; only the transport is needed (or the `reqwest` feature).
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
@@ -225,7 +233,9 @@ pub struct ClientBuilder {
     headers: HeaderMap,
     limiter: Option<Limiter>,
     pause: Option<PauseHandle>,
-    timeout: Option<Duration>,
+    max_pause: Option<Duration>,
+    /// `None`: the default; `Some(None)`: no timeout.
+    timeout: Option<Option<Duration>>,
     rules: Rules,
     wall_clock: Option<fn() -> SystemTime>,
     without_stats: bool,
@@ -289,9 +299,26 @@ impl ClientBuilder {
         self
     }
 
-    /// Gives each attempt at most `timeout`.
+    /// Caps each pause of the client's own handle at `max` (default
+    /// [`PauseHandle::DEFAULT_MAX_PAUSE`]): a server's `Retry-After` beyond
+    /// it is cut to it, with a warning. A handle given with
+    /// [`pause_handle`](Self::pause_handle) keeps its own cap.
+    pub fn max_pause(mut self, max: Duration) -> Self {
+        self.max_pause = Some(max);
+        self
+    }
+
+    /// Gives each attempt at most `timeout` (default
+    /// [`Client::DEFAULT_TIMEOUT`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = Some(Some(timeout));
+        self
+    }
+
+    /// Lets an attempt wait for ever: no per-attempt timeout. Only for a
+    /// transport that bounds its own waits.
+    pub fn no_timeout(mut self) -> Self {
+        self.timeout = Some(None);
         self
     }
 
@@ -358,15 +385,22 @@ impl ClientBuilder {
             Some(transport) => transport,
             None => default_transport()?,
         };
+        let pause = match (self.pause, self.max_pause) {
+            (Some(pause), _) => pause,
+            (None, Some(max)) => PauseHandle::with_max_pause(max),
+            (None, None) => PauseHandle::new(),
+        };
+        let mut rules = self.rules.inherited();
+        rules.set_pause_cap(pause.max_pause());
         Ok(Client {
             inner: Arc::new(ClientInner {
                 transport,
                 base,
                 headers: self.headers,
                 limiter: self.limiter,
-                pause: self.pause.unwrap_or_default(),
-                timeout: self.timeout,
-                rules: self.rules.inherited(),
+                pause,
+                timeout: self.timeout.unwrap_or(Some(Client::DEFAULT_TIMEOUT)),
+                rules,
                 // The wall clock is read only to interpret an absolute time
                 // (a Retry-After HTTP-date or a Unix reset) that came without
                 // the server's own Date; tests replace it with `wall_clock`.

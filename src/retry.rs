@@ -50,6 +50,9 @@ pub(crate) struct Rules {
     /// before the client's defaults, so they win).
     own: usize,
     attempt_limit: u32,
+    /// The pause handle's cap, so a capped `Retry-After` is noticed (and
+    /// logged) here, where the server's value is still known.
+    pause_cap: Option<Duration>,
 }
 
 /// What to do after an attempt.
@@ -96,6 +99,7 @@ impl Default for Rules {
             rules: Vec::new(),
             own: 0,
             attempt_limit: DEFAULT_ATTEMPT_LIMIT,
+            pause_cap: None,
         }
     }
 }
@@ -122,6 +126,11 @@ impl Rules {
             own: 0,
             ..self.clone()
         }
+    }
+
+    /// Pauses these rules ask for are capped at `cap` (the handle's own cap).
+    pub(crate) fn set_pause_cap(&mut self, cap: Duration) {
+        self.pause_cap = Some(cap);
     }
 
     pub(crate) fn set_attempt_limit(&mut self, limit: u32) {
@@ -173,7 +182,7 @@ impl Rules {
         match rule {
             Rule::Pause { fallback, .. } => match retry_after {
                 Some(delay) => Verdict::Pause {
-                    delay,
+                    delay: capped(delay, self.pause_cap, "pause"),
                     cause: DelayCause::RetryAfter,
                 },
                 None => Verdict::Pause {
@@ -186,7 +195,11 @@ impl Rules {
                     return Verdict::Finish;
                 }
                 let (delay, cause) = match policy.server_delay(retry_after) {
-                    Some(delay) => (delay, DelayCause::RetryAfter),
+                    Some(delay) => {
+                        let asked = retry_after.unwrap_or(delay);
+                        capped(asked, Some(policy.retry_after_limit()), "retry");
+                        (delay, DelayCause::RetryAfter)
+                    }
                     None => (
                         policy.delay(history.attempts, history.previous_delay, rng),
                         DelayCause::Policy,
@@ -204,6 +217,24 @@ impl Rules {
                 Verdict::Retry { delay, cause }
             }
         }
+    }
+}
+
+/// `asked` within `cap`, with a warning when the server asked for more:
+/// a capped `Retry-After` is a server misbehaving (or a hostile one), and
+/// the run should say so rather than quietly wait less (or more).
+fn capped(asked: Duration, cap: Option<Duration>, wait: &'static str) -> Duration {
+    match cap {
+        Some(cap) if asked > cap => {
+            tracing::warn!(
+                retry_after_s = asked.as_secs(),
+                capped_s = cap.as_secs(),
+                wait,
+                "server's Retry-After capped"
+            );
+            cap
+        }
+        _ => asked,
     }
 }
 

@@ -2,12 +2,22 @@
 //! hostile input is bounded and explained. Real sockets bind 127.0.0.1:0
 //! only; mock tests run on tokio's paused clock with exact times.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::stream;
+use http::StatusCode;
 use sluicegate::etl::Journal;
-use sluicegate::mock::{MockResponse, MockTransport, Route};
-use sluicegate::{Client, SluiceExt};
+use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
+use sluicegate::retry::Backoff;
+#[cfg(feature = "reqwest")]
+use sluicegate::ReqwestTransport;
+use sluicegate::{Client, FetchErrorKind, PauseHandle, SluiceExt, TimeoutScope};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
 
 fn mock_client(mock: &MockTransport, base: &str) -> Client {
     Client::builder()
@@ -137,4 +147,201 @@ async fn write_jsonl_errors_name_their_file() {
         .unwrap_err();
     assert!(err.to_string().contains("ok.failed.jsonl"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// 6. Every attempt has a timeout by default.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_times_out_after_the_default_30_seconds() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/slow").latency(Latency::fixed(Duration::from_secs(3600))));
+    assert_eq!(Client::DEFAULT_TIMEOUT, Duration::from_secs(30));
+
+    let err = mock_client(&mock, "http://mock")
+        .get(|_: &()| "/slow")
+        .fetch(())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::Timeout(TimeoutScope::Attempt));
+    assert_eq!(
+        (err.attempts(), err.elapsed()),
+        (1, Duration::from_secs(30))
+    );
+
+    let five = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let err = five.get(|_: &()| "/slow").fetch(()).await.unwrap_err();
+    assert_eq!(err.elapsed(), Duration::from_secs(5));
+
+    // Waiting for ever must be asked for.
+    let patient = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .no_timeout()
+        .build()
+        .unwrap();
+    let fetched = patient.get(|_: &()| "/slow").fetch(()).await.unwrap();
+    assert_eq!(fetched.elapsed, Duration::from_secs(3600));
+}
+
+/// A server on 127.0.0.1:0 that accepts, reads the request head, and never
+/// answers; it says how many heads it read.
+async fn silent_server() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(AtomicUsize::new(0));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                read_head(&mut socket).await;
+                seen.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                drop(socket);
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// Reads one request head (up to the blank line) and returns it.
+async fn read_head(socket: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_server_that_never_answers_times_out() {
+    let (addr, heads) = silent_server().await;
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(format!("http://{addr}"))
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    // The bound only keeps a broken build from hanging the suite.
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.get(|_: &()| "/never").fetch(()),
+    )
+    .await
+    .expect("the attempt timeout fired")
+    .unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::Timeout(TimeoutScope::Attempt));
+    assert_eq!(heads.load(Ordering::SeqCst), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 7. A server's Retry-After is capped low by default, configurably, loudly.
+// ---------------------------------------------------------------------------
+
+/// Collects formatted tracing output.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_warnings() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+fn hostile_mock() -> MockTransport {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/seq503").sequence([
+        MockResponse::status(503).header("retry-after", "86400"),
+        MockResponse::ok(),
+    ]));
+    mock.mount(Route::get("/seq429").sequence([
+        MockResponse::status(429).header("retry-after", "86400"),
+        MockResponse::ok(),
+    ]));
+    mock
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hostile_retry_after_is_capped_by_default_and_warned_about() {
+    let (captured, _guard) = capture_warnings();
+    assert_eq!(PauseHandle::DEFAULT_MAX_PAUSE, Duration::from_secs(60));
+    assert_eq!(Backoff::DEFAULT_RETRY_AFTER_CAP, Duration::from_secs(30));
+
+    let mock = hostile_mock();
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(Duration::from_millis(100)),
+        )
+        .build()
+        .unwrap();
+    let paused = client.get(|_: &()| "/seq503").fetch(()).await.unwrap();
+    assert_eq!(paused.elapsed, Duration::from_secs(60));
+    let retried = client.get(|_: &()| "/seq429").fetch(()).await.unwrap();
+    assert_eq!(retried.elapsed, Duration::from_secs(30));
+
+    let text = captured.text();
+    assert_eq!(text.matches("WARN").count(), 2, "{text}");
+    assert!(text.contains("retry_after_s=86400"), "{text}");
+    assert!(
+        text.contains("capped_s=60") && text.contains("capped_s=30"),
+        "{text}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_after_caps_are_configurable() {
+    let mock = hostile_mock();
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .max_pause(Duration::from_secs(7))
+        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(1))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(Duration::from_millis(100)).retry_after_cap(Duration::from_secs(3)),
+        )
+        .build()
+        .unwrap();
+    assert_eq!(client.pause_handle().max_pause(), Duration::from_secs(7));
+    let paused = client.get(|_: &()| "/seq503").fetch(()).await.unwrap();
+    assert_eq!(paused.elapsed, Duration::from_secs(7));
+    let retried = client.get(|_: &()| "/seq429").fetch(()).await.unwrap();
+    assert_eq!(retried.elapsed, Duration::from_secs(3));
 }
