@@ -33,6 +33,9 @@ pub struct RequestSpec {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     pub(crate) error: Option<BuildError>,
+    /// For a next link: the listing's first target, whose origin the link
+    /// must keep unless the client allows otherwise.
+    pub(crate) link_from: Option<String>,
 }
 
 impl RequestSpec {
@@ -45,6 +48,7 @@ impl RequestSpec {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             error: None,
+            link_from: None,
         }
     }
 
@@ -113,6 +117,26 @@ impl RequestSpec {
         self
     }
 
+    /// `value` as one path segment, percent-encoded: everything but
+    /// letters, digits and `-._~` becomes `%XX`, so item data cannot add a
+    /// segment (`/`), open a query (`?`) or a fragment (`#`). A value that
+    /// is `.` or `..` stays so, and the client refuses it.
+    ///
+    /// Inserting item data with plain `format!` is raw insertion: the
+    /// client still refuses dot segments and paths that leave the base
+    /// path, but a `/` or `?` in the data changes the request.
+    ///
+    /// ```
+    /// use sluicegate::RequestSpec;
+    ///
+    /// let id = "a/b?c=d#e f";
+    /// let target = format!("/items/{}", RequestSpec::segment(id));
+    /// assert_eq!(target, "/items/a%2Fb%3Fc%3Dd%23e%20f");
+    /// ```
+    pub fn segment(value: impl fmt::Display) -> impl fmt::Display {
+        Segment(value)
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -151,5 +175,23 @@ impl fmt::Debug for RequestSpec {
             .field("query", &self.query)
             .field("body_len", &self.body.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Displays its value percent-encoded as one path segment.
+struct Segment<T>(T);
+
+impl<T: fmt::Display> fmt::Display for Segment<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write as _;
+        let text = self.0.to_string();
+        for byte in text.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                f.write_char(char::from(byte))?;
+            } else {
+                write!(f, "%{byte:02X}")?;
+            }
+        }
+        Ok(())
     }
 }

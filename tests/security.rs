@@ -8,15 +8,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::stream;
+use futures::{stream, StreamExt};
 use http::StatusCode;
-use sluicegate::etl::Journal;
+use sluicegate::etl::{paginate, Journal, Pagination};
 use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
 use sluicegate::retry::Backoff;
 #[cfg(feature = "reqwest")]
 use sluicegate::ReqwestTransport;
-use sluicegate::{Client, FetchErrorKind, PauseHandle, SluiceExt, TimeoutScope};
-use tokio::io::AsyncReadExt;
+use sluicegate::{Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn mock_client(mock: &MockTransport, base: &str) -> Client {
@@ -344,4 +344,363 @@ async fn the_retry_after_caps_are_configurable() {
     assert_eq!(paused.elapsed, Duration::from_secs(7));
     let retried = client.get(|_: &()| "/seq429").fetch(()).await.unwrap();
     assert_eq!(retried.elapsed, Duration::from_secs(3));
+}
+
+// ---------------------------------------------------------------------------
+// Real-socket helpers: servers on 127.0.0.1:0 that record request heads.
+// ---------------------------------------------------------------------------
+
+/// A server on 127.0.0.1:0 that records each request head and answers it
+/// with `reply(head)` (raw bytes), then closes the connection.
+async fn recording_server<F>(reply: F) -> (SocketAddr, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let reply = Arc::new(reply);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut socket).await;
+                let bytes = reply(&head);
+                seen.lock().unwrap().push(head);
+                let _ = socket.write_all(&bytes).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (addr, heads)
+}
+
+fn ok_reply(_: &str) -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok".to_vec()
+}
+
+/// The request target of a head: `GET /x?y HTTP/1.1` gives `/x?y`.
+fn request_target(head: &str) -> String {
+    head.split(' ').nth(1).unwrap_or_default().to_owned()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Item data is data: it cannot leave the base path, and the mock and the
+//    wire see the same URI.
+// ---------------------------------------------------------------------------
+
+/// What each item became: the request target sent, or the build error.
+fn escape_cases() -> Vec<(&'static str, Result<&'static str, &'static str>)> {
+    vec![
+        ("7", Ok("/api/items/7")),
+        ("../../admin", Err("dot segment")),
+        ("%2e%2e/%2e%2e/x", Err("dot segment")),
+        ("%2E./x", Err("dot segment")),
+        ("..", Err("dot segment")),
+        (".", Err("dot segment")),
+        ("a/./b", Err("dot segment")),
+        ("7#frag", Ok("/api/items/7%23frag")),
+        ("a b", Err("invalid URL")),
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn item_data_cannot_climb_out_of_the_base_path_on_the_mock() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    let client = mock_client(&mock, "http://mock/api");
+    let endpoint = client.get(|s: &String| format!("/items/{s}"));
+    for (item, expected) in escape_cases() {
+        mock.clear_calls();
+        match (endpoint.fetch(item.to_owned()).await, expected) {
+            (Err(e), Err(why)) => {
+                assert_eq!(e.kind(), FetchErrorKind::Build, "{item}: {e}");
+                assert_eq!(e.item(), item, "the error carries the item");
+                assert!(e.to_string().contains(why), "{item}: {e}");
+                assert_eq!(mock.call_count(), 0, "{item}: nothing sent");
+            }
+            (outcome, Ok(target)) => {
+                let calls = mock.calls();
+                assert_eq!(calls.len(), 1, "{item}: {:?}", outcome.err());
+                assert_eq!(calls[0].uri.path_and_query().unwrap().as_str(), target);
+            }
+            (Ok(_), Err(why)) => panic!("{item}: sent, expected {why}"),
+        }
+    }
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn item_data_cannot_climb_out_of_the_base_path_on_the_wire() {
+    let (addr, heads) = recording_server(ok_reply).await;
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(format!("http://{addr}/api"))
+        .build()
+        .unwrap();
+    let endpoint = client.get(|s: &String| format!("/items/{s}"));
+    for (item, expected) in escape_cases() {
+        heads.lock().unwrap().clear();
+        let outcome = endpoint.fetch(item.to_owned()).await;
+        let sent: Vec<String> = heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| request_target(h))
+            .collect();
+        match expected {
+            Ok(target) => {
+                assert!(outcome.is_ok(), "{item}: {:?}", outcome.err());
+                assert_eq!(sent, [target], "{item}: the wire saw what the mock saw");
+            }
+            Err(why) => {
+                let e = outcome.unwrap_err();
+                assert!(e.to_string().contains(why), "{item}: {e}");
+                assert!(sent.is_empty(), "{item}: nothing sent, got {sent:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn segment_keeps_a_query_or_a_slash_in_item_data_as_data() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    let client = mock_client(&mock, "http://mock/api");
+    let raw = client.get(|s: &String| format!("/items/{s}"));
+    let encoded = client.get(|s: &String| format!("/items/{}", RequestSpec::segment(s)));
+    for item in ["7?admin=1", "../admin", "a/b#c"] {
+        let _ = encoded.fetch(item.to_owned()).await;
+    }
+    // Raw insertion is what it says: the `?` opens a query.
+    raw.fetch("7?admin=1".to_owned()).await.unwrap_err();
+    let targets: Vec<String> = mock
+        .calls()
+        .iter()
+        .map(|c| c.uri.path_and_query().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "/api/items/7%3Fadmin%3D1",
+            "/api/items/..%2Fadmin",
+            "/api/items/a%2Fb%23c",
+            "/api/items/7?admin=1",
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 2 and 3. Credentials stay at their origin: next links, absolute targets,
+//          redirects.
+// ---------------------------------------------------------------------------
+
+fn credentialed(builder: sluicegate::ClientBuilder) -> sluicegate::ClientBuilder {
+    builder
+        .default_header("authorization", "Bearer TOKEN-123")
+        .default_header("x-api-key", "KEY-456")
+        .redact_header("x-api-key")
+}
+
+fn has_credentials(head: &str) -> bool {
+    head.contains("TOKEN-123") || head.contains("KEY-456")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_next_link_to_another_origin_ends_the_walk_by_default() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    mock.mount(Route::get("/users").respond(
+        MockResponse::json(&[1, 2]).header("link", "<http://evil.test/steal?p=2>; rel=\"next\""),
+    ));
+    mock.mount(Route::get("/steal").respond(MockResponse::json(&[3])));
+    let client = credentialed(
+        Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock"),
+    )
+    .build()
+    .unwrap();
+    let pages: Vec<_> = paginate(&client, "/users", Pagination::link_header())
+        .collect()
+        .await;
+    assert_eq!(pages.len(), 2);
+    assert!(pages[0].is_ok());
+    let err = pages[1].as_ref().unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::Build);
+    assert_eq!(err.item().number, 2);
+    assert_eq!(err.item().token, "http://evil.test/steal?p=2");
+    assert!(err.to_string().contains("another origin"), "{err}");
+    assert_eq!(mock.call_count(), 1, "nothing went to the other origin");
+
+    // Allowed: followed, without the client's credentials.
+    let open = credentialed(
+        Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock"),
+    )
+    .follow_cross_origin_links(true)
+    .build()
+    .unwrap();
+    mock.clear_calls();
+    let pages: Vec<_> = paginate(&open, "/users", Pagination::link_header())
+        .collect()
+        .await;
+    assert!(pages.iter().all(Result::is_ok));
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 2);
+    assert!(calls[0].headers.contains_key("x-api-key"));
+    assert_eq!(calls[1].uri.host(), Some("evil.test"));
+    assert!(!calls[1].headers.contains_key("x-api-key"));
+    assert!(!calls[1].headers.contains_key("authorization"));
+
+    // Trusted: followed with them.
+    let trusting = credentialed(
+        Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock"),
+    )
+    .trust_origin("http://evil.test")
+    .build()
+    .unwrap();
+    mock.clear_calls();
+    let pages: Vec<_> = paginate(&trusting, "/users", Pagination::link_header())
+        .collect()
+        .await;
+    assert!(pages.iter().all(Result::is_ok));
+    assert!(mock.calls()[1].headers.contains_key("authorization"));
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn a_next_link_to_another_port_gets_no_token_on_the_wire() {
+    let (thief, stolen) = recording_server(ok_reply).await;
+    let link = format!("<http://{thief}/steal>; rel=\"next\"");
+    let (home, home_heads) = recording_server(move |_| {
+        format!(
+            "HTTP/1.1 200 OK\r\nlink: {link}\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]"
+        )
+        .into_bytes()
+    })
+    .await;
+    let client = credentialed(
+        Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(format!("http://{home}")),
+    )
+    .build()
+    .unwrap();
+    let pages: Vec<_> = paginate(&client, "/users", Pagination::link_header())
+        .collect()
+        .await;
+    assert_eq!(pages.len(), 2);
+    assert_eq!(pages[1].as_ref().unwrap_err().kind(), FetchErrorKind::Build);
+    assert!(stolen.lock().unwrap().is_empty());
+    assert!(has_credentials(&home_heads.lock().unwrap()[0]));
+
+    let open = credentialed(
+        Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(format!("http://{home}")),
+    )
+    .follow_cross_origin_links(true)
+    .build()
+    .unwrap();
+    let pages: Vec<_> = paginate(&open, "/users", Pagination::link_header())
+        .max_pages(2)
+        .collect()
+        .await;
+    assert!(pages.iter().all(Result::is_ok));
+    let stolen = stolen.lock().unwrap();
+    assert_eq!(stolen.len(), 1);
+    assert!(!has_credentials(&stolen[0]), "{}", stolen[0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_absolute_target_elsewhere_gets_no_default_credentials() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    let client = credentialed(
+        Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock/api"),
+    )
+    .build()
+    .unwrap();
+    let endpoint = client.get(|url: &&str| *url);
+    for url in [
+        "http://mock/api/x",
+        "http://other.test/x",
+        "https://mock/api/x",
+        "http://mock:8080/api/x",
+    ] {
+        let _ = endpoint.fetch(url).await;
+    }
+    let calls = mock.calls();
+    let credentialed: Vec<bool> = calls
+        .iter()
+        .map(|c| c.headers.contains_key("authorization") && c.headers.contains_key("x-api-key"))
+        .collect();
+    let stripped: Vec<bool> = calls
+        .iter()
+        .map(|c| !c.headers.contains_key("authorization") && !c.headers.contains_key("x-api-key"))
+        .collect();
+    assert_eq!(credentialed, [true, false, false, false]);
+    assert_eq!(stripped, [false, true, true, true]);
+
+    // A header the request sets itself is the user's explicit choice.
+    let own = client
+        .request(|_: &()| RequestSpec::get("http://other.test/x").header("x-api-key", "MINE"));
+    own.fetch(()).await.unwrap_err();
+    assert_eq!(mock.calls().last().unwrap().headers["x-api-key"], "MINE");
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn a_redirect_to_another_origin_drops_every_secret_header() {
+    let (elsewhere, elsewhere_heads) = recording_server(ok_reply).await;
+    let (home, home_heads) = recording_server(move |head| {
+        let location = if request_target(head) == "/away" {
+            format!("http://{elsewhere}/landing")
+        } else if request_target(head) == "/near" {
+            "/landed".to_owned()
+        } else {
+            return ok_reply(head);
+        };
+        format!(
+            "HTTP/1.1 302 Found\r\nlocation: {location}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let build = |trust: bool| {
+        let mut builder = credentialed(
+            Client::builder()
+                .transport(ReqwestTransport::default())
+                .base_url(format!("http://{home}")),
+        );
+        if trust {
+            builder = builder.trust_origin(format!("http://{elsewhere}"));
+        }
+        builder.build().unwrap()
+    };
+    let client = build(false);
+
+    let away = client.get(|_: &()| "/away").fetch(()).await.unwrap();
+    assert_eq!(away.body().as_ref(), b"ok");
+    let landed = elsewhere_heads.lock().unwrap()[0].clone();
+    assert_eq!(request_target(&landed), "/landing");
+    assert!(!has_credentials(&landed), "{landed}");
+
+    // The same origin keeps them.
+    client.get(|_: &()| "/near").fetch(()).await.unwrap();
+    let near: Vec<String> = home_heads.lock().unwrap().clone();
+    assert_eq!(request_target(&near[2]), "/landed");
+    assert!(near.iter().all(|h| has_credentials(h)), "{near:?}");
+
+    // A trusted origin gets them.
+    build(true).get(|_: &()| "/away").fetch(()).await.unwrap();
+    assert!(has_credentials(&elsewhere_heads.lock().unwrap()[1]));
 }
