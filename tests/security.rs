@@ -704,3 +704,122 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
     build(true).get(|_: &()| "/away").fetch(()).await.unwrap();
     assert!(has_credentials(&elsewhere_heads.lock().unwrap()[1]));
 }
+
+// ---------------------------------------------------------------------------
+// 4. Secrets never reach a log, Debug, Display or error.
+// ---------------------------------------------------------------------------
+
+fn capture_debug() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn userinfo_in_the_base_url_is_sent_as_a_header_and_never_shown() {
+    let (captured, _guard) = capture_debug();
+    let (addr, heads) = recording_server(ok_reply).await;
+    let builder = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(format!("http://user:S3CRET@{addr}/api"));
+    assert!(!format!("{builder:?}").contains("S3CRET"));
+    let client = builder.build().unwrap();
+    assert!(!format!("{client:?}").contains("S3CRET"), "{client:?}");
+    let endpoint = client.get(|_: &()| "/x");
+    assert!(!format!("{endpoint:?}").contains("S3CRET"));
+    let request = endpoint.build_request(&()).unwrap();
+    assert_eq!(
+        request.uri().authority().unwrap().as_str(),
+        addr.to_string()
+    );
+    endpoint.fetch(()).await.unwrap();
+
+    let head = heads.lock().unwrap()[0].clone();
+    assert!(head.starts_with("GET /api/x HTTP/1.1"), "{head}");
+    assert!(
+        head.contains("authorization: Basic dXNlcjpTM0NSRVQ="),
+        "{head}"
+    );
+    let logs = captured.text();
+    assert!(logs.contains(&format!("url=http://{addr}/api/x")), "{logs}");
+    assert!(
+        !logs.contains("S3CRET") && !logs.contains("dXNlcjpTM0NSRVQ"),
+        "{logs}"
+    );
+
+    for bad in [
+        "ftp://user:S3CRET@h/",
+        "http://user:S3CRET@h/?q",
+        "http://user:S3CRET@",
+    ] {
+        let err = Client::builder()
+            .transport(MockTransport::new())
+            .base_url(bad)
+            .build()
+            .unwrap_err();
+        assert!(!format!("{err} {err:?}").contains("S3CRET"), "{err}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_mock_sees_base_url_credentials_as_the_wire_does() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    let client = mock_client(&mock, "http://user:S3CRET@mock/api");
+    let _ = client.get(|_: &()| "/x").fetch(()).await;
+    let call = &mock.calls()[0];
+    assert_eq!(call.uri.to_string(), "http://mock/api/x");
+    assert!(call.headers["authorization"].is_sensitive());
+    assert_eq!(call.headers["authorization"], "Basic dXNlcjpTM0NSRVQ=");
+}
+
+/// Everything an error shows: Display and Debug, down its source chain.
+fn everything_shown(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut shown = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        shown.push(e.to_string());
+        shown.push(format!("{e:?}"));
+        next = e.source();
+    }
+    shown
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn a_query_key_never_shows_in_transport_errors() {
+    // Bound, then closed: connecting is refused.
+    let refused = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    // Announces 100 bytes, sends 3, hangs up.
+    let (cut, _) = recording_server(|_| {
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\nconnection: close\r\n\r\nabc".to_vec()
+    })
+    .await;
+    for addr in [refused, cut] {
+        let client = Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(format!("http://{addr}"))
+            .build()
+            .unwrap();
+        let err = client
+            .request(|_: &()| RequestSpec::get("/x").query("api_key", "KEY-789"))
+            .fetch(())
+            .await
+            .unwrap_err();
+        assert!(matches!(err.kind(), FetchErrorKind::Transport(_)), "{err}");
+        let shown = everything_shown(&err);
+        assert!(shown.len() > 2, "the chain has the transport's error");
+        for text in shown {
+            assert!(!text.contains("KEY-789"), "{text}");
+        }
+    }
+}
