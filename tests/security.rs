@@ -823,3 +823,151 @@ async fn a_query_key_never_shows_in_transport_errors() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// 5. Memory for bodies is bounded per response and per process.
+// ---------------------------------------------------------------------------
+
+/// A server that answers every request with `len` bytes of body, with or
+/// without a `Content-Length`, in 64 KiB writes.
+#[cfg(feature = "reqwest")]
+async fn body_server(len: usize, announce: bool) -> SocketAddr {
+    recording_stream_server(move |_| {
+        let head = if announce {
+            format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n")
+        } else {
+            "HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_owned()
+        };
+        (head.into_bytes(), len)
+    })
+    .await
+}
+
+/// Like [`recording_server`], but the reply is a head and then `n` bytes of
+/// body streamed in 64 KiB writes.
+#[cfg(feature = "reqwest")]
+async fn recording_stream_server<F>(reply: F) -> SocketAddr
+where
+    F: Fn(&str) -> (Vec<u8>, usize) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reply = Arc::new(reply);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let reply = reply.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut socket).await;
+                let (head, mut left) = reply(&head);
+                if socket.write_all(&head).await.is_err() {
+                    return;
+                }
+                let chunk = vec![b'x'; 64 * 1024];
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    if socket.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Peak resident memory of this process, in MiB (Linux).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Measures peak RSS while bodies over the 16 MiB default cap (and, with
+/// `SLUICEGATE_RSS_BODY=under`, just under it) are read at a concurrency of
+/// `SLUICEGATE_RSS_CONCURRENCY`. Run alone, one process per setting:
+///
+/// ```text
+/// SLUICEGATE_RSS_CONCURRENCY=16 cargo test --release --test security \
+///     measure_body_memory -- --ignored --nocapture
+/// ```
+#[cfg(feature = "reqwest")]
+#[test]
+#[ignore = "a measurement, not a check: run by hand, one process per setting"]
+fn measure_body_memory() {
+    let concurrency: usize = std::env::var("SLUICEGATE_RSS_CONCURRENCY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let under = std::env::var("SLUICEGATE_RSS_BODY").is_ok_and(|v| v == "under");
+    let cap = ReqwestTransport::DEFAULT_MAX_BODY_BYTES;
+    let len = if under {
+        cap - 1024
+    } else {
+        cap + 8 * 1024 * 1024
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let before = peak_rss_mib().unwrap_or_default();
+        let addr = body_server(len, false).await;
+        let client = Client::builder()
+            .transport(ReqwestTransport::default())
+            .base_url(format!("http://{addr}"))
+            .build()
+            .unwrap();
+        // Each body is dropped as soon as it comes out: what is measured is
+        // what reading them holds.
+        let ok = stream::iter(0..concurrency * 3)
+            .fetch_concurrent(concurrency, client.get(|i: &usize| format!("/body/{i}")))
+            .filter(|r| std::future::ready(r.is_ok()))
+            .count()
+            .await;
+        let peak = peak_rss_mib().unwrap_or_default();
+        println!(
+            "concurrency {concurrency}, body {} MiB {}: {ok} ok, peak RSS {peak:.0} MiB (at start {before:.0} MiB)",
+            len / (1024 * 1024),
+            if under { "(under the cap)" } else { "(over the cap)" },
+        );
+    });
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn bodies_in_many_chunks_come_back_whole_with_or_without_a_length() {
+    let len = 3 * 1024 * 1024 + 17;
+    for announce in [true, false] {
+        let addr = body_server(len, announce).await;
+        let transport = ReqwestTransport::default()
+            .max_body_bytes(len)
+            .max_body_bytes_in_flight(len);
+        let client = Client::builder()
+            .transport(transport)
+            .base_url(format!("http://{addr}"))
+            .build()
+            .unwrap();
+        // Four at once through a budget of one body: they take turns.
+        let lens: Vec<usize> = stream::iter(0..4)
+            .fetch_concurrent(4, client.get(|i: &i32| format!("/{i}")))
+            .map(|r| r.unwrap().body().len())
+            .collect()
+            .await;
+        assert_eq!(lens, [len; 4], "announce {announce}");
+
+        let over = Client::builder()
+            .transport(ReqwestTransport::default().max_body_bytes(len - 1))
+            .base_url(format!("http://{addr}"))
+            .build()
+            .unwrap();
+        let err = over.get(|_: &()| "/").fetch(()).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            FetchErrorKind::Transport(sluicegate::TransportErrorKind::BodyTooLarge)
+        );
+    }
+}
