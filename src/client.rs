@@ -93,6 +93,15 @@ impl Client {
 
     /// An endpoint sending `GET` to the path (or URL) `path(item)` for each
     /// item.
+    ///
+    /// A path is joined under the base URL's path. Item data in it is
+    /// checked, not trusted: a dot segment (`..`, `.`, also `%2e`-encoded)
+    /// or a path leaving the base path fails that item with a
+    /// [`Build`](crate::FetchErrorKind::Build) error, and a `#` is data.
+    /// Wrap item data in [`RequestSpec::segment`] so that a `/` or `?` in
+    /// it cannot add a segment or open a query. A full `http(s)://` URL is
+    /// used as given, but gets the client's default headers only at the
+    /// base URL's origin (or a [trusted](ClientBuilder::trust_origin) one).
     pub fn get<T, P, F>(&self, path: F) -> Endpoint<T>
     where
         F: Fn(&T) -> P + Send + Sync + 'static,
@@ -397,6 +406,11 @@ impl ClientBuilder {
     /// Joins relative targets onto `url`, which must be an `http` or
     /// `https` URL with a host and without query or fragment. Its path is a
     /// prefix: base `http://h/api` and target `/items` give `http://h/api/items`.
+    ///
+    /// Credentials in it (`http://user:password@h`) become an
+    /// `Authorization: Basic` default header (unless one is given), so no
+    /// URI, log line or `Debug` output holds the password. Its scheme, host
+    /// and port are the origin the default headers are sent to.
     pub fn base_url(mut self, url: impl AsRef<str>) -> Self {
         self.base_url = Some(url.as_ref().to_owned());
         self
