@@ -303,6 +303,7 @@ pub(crate) struct CredentialScope {
     /// when there is no base URL and nothing is trusted.
     pub(crate) home: Arc<[String]>,
     /// The names of the client's default headers.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
     pub(crate) defaults: Arc<[HeaderName]>,
 }
 
