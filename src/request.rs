@@ -4,7 +4,7 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Request};
 
 use crate::error::BuildError;
 
@@ -193,5 +193,76 @@ impl<T: fmt::Display> fmt::Display for Segment<T> {
             }
         }
         Ok(())
+    }
+}
+
+/// A request as it will be sent, from
+/// [`Endpoint::build_request`](crate::Endpoint::build_request).
+///
+/// It derefs to the [`http::Request`]; its `Debug` differs from that one's
+/// in leaving out what may be secret: query values (often API keys) show as
+/// `***`, headers marked secret as `Sensitive`, the body by its length.
+///
+/// ```
+/// use sluicegate::mock::MockTransport;
+/// use sluicegate::{Client, RequestSpec};
+///
+/// let client = Client::builder().transport(MockTransport::new()).base_url("http://mock").build().unwrap();
+/// let endpoint = client.request(|_: &()| RequestSpec::get("/x").query("api_key", "K3Y"));
+/// let request = endpoint.build_request(&()).unwrap();
+/// assert_eq!(request.uri().query(), Some("api_key=K3Y"));
+/// assert!(format!("{request:?}").contains("/x?api_key=***"));
+/// ```
+pub struct BuiltRequest(pub(crate) Request<Bytes>);
+
+impl BuiltRequest {
+    /// The request itself.
+    pub fn into_request(self) -> Request<Bytes> {
+        self.0
+    }
+}
+
+impl std::ops::Deref for BuiltRequest {
+    type Target = Request<Bytes>;
+
+    fn deref(&self) -> &Request<Bytes> {
+        &self.0
+    }
+}
+
+impl From<BuiltRequest> for Request<Bytes> {
+    fn from(request: BuiltRequest) -> Self {
+        request.0
+    }
+}
+
+impl fmt::Debug for BuiltRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let uri = self.0.uri();
+        let mut shown = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+            _ => uri.path().to_owned(),
+        };
+        if let Some(query) = uri.query() {
+            shown.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    shown.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) => {
+                        shown.push_str(name);
+                        shown.push_str("=***");
+                    }
+                    None => shown.push_str("***"),
+                }
+            }
+        }
+        f.debug_struct("BuiltRequest")
+            .field("method", self.0.method())
+            .field("uri", &format_args!("{shown}"))
+            .field("headers", self.0.headers())
+            .field("body_len", &self.0.body().len())
+            .finish()
     }
 }

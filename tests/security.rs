@@ -740,6 +740,16 @@ async fn userinfo_in_the_base_url_is_sent_as_a_header_and_never_shown() {
         request.uri().authority().unwrap().as_str(),
         addr.to_string()
     );
+    let keyed = client.request(|_: &()| RequestSpec::get("/x").query("api_key", "KEY-789"));
+    let shown = format!("{:?}", keyed.build_request(&()));
+    assert!(
+        shown.contains("/api/x?api_key=***") && shown.contains("Sensitive"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("KEY-789") && !shown.contains("S3CRET"),
+        "{shown}"
+    );
     endpoint.fetch(()).await.unwrap();
 
     let head = heads.lock().unwrap()[0].clone();
