@@ -585,8 +585,10 @@ impl ClientBuilder {
             (None, Some(max)) => PauseHandle::with_max_pause(max),
             (None, None) => PauseHandle::new(),
         };
+        let stats = (!self.without_stats).then(|| Stats::new(None));
         let mut rules = self.rules.inherited();
         rules.set_pause_cap(pause.max_pause());
+        rules.set_stats(stats.clone());
         Ok(Client {
             inner: Arc::new(ClientInner {
                 transport,
@@ -600,7 +602,7 @@ impl ClientBuilder {
                 // (a Retry-After HTTP-date or a Unix reset) that came without
                 // the server's own Date; tests replace it with `wall_clock`.
                 wall_clock: self.wall_clock.unwrap_or(SystemTime::now),
-                stats: (!self.without_stats).then(|| Stats::new(None)),
+                stats,
                 sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
                     .into_iter()
                     .chain(self.sensitive)

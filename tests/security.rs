@@ -320,6 +320,12 @@ async fn a_hostile_retry_after_is_capped_by_default_and_warned_about() {
 
     let text = captured.text();
     assert_eq!(text.matches("WARN").count(), 2, "{text}");
+    let stats = client.stats().unwrap().snapshot();
+    assert_eq!(stats.retry_after_capped, 2);
+    assert!(
+        stats.to_string().contains("2 Retry-After capped"),
+        "{stats}"
+    );
     assert!(text.contains("retry_after_s=86400"), "{text}");
     assert!(
         text.contains("capped_s=60") && text.contains("capped_s=30"),
