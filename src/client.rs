@@ -67,9 +67,25 @@ pub(crate) struct ClientInner {
     pub(crate) stats: Option<Stats>,
     sensitive: Vec<HeaderName>,
     log_query: bool,
+    /// The base URL's path, the prefix every relative target stays under.
+    base_path: String,
+    /// Origins that get the default headers: the base URL's and the trusted
+    /// ones. Empty (no base URL, nothing trusted) means every origin.
+    home: Arc<[String]>,
+    /// The default headers' names, for the transport to strip on redirects.
+    default_names: Arc<[HeaderName]>,
+    follow_cross_origin_links: bool,
 }
 
 impl Client {
+    /// The default per-attempt timeout: 30 seconds.
+    ///
+    /// Every attempt is bounded unless asked otherwise, so a server that
+    /// accepts and never answers cannot hang an item: change it with
+    /// [`ClientBuilder::timeout`] (or [`Endpoint::timeout`]), or turn it off
+    /// with [`ClientBuilder::no_timeout`].
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// A builder; only the transport is needed (or the `reqwest` feature).
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
@@ -77,6 +93,15 @@ impl Client {
 
     /// An endpoint sending `GET` to the path (or URL) `path(item)` for each
     /// item.
+    ///
+    /// A path is joined under the base URL's path. Item data in it is
+    /// checked, not trusted: a dot segment (`..`, `.`, also `%2e`-encoded)
+    /// or a path leaving the base path fails that item with a
+    /// [`Build`](crate::FetchErrorKind::Build) error, and a `#` is data.
+    /// Wrap item data in [`RequestSpec::segment`] so that a `/` or `?` in
+    /// it cannot add a segment or open a query. A full `http(s)://` URL is
+    /// used as given, but gets the client's default headers only at the
+    /// base URL's origin (or a [trusted](ClientBuilder::trust_origin) one).
     pub fn get<T, P, F>(&self, path: F) -> Endpoint<T>
     where
         F: Fn(&T) -> P + Send + Sync + 'static,
@@ -153,29 +178,79 @@ impl Client {
     }
 
     /// Turns a spec into a request: target joined to the base URL, query
-    /// encoded, default headers under the spec's own.
+    /// encoded, default headers under the spec's own (only at a home
+    /// origin).
     pub(crate) fn prepare(&self, spec: RequestSpec) -> Result<Request<Bytes>, BuildError> {
         if let Some(error) = spec.error {
             return Err(error);
         }
-        let uri = self.resolve(&spec.target, &spec.query)?;
-        let mut headers = self.inner.headers.clone();
+        let url = self.resolve(&spec.target, &spec.query)?;
+        let origin = url.origin().ascii_serialization();
+        if let Some(listing) = &spec.link_from {
+            let from = self.resolve(listing, &[])?.origin().ascii_serialization();
+            if origin != from && !self.is_trusted(&origin) && !self.inner.follow_cross_origin_links
+            {
+                return Err(BuildError::new(format!(
+                    "next link leads to {origin}, another origin than the listing's ({from}): \
+                     not followed, so the client's credentials stay at their origin \
+                     (ClientBuilder::trust_origin or follow_cross_origin_links to allow it)"
+                )));
+            }
+        }
+        // Default headers carry the client's credentials: only to a home origin.
+        let mut headers = if self.is_home(&origin) {
+            self.inner.headers.clone()
+        } else {
+            HeaderMap::new()
+        };
         for name in spec.headers.keys() {
             headers.remove(name);
         }
         headers.extend(spec.headers);
         self.redact(&mut headers);
+        let uri = Uri::from_maybe_shared(Bytes::from(String::from(url)))
+            .map_err(|e| BuildError::new(format!("invalid URL: {e}")))?;
         let mut request = Request::new(spec.body);
         *request.method_mut() = spec.method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
+        request.extensions_mut().insert(CredentialScope {
+            home: self.inner.home.clone(),
+            defaults: self.inner.default_names.clone(),
+        });
         Ok(request)
     }
 
-    fn resolve(&self, target: &str, query: &[(String, String)]) -> Result<Uri, BuildError> {
-        let mut url = if is_absolute(target) {
+    /// Whether default headers may go to `origin`.
+    fn is_home(&self, origin: &str) -> bool {
+        self.inner.home.is_empty() || self.inner.home.iter().any(|h| h == origin)
+    }
+
+    /// Whether `origin` is the base URL's or one the user trusted.
+    fn is_trusted(&self, origin: &str) -> bool {
+        self.inner.home.iter().any(|h| h == origin)
+    }
+
+    /// The URL a target means, in the one form every transport is given.
+    ///
+    /// A relative target is item data under the base path: a `#` in it is
+    /// data (`%23`), a dot segment (`.`, `..`, or `%2e`-encoded) is refused
+    /// rather than resolved, and the result must stay under the base path.
+    /// The URL is then normalised once, here, by the same WHATWG parser
+    /// reqwest uses, so `MockTransport` sees exactly what goes on the wire.
+    fn resolve(&self, target: &str, query: &[(String, String)]) -> Result<url::Url, BuildError> {
+        let absolute = is_absolute(target);
+        let mut raw = if absolute {
             target.to_owned()
         } else if let Some(base) = &self.inner.base {
+            let target = target.replace('#', "%23");
+            let path = target.split('?').next().unwrap_or_default();
+            if has_dot_segment(path) {
+                return Err(BuildError::new(format!(
+                    "target path {path:?} has a dot segment: item data may not climb out of \
+                     its path (encode it with RequestSpec::segment, or use an absolute URL)"
+                )));
+            }
             let mut url = String::with_capacity(base.len() + target.len() + 1);
             url.push_str(base);
             url.push('/');
@@ -183,21 +258,98 @@ impl Client {
             url
         } else {
             return Err(BuildError::new(format!(
-                "relative target {target:?} but the client has no base URL"
+                "relative target {:?} but the client has no base URL",
+                target.split('?').next().unwrap_or_default()
             )));
         };
         if !query.is_empty() {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            let start = url.len();
-            let mut encoder = url::form_urlencoded::Serializer::for_suffix(url, start);
+            raw.push(if raw.contains('?') { '&' } else { '?' });
+            let start = raw.len();
+            let mut encoder = url::form_urlencoded::Serializer::for_suffix(raw, start);
             encoder.extend_pairs(query);
-            url = encoder.finish();
+            raw = encoder.finish();
         }
-        // Hand the string over instead of copying it.
-        Uri::from_maybe_shared(Bytes::from(url)).map_err(|e| {
-            let shown = target.split('?').next().unwrap_or_default();
+        let invalid = |e: &dyn fmt::Display| {
+            let shown = without_credentials(target.split('?').next().unwrap_or_default());
             BuildError::new(format!("invalid URL for {shown:?}: {e}"))
-        })
+        };
+        // http's parser is the stricter one (no spaces, no controls): what it
+        // refuses stays refused, before the WHATWG parser would encode it.
+        Uri::try_from(raw.as_str()).map_err(|e| invalid(&e))?;
+        let mut url = url::Url::parse(&raw).map_err(|e| invalid(&e))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(BuildError::new(format!(
+                "target {:?} has credentials in its URL: send them in a header instead",
+                without_credentials(target.split('?').next().unwrap_or_default())
+            )));
+        }
+        url.set_fragment(None);
+        if !absolute && !within(url.path(), &self.inner.base_path) {
+            return Err(BuildError::new(format!(
+                "target path {:?} leaves the base path {:?}",
+                url.path(),
+                self.inner.base_path
+            )));
+        }
+        Ok(url)
+    }
+}
+
+/// Tells the transport which headers are the client's credentials and
+/// where they may go, so a redirect to another origin can drop them.
+#[derive(Debug, Clone)]
+pub(crate) struct CredentialScope {
+    /// Origins (ASCII serialisation) the default headers may go to; empty
+    /// when there is no base URL and nothing is trusted.
+    pub(crate) home: Arc<[String]>,
+    /// The names of the client's default headers.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) defaults: Arc<[HeaderName]>,
+}
+
+impl CredentialScope {
+    /// Whether the credentials may follow a redirect to `origin`.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn trusts(&self, origin: &str) -> bool {
+        self.home.iter().any(|h| h == origin)
+    }
+}
+
+/// Whether a path has a `.` or `..` segment, literally or percent-encoded,
+/// with `/` or `\\` (which WHATWG URLs also read as `/`) between segments.
+fn has_dot_segment(path: &str) -> bool {
+    path.split(['/', '\\']).any(|segment| {
+        let lower = segment.to_ascii_lowercase();
+        let dots = lower.replace("%2e", ".");
+        !segment.is_empty() && (dots == "." || dots == "..")
+    })
+}
+
+/// Whether `path` is `prefix` or below it.
+fn within(path: &str, prefix: &str) -> bool {
+    prefix == "/"
+        || path == prefix
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// `url` with any `user:password@` replaced, for messages.
+fn without_credentials(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let authority_start = scheme_end + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    match url[authority_start..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}***@{}",
+            &url[..authority_start],
+            &url[authority_start + at + 1..]
+        ),
+        None => url.to_owned(),
     }
 }
 
@@ -225,12 +377,16 @@ pub struct ClientBuilder {
     headers: HeaderMap,
     limiter: Option<Limiter>,
     pause: Option<PauseHandle>,
-    timeout: Option<Duration>,
+    max_pause: Option<Duration>,
+    /// `None`: the default; `Some(None)`: no timeout.
+    timeout: Option<Option<Duration>>,
     rules: Rules,
     wall_clock: Option<fn() -> SystemTime>,
     without_stats: bool,
     sensitive: Vec<HeaderName>,
     log_query: bool,
+    trusted: Vec<String>,
+    follow_cross_origin_links: bool,
     error: Option<BuildError>,
 }
 
@@ -251,6 +407,11 @@ impl ClientBuilder {
     /// Joins relative targets onto `url`, which must be an `http` or
     /// `https` URL with a host and without query or fragment. Its path is a
     /// prefix: base `http://h/api` and target `/items` give `http://h/api/items`.
+    ///
+    /// Credentials in it (`http://user:password@h`) become an
+    /// `Authorization: Basic` default header (unless one is given), so no
+    /// URI, log line or `Debug` output holds the password. Its scheme, host
+    /// and port are the origin the default headers are sent to.
     pub fn base_url(mut self, url: impl AsRef<str>) -> Self {
         self.base_url = Some(url.as_ref().to_owned());
         self
@@ -289,9 +450,26 @@ impl ClientBuilder {
         self
     }
 
-    /// Gives each attempt at most `timeout`.
+    /// Caps each pause of the client's own handle at `max` (default
+    /// [`PauseHandle::DEFAULT_MAX_PAUSE`]): a server's `Retry-After` beyond
+    /// it is cut to it, with a warning. A handle given with
+    /// [`pause_handle`](Self::pause_handle) keeps its own cap.
+    pub fn max_pause(mut self, max: Duration) -> Self {
+        self.max_pause = Some(max);
+        self
+    }
+
+    /// Gives each attempt at most `timeout` (default
+    /// [`Client::DEFAULT_TIMEOUT`]).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
+        self.timeout = Some(Some(timeout));
+        self
+    }
+
+    /// Lets an attempt wait for ever: no per-attempt timeout. Only for a
+    /// transport that bounds its own waits.
+    pub fn no_timeout(mut self) -> Self {
+        self.timeout = Some(None);
         self
     }
 
@@ -331,6 +509,37 @@ impl ClientBuilder {
         self
     }
 
+    /// Lets the client's default headers (and so its credentials) go to
+    /// `origin` too, besides the base URL's: for absolute targets, next
+    /// links and redirects there. `origin` is a URL; only its scheme, host
+    /// and port count.
+    ///
+    /// By default, credentials stay at their origin: a request to another
+    /// scheme, host or port (an absolute target, a redirect, a next link)
+    /// carries none of the default headers, and a redirect there drops every
+    /// header marked secret.
+    pub fn trust_origin(mut self, origin: impl AsRef<str>) -> Self {
+        match url::Url::parse(origin.as_ref()) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                self.trusted.push(url.origin().ascii_serialization());
+            }
+            _ => self.fail(format!(
+                "trusted origin {:?} is not an http or https URL",
+                without_credentials(origin.as_ref())
+            )),
+        }
+        self
+    }
+
+    /// Lets [`paginate`](crate::etl::paginate) follow a `Link: rel="next"`
+    /// to another origin than the listing's, without the client's default
+    /// headers. Off by default: such a link ends the walk with a
+    /// [`Build`](crate::FetchErrorKind::Build) error carrying the page.
+    pub fn follow_cross_origin_links(mut self, yes: bool) -> Self {
+        self.follow_cross_origin_links = yes;
+        self
+    }
+
     /// Shows URL queries in logs (off by default: queries often carry keys).
     pub fn log_query(mut self, yes: bool) -> Self {
         self.log_query = yes;
@@ -354,29 +563,55 @@ impl ClientBuilder {
             return Err(error);
         }
         let base = self.base_url.as_deref().map(normalize_base).transpose()?;
+        let mut headers = self.headers;
+        let (base, base_path, mut home) = match base {
+            Some(base) => {
+                if let Some(auth) = base.basic_auth {
+                    // A header given explicitly wins over the URL's.
+                    headers.entry(AUTHORIZATION).or_insert(auth);
+                }
+                (Some(base.url), base.path, vec![base.origin])
+            }
+            None => (None, "/".to_owned(), Vec::new()),
+        };
+        home.extend(self.trusted);
+        let default_names: Vec<HeaderName> = headers.keys().cloned().collect();
         let transport = match self.transport {
             Some(transport) => transport,
             None => default_transport()?,
         };
+        let pause = match (self.pause, self.max_pause) {
+            (Some(pause), _) => pause,
+            (None, Some(max)) => PauseHandle::with_max_pause(max),
+            (None, None) => PauseHandle::new(),
+        };
+        let stats = (!self.without_stats).then(|| Stats::new(None));
+        let mut rules = self.rules.inherited();
+        rules.set_pause_cap(pause.max_pause());
+        rules.set_stats(stats.clone());
         Ok(Client {
             inner: Arc::new(ClientInner {
                 transport,
                 base,
-                headers: self.headers,
+                headers,
                 limiter: self.limiter,
-                pause: self.pause.unwrap_or_default(),
-                timeout: self.timeout,
-                rules: self.rules.inherited(),
+                pause,
+                timeout: self.timeout.unwrap_or(Some(Client::DEFAULT_TIMEOUT)),
+                rules,
                 // The wall clock is read only to interpret an absolute time
                 // (a Retry-After HTTP-date or a Unix reset) that came without
                 // the server's own Date; tests replace it with `wall_clock`.
                 wall_clock: self.wall_clock.unwrap_or(SystemTime::now),
-                stats: (!self.without_stats).then(|| Stats::new(None)),
+                stats,
                 sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
                     .into_iter()
                     .chain(self.sensitive)
                     .collect(),
                 log_query: self.log_query,
+                base_path,
+                home: home.into(),
+                default_names: default_names.into(),
+                follow_cross_origin_links: self.follow_cross_origin_links,
             }),
         })
     }
@@ -385,7 +620,10 @@ impl ClientBuilder {
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientBuilder")
-            .field("base_url", &self.base_url)
+            .field(
+                "base_url",
+                &self.base_url.as_deref().map(without_credentials),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -402,23 +640,101 @@ fn default_transport() -> Result<Arc<dyn Transport>, BuildError> {
     ))
 }
 
-fn normalize_base(raw: &str) -> Result<String, BuildError> {
-    let url = url::Url::parse(raw)
-        .map_err(|e| BuildError::new(format!("invalid base URL {raw:?}: {e}")))?;
+/// A base URL taken apart: the URL without credentials, its path, its
+/// origin, and the `Authorization` its `user:password@` stood for.
+struct Base {
+    url: String,
+    path: String,
+    origin: String,
+    basic_auth: Option<HeaderValue>,
+}
+
+fn normalize_base(raw: &str) -> Result<Base, BuildError> {
+    let shown = without_credentials(raw);
+    let mut url = url::Url::parse(raw)
+        .map_err(|e| BuildError::new(format!("invalid base URL {shown:?}: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(BuildError::new(format!(
-            "base URL {raw:?} is not http or https"
+            "base URL {shown:?} is not http or https"
         )));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(BuildError::new(format!("base URL {raw:?} has no host")));
+        return Err(BuildError::new(format!("base URL {shown:?} has no host")));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(BuildError::new(format!(
-            "base URL {raw:?} must not have a query or fragment"
+            "base URL {shown:?} must not have a query or fragment"
         )));
     }
-    Ok(url.as_str().trim_end_matches('/').to_owned())
+    // Credentials in the URL become a header (as reqwest would do), so no
+    // URI the client builds (and logs, and hands to a mock) holds them.
+    let basic_auth = if url.username().is_empty() && url.password().is_none() {
+        None
+    } else {
+        let user = percent_decode(url.username());
+        let password = percent_decode(url.password().unwrap_or_default());
+        let mut credentials = user;
+        credentials.push(b':');
+        credentials.extend_from_slice(&password);
+        let mut value = HeaderValue::try_from(format!("Basic {}", base64(&credentials)))
+            .map_err(|_| BuildError::new("base URL credentials cannot be a header"))?;
+        value.set_sensitive(true);
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Some(value)
+    };
+    let path = match url.path().trim_end_matches('/') {
+        "" => "/".to_owned(),
+        path => path.to_owned(),
+    };
+    Ok(Base {
+        url: url.as_str().trim_end_matches('/').to_owned(),
+        path,
+        origin: url.origin().ascii_serialization(),
+        basic_auth,
+    })
+}
+
+fn percent_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
 use crate::limiter::Limiter;
-use crate::request::RequestSpec;
+use crate::request::{BuiltRequest, RequestSpec};
 use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
 use crate::stats::Stats;
 use tracing::Instrument as _;
@@ -190,8 +190,8 @@ impl<T> Endpoint<T> {
     /// # Errors
     ///
     /// When the builder's spec cannot become a valid request.
-    pub fn build_request(&self, item: &T) -> Result<Request<Bytes>, BuildError> {
-        self.client.prepare((self.build)(item))
+    pub fn build_request(&self, item: &T) -> Result<BuiltRequest, BuildError> {
+        self.client.prepare((self.build)(item)).map(BuiltRequest)
     }
 
     /// Fetches one item: waits for the pause and a rate token before every
@@ -228,7 +228,7 @@ impl<T> Endpoint<T> {
     async fn fetch_item(&self, item: T, index: u64) -> Result<Fetched<T>, FetchError<T>> {
         let started = Instant::now();
         let request = match self.build_request(&item) {
-            Ok(request) => request,
+            Ok(request) => request.into_request(),
             Err(e) => {
                 return Err(FetchError::new(item, FetchErrorKind::Build)
                     .with_detail(e.to_string())

@@ -143,7 +143,7 @@ pub use crate::ext::{Progress, WithProgress};
 pub use crate::limiter::{Adaptive, KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;
 pub use crate::rate::{Mode, Rate};
-pub use crate::request::RequestSpec;
+pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;

@@ -68,8 +68,14 @@ impl WeakPauseHandle {
 }
 
 impl PauseHandle {
-    /// The default cap on one pause: 5 minutes.
-    pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(300);
+    /// The default cap on one pause: 60 seconds.
+    ///
+    /// A pause stalls every request sharing the handle, so a server's
+    /// `Retry-After` is trusted for at most a minute by default; raise it
+    /// with [`with_max_pause`](Self::with_max_pause) (or
+    /// [`ClientBuilder::max_pause`](crate::ClientBuilder::max_pause)) for an
+    /// API known to ask for longer.
+    pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(60);
 
     /// A handle that is not paused, with the default cap.
     pub fn new() -> Self {

@@ -4,7 +4,7 @@ use std::fmt;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Request};
 
 use crate::error::BuildError;
 
@@ -33,6 +33,9 @@ pub struct RequestSpec {
     pub(crate) headers: HeaderMap,
     pub(crate) body: Bytes,
     pub(crate) error: Option<BuildError>,
+    /// For a next link: the listing's first target, whose origin the link
+    /// must keep unless the client allows otherwise.
+    pub(crate) link_from: Option<String>,
 }
 
 impl RequestSpec {
@@ -45,6 +48,7 @@ impl RequestSpec {
             headers: HeaderMap::new(),
             body: Bytes::new(),
             error: None,
+            link_from: None,
         }
     }
 
@@ -113,6 +117,26 @@ impl RequestSpec {
         self
     }
 
+    /// `value` as one path segment, percent-encoded: everything but
+    /// letters, digits and `-._~` becomes `%XX`, so item data cannot add a
+    /// segment (`/`), open a query (`?`) or a fragment (`#`). A value that
+    /// is `.` or `..` stays so, and the client refuses it.
+    ///
+    /// Inserting item data with plain `format!` is raw insertion: the
+    /// client still refuses dot segments and paths that leave the base
+    /// path, but a `/` or `?` in the data changes the request.
+    ///
+    /// ```
+    /// use sluicegate::RequestSpec;
+    ///
+    /// let id = "a/b?c=d#e f";
+    /// let target = format!("/items/{}", RequestSpec::segment(id));
+    /// assert_eq!(target, "/items/a%2Fb%3Fc%3Dd%23e%20f");
+    /// ```
+    pub fn segment(value: impl fmt::Display) -> impl fmt::Display {
+        Segment(value)
+    }
+
     /// The method.
     pub fn method(&self) -> &Method {
         &self.method
@@ -151,5 +175,94 @@ impl fmt::Debug for RequestSpec {
             .field("query", &self.query)
             .field("body_len", &self.body.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Displays its value percent-encoded as one path segment.
+struct Segment<T>(T);
+
+impl<T: fmt::Display> fmt::Display for Segment<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use fmt::Write as _;
+        let text = self.0.to_string();
+        for byte in text.bytes() {
+            if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+                f.write_char(char::from(byte))?;
+            } else {
+                write!(f, "%{byte:02X}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request as it will be sent, from
+/// [`Endpoint::build_request`](crate::Endpoint::build_request).
+///
+/// It derefs to the [`http::Request`]; its `Debug` differs from that one's
+/// in leaving out what may be secret: query values (often API keys) show as
+/// `***`, headers marked secret as `Sensitive`, the body by its length.
+///
+/// ```
+/// use sluicegate::mock::MockTransport;
+/// use sluicegate::{Client, RequestSpec};
+///
+/// let client = Client::builder().transport(MockTransport::new()).base_url("http://mock").build().unwrap();
+/// let endpoint = client.request(|_: &()| RequestSpec::get("/x").query("api_key", "K3Y"));
+/// let request = endpoint.build_request(&()).unwrap();
+/// assert_eq!(request.uri().query(), Some("api_key=K3Y"));
+/// assert!(format!("{request:?}").contains("/x?api_key=***"));
+/// ```
+pub struct BuiltRequest(pub(crate) Request<Bytes>);
+
+impl BuiltRequest {
+    /// The request itself.
+    pub fn into_request(self) -> Request<Bytes> {
+        self.0
+    }
+}
+
+impl std::ops::Deref for BuiltRequest {
+    type Target = Request<Bytes>;
+
+    fn deref(&self) -> &Request<Bytes> {
+        &self.0
+    }
+}
+
+impl From<BuiltRequest> for Request<Bytes> {
+    fn from(request: BuiltRequest) -> Self {
+        request.0
+    }
+}
+
+impl fmt::Debug for BuiltRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let uri = self.0.uri();
+        let mut shown = match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+            _ => uri.path().to_owned(),
+        };
+        if let Some(query) = uri.query() {
+            shown.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    shown.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) => {
+                        shown.push_str(name);
+                        shown.push_str("=***");
+                    }
+                    None => shown.push_str("***"),
+                }
+            }
+        }
+        f.debug_struct("BuiltRequest")
+            .field("method", self.0.method())
+            .field("uri", &format_args!("{shown}"))
+            .field("headers", self.0.headers())
+            .field("body_len", &self.0.body().len())
+            .finish()
     }
 }

@@ -14,6 +14,7 @@ use http::Response;
 use tokio::time::Instant;
 
 use crate::error::TransportError;
+use crate::stats::Stats;
 
 mod backoff;
 mod budget;
@@ -50,6 +51,11 @@ pub(crate) struct Rules {
     /// before the client's defaults, so they win).
     own: usize,
     attempt_limit: u32,
+    /// The pause handle's cap, so a capped `Retry-After` is noticed (and
+    /// logged) here, where the server's value is still known.
+    pause_cap: Option<Duration>,
+    /// Where a capped `Retry-After` is counted: the client's stats.
+    stats: Option<Stats>,
 }
 
 /// What to do after an attempt.
@@ -96,6 +102,8 @@ impl Default for Rules {
             rules: Vec::new(),
             own: 0,
             attempt_limit: DEFAULT_ATTEMPT_LIMIT,
+            pause_cap: None,
+            stats: None,
         }
     }
 }
@@ -122,6 +130,16 @@ impl Rules {
             own: 0,
             ..self.clone()
         }
+    }
+
+    /// Pauses these rules ask for are capped at `cap` (the handle's own cap).
+    pub(crate) fn set_pause_cap(&mut self, cap: Duration) {
+        self.pause_cap = Some(cap);
+    }
+
+    /// Counts capped `Retry-After` values in `stats`.
+    pub(crate) fn set_stats(&mut self, stats: Option<Stats>) {
+        self.stats = stats;
     }
 
     pub(crate) fn set_attempt_limit(&mut self, limit: u32) {
@@ -173,7 +191,7 @@ impl Rules {
         match rule {
             Rule::Pause { fallback, .. } => match retry_after {
                 Some(delay) => Verdict::Pause {
-                    delay,
+                    delay: self.capped(delay, self.pause_cap, "pause"),
                     cause: DelayCause::RetryAfter,
                 },
                 None => Verdict::Pause {
@@ -186,7 +204,11 @@ impl Rules {
                     return Verdict::Finish;
                 }
                 let (delay, cause) = match policy.server_delay(retry_after) {
-                    Some(delay) => (delay, DelayCause::RetryAfter),
+                    Some(delay) => {
+                        let asked = retry_after.unwrap_or(delay);
+                        self.capped(asked, Some(policy.retry_after_limit()), "retry");
+                        (delay, DelayCause::RetryAfter)
+                    }
                     None => (
                         policy.delay(history.attempts, history.previous_delay, rng),
                         DelayCause::Policy,
@@ -203,6 +225,29 @@ impl Rules {
                 }
                 Verdict::Retry { delay, cause }
             }
+        }
+    }
+}
+
+impl Rules {
+    /// `asked` within `cap`, with a warning when the server asked for more:
+    /// a capped `Retry-After` is a server misbehaving (or a hostile one),
+    /// and the run should say so rather than quietly wait less.
+    fn capped(&self, asked: Duration, cap: Option<Duration>, wait: &'static str) -> Duration {
+        match cap {
+            Some(cap) if asked > cap => {
+                tracing::warn!(
+                    retry_after_s = asked.as_secs(),
+                    capped_s = cap.as_secs(),
+                    wait,
+                    "server's Retry-After capped"
+                );
+                if let Some(stats) = &self.stats {
+                    stats.retry_after_capped();
+                }
+                cap
+            }
+            _ => asked,
         }
     }
 }

@@ -72,6 +72,7 @@ struct Inner {
     /// The learned rate's `f64` bits; `u64::MAX` while there is none.
     learned_rate: AtomicU64,
     malformed_rate_headers: AtomicU64,
+    retry_after_capped: AtomicU64,
     /// What each answer adds, kept per thread slot: one uncontended lock per
     /// answer instead of an atomic per counter.
     answers: [Mutex<Answers>; SHARDS],
@@ -117,6 +118,7 @@ impl Stats {
                 peak_in_flight: AtomicU64::new(0),
                 learned_rate: AtomicU64::new(u64::MAX),
                 malformed_rate_headers: AtomicU64::new(0),
+                retry_after_capped: AtomicU64::new(0),
                 answers: std::array::from_fn(|_| Mutex::new(Answers::new())),
             }),
         }
@@ -189,6 +191,13 @@ impl Stats {
         self.inner
             .malformed_rate_headers
             .store(malformed, Ordering::Relaxed);
+    }
+
+    /// A server's `Retry-After` was longer than the cap and was cut.
+    pub(crate) fn retry_after_capped(&self) {
+        self.inner
+            .retry_after_capped
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn retried(&self) {
@@ -268,6 +277,7 @@ impl Stats {
                 bits => Some(f64::from_bits(bits)),
             },
             malformed_rate_headers: load(&inner.malformed_rate_headers),
+            retry_after_capped: load(&inner.retry_after_capped),
             peak_in_flight: load(&inner.peak_in_flight),
             latency: LatencySummary {
                 count: merged.len(),
@@ -348,6 +358,9 @@ pub struct StatsSnapshot {
     pub learned_rate: Option<f64>,
     /// Rate-limit headers ignored as malformed or absurd.
     pub malformed_rate_headers: u64,
+    /// Server `Retry-After` values cut to a cap (each also logged as a
+    /// warning); counted by the client's own stats.
+    pub retry_after_capped: u64,
     /// Most requests in flight at once.
     pub peak_in_flight: u64,
     /// Attempt latency.
@@ -412,13 +425,17 @@ impl fmt::Display for StatsSnapshot {
             }
         )?;
         if self.pauses == 0 {
-            writeln!(f, "  retries    {}; no pause", self.retries)?;
+            write!(f, "  retries    {}; no pause", self.retries)?;
         } else {
-            writeln!(
+            write!(
                 f,
                 "  retries    {}; pauses {} ({:.2?} paused)",
                 self.retries, self.pauses, self.paused
             )?;
+        }
+        match self.retry_after_capped {
+            0 => writeln!(f)?,
+            n => writeln!(f, "; {n} Retry-After capped")?,
         }
         write!(
             f,

@@ -32,7 +32,7 @@ use futures::stream::{Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::sink::{dead_letter_path, encode, DeadLetter, HasItem, Report};
+use super::sink::{dead_letter_path, encode, in_file, DeadLetter, HasItem, Report};
 
 type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
 
@@ -131,26 +131,38 @@ impl<I> Journal<I> {
     ///
     /// # Errors
     ///
-    /// When a file cannot be read or written, or an output file is shorter
-    /// than its journal says (it was edited or replaced since).
+    /// When `output` is empty (`InvalidInput`), a file cannot be read or
+    /// written (the message names the file), or an output file is shorter
+    /// than its journal says (it was edited or replaced since). A torn or
+    /// garbled tail of the journal itself is not an error: it is cut back
+    /// to the last complete line.
     pub fn open<F>(output: impl AsRef<Path>, key: F) -> io::Result<Self>
     where
         F: Fn(&I) -> String + Send + Sync + 'static,
     {
         let output = output.as_ref().to_owned();
+        if output.as_os_str().is_empty() {
+            // Else the journal would be a stray `.journal` in the working directory.
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "journal output path is empty",
+            ));
+        }
         let dead_letters = dead_letter_path(&output);
         let mut journal_path = output.clone().into_os_string();
         journal_path.push(".journal");
         let journal_path = PathBuf::from(journal_path);
 
+        let in_journal = |e: io::Error| in_file(e, "journal", &journal_path);
         let mut journal = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
-            .open(&journal_path)?;
-        let (done, ok_len, failed_len, committed) = replay(&journal)?;
-        journal.set_len(committed)?;
-        journal.seek(io::SeekFrom::End(0))?;
+            .open(&journal_path)
+            .map_err(in_journal)?;
+        let (done, ok_len, failed_len, committed) = replay(&journal).map_err(in_journal)?;
+        journal.set_len(committed).map_err(in_journal)?;
+        journal.seek(io::SeekFrom::End(0)).map_err(in_journal)?;
 
         let ok = cut_back(&output, ok_len)?;
         let failed = cut_back(&dead_letters, failed_len)?;
@@ -263,7 +275,13 @@ impl<I> Journal<I> {
         } else {
             (&mut files.failed, &mut files.failed_len)
         };
-        file.write_all(record)?;
+        let path = if to_ok {
+            &files.output
+        } else {
+            &files.dead_letters
+        };
+        file.write_all(record)
+            .map_err(|e| in_file(e, "journaled output", path))?;
         *len += record.len() as u64;
         let entry = Entry {
             key: key.to_owned(),
@@ -272,7 +290,10 @@ impl<I> Journal<I> {
         };
         let mut line = Vec::with_capacity(64);
         encode(&mut line, &entry)?;
-        files.journal.write_all(&line)?;
+        let output = &files.output;
+        files.journal.write_all(&line).map_err(|e| {
+            io::Error::new(e.kind(), format!("journal of {}: {e}", output.display()))
+        })?;
         files.done.insert(entry.key);
         Ok(true)
     }
@@ -291,14 +312,16 @@ fn replay(journal: &File) -> io::Result<(HashSet<String>, u64, u64, u64)> {
     let mut done = HashSet::new();
     let (mut ok_len, mut failed_len, mut committed) = (0, 0, 0);
     let mut reader = BufReader::new(journal);
-    let mut line = String::new();
+    // Bytes, not a `String`: a crash can tear a line inside a multi-byte
+    // character, and that torn tail must be cut, not refused.
+    let mut line = Vec::new();
     loop {
         line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n == 0 || !line.ends_with('\n') {
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
             break; // the end, or half a line from a crash
         }
-        let Ok(entry) = serde_json::from_str::<Entry>(&line) else {
+        let Ok(entry) = serde_json::from_slice::<Entry>(&line) else {
             break;
         };
         match entry.file.as_str() {
@@ -314,12 +337,14 @@ fn replay(journal: &File) -> io::Result<(HashSet<String>, u64, u64, u64)> {
 
 /// Opens `path` for appending, cut back to `len` bytes.
 fn cut_back(path: &Path, len: u64) -> io::Result<File> {
+    let in_output = |e: io::Error| in_file(e, "journaled output", path);
     let file = OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
-        .open(path)?;
-    let actual = file.metadata()?.len();
+        .open(path)
+        .map_err(in_output)?;
+    let actual = file.metadata().map_err(in_output)?.len();
     if actual < len {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -329,6 +354,6 @@ fn cut_back(path: &Path, len: u64) -> io::Result<File> {
             ),
         ));
     }
-    file.set_len(len)?;
+    file.set_len(len).map_err(in_output)?;
     Ok(file)
 }

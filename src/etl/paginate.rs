@@ -272,7 +272,9 @@ fn spec_for(first: &RequestSpec, how: &Pagination, page: &PageRef) -> RequestSpe
     }
     match how {
         Pagination::LinkHeader => {
-            // The link is a whole URL, query included.
+            // The link is a whole URL, query included. It came from a
+            // server: it must keep the listing's origin (the client checks).
+            spec.link_from = Some(first.target.clone());
             spec.target.clone_from(&page.token);
             spec.query.clear();
             spec

@@ -206,8 +206,13 @@ where
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(async move {
             let started = Instant::now();
-            let mut ok_file = BufWriter::new(File::create(&self.output)?);
-            let mut failed_file = BufWriter::new(File::create(&self.dead_letters)?);
+            let output = self.output.clone();
+            let dead_letters = self.dead_letters.clone();
+            let in_output = |e: io::Error| in_file(e, "output", &output);
+            let in_dead_letters = |e: io::Error| in_file(e, "dead letters", &dead_letters);
+            let mut ok_file = BufWriter::new(File::create(&output).map_err(in_output)?);
+            let mut failed_file =
+                BufWriter::new(File::create(&dead_letters).map_err(in_dead_letters)?);
             let mut report = Report {
                 ok: 0,
                 failed: 0,
@@ -223,22 +228,28 @@ where
                 match result {
                     Ok(value) => {
                         encode(&mut line, &value)?;
-                        ok_file.write_all(&line)?;
+                        ok_file.write_all(&line).map_err(in_output)?;
                         report.ok += 1;
                     }
                     Err(failure) => {
                         encode(&mut line, &failure.dead_letter())?;
-                        failed_file.write_all(&line)?;
+                        failed_file.write_all(&line).map_err(in_dead_letters)?;
                         report.failed += 1;
                     }
                 }
             }
-            ok_file.flush()?;
-            failed_file.flush()?;
+            ok_file.flush().map_err(in_output)?;
+            failed_file.flush().map_err(in_dead_letters)?;
             report.elapsed = started.elapsed();
             Ok(report)
         })
     }
+}
+
+/// `error` with the role and path of the file it happened on, so a message
+/// says which file to look at; the kind is kept for callers that match on it.
+pub(crate) fn in_file(error: io::Error, role: &str, path: &Path) -> io::Error {
+    io::Error::new(error.kind(), format!("{role} {}: {error}", path.display()))
 }
 
 /// One JSON line, newline included.

@@ -52,8 +52,11 @@ impl Backoff {
     pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
     /// The default cap on a computed delay: 30 seconds.
     pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(30);
-    /// The default cap on a server's `Retry-After`: 60 seconds.
-    pub const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
+    /// The default cap on a server's `Retry-After`: 30 seconds, the same
+    /// as the default cap on a computed delay, so a server cannot make an
+    /// item wait longer than the policy itself would. A capped value is
+    /// logged as a warning.
+    pub const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(30);
 
     fn with(schedule: Schedule) -> Self {
         Self {
@@ -133,7 +136,9 @@ impl Backoff {
         self
     }
 
-    /// Caps the wait a server's `Retry-After` can ask for.
+    /// Caps the wait a server's `Retry-After` can ask for (default
+    /// [`DEFAULT_RETRY_AFTER_CAP`](Self::DEFAULT_RETRY_AFTER_CAP)); each
+    /// capped value is logged as a warning.
     pub fn retry_after_cap(mut self, cap: Duration) -> Self {
         self.retry_after_cap = cap;
         self
@@ -191,6 +196,11 @@ impl Backoff {
         retry_after
             .filter(|_| self.honor_retry_after)
             .map(|d| d.min(self.retry_after_cap))
+    }
+
+    /// The cap on a server's `Retry-After`.
+    pub(crate) fn retry_after_limit(&self) -> Duration {
+        self.retry_after_cap
     }
 
     pub(crate) fn max_elapsed_limit(&self) -> Option<Duration> {
