@@ -185,7 +185,15 @@ impl Client {
             return Err(error);
         }
         let url = self.resolve(&spec.target, &spec.query)?;
-        let origin = url.origin().ascii_serialization();
+        // A relative target stays under the base URL (`resolve` sees to
+        // it), so its origin is home: only an absolute target or a link has
+        // its origin written out and compared, which costs a formatting.
+        let relative = !is_absolute(&spec.target) && spec.link_from.is_none();
+        let origin = if relative {
+            String::new()
+        } else {
+            url.origin().ascii_serialization()
+        };
         if let Some(listing) = &spec.link_from {
             let from = self.resolve(listing, &[])?.origin().ascii_serialization();
             if origin != from && !self.is_trusted(&origin) && !self.inner.follow_cross_origin_links
@@ -198,7 +206,7 @@ impl Client {
             }
         }
         // Default headers carry the client's credentials: only to a home origin.
-        let mut headers = if self.is_home(&origin) {
+        let mut headers = if relative || self.is_home(&origin) {
             self.inner.headers.clone()
         } else {
             HeaderMap::new()
@@ -319,9 +327,25 @@ impl CredentialScope {
 /// with `/` or `\\` (which WHATWG URLs also read as `/`) between segments.
 fn has_dot_segment(path: &str) -> bool {
     path.split(['/', '\\']).any(|segment| {
-        let lower = segment.to_ascii_lowercase();
-        let dots = lower.replace("%2e", ".");
-        !segment.is_empty() && (dots == "." || dots == "..")
+        // Count the dots, `.` or `%2e` in either case; anything else means
+        // an ordinary segment. No allocation: this runs for every request.
+        let mut rest = segment.as_bytes();
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3
+                && rest[0] == b'%'
+                && rest[1] == b'2'
+                && rest[2] | 0x20 == b'e'
+            {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
     })
 }
 
@@ -748,6 +772,35 @@ mod tests {
             .base_url(base)
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn dot_segments_are_found_in_every_spelling() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "..",
+            "/%2e%2e/x",
+            "/%2E./x",
+            "/.%2e",
+            "a\\..\\b",
+            "/x/%2e",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/a/b",
+            "/...",
+            "/.hidden",
+            "/a..b",
+            "/%2e%2e%2e",
+            "/%2f",
+            "",
+            "/",
+            "/%2",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
     }
 
     fn uri(c: &Client, spec: RequestSpec) -> String {
