@@ -17,8 +17,11 @@ impl<O: Send + 'static> Task<O> {
     ///
     /// Outside a tokio runtime.
     pub(crate) fn spawn(future: impl Future<Output = O> + Send + 'static) -> Self {
+        // Boxed first: an item's fetch is a large future (about 2 KB), and
+        // spawning it unboxed copies it through several frames into the
+        // task; a box moves as a pointer.
         Self {
-            handle: AbortOnDropHandle::new(tokio::spawn(future)),
+            handle: AbortOnDropHandle::new(tokio::spawn(Box::pin(future))),
         }
     }
 }
