@@ -12,8 +12,9 @@ type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 
 /// Which outcomes of an attempt a rule applies to.
 ///
-/// Made from a status (`StatusCode::TOO_MANY_REQUESTS.into()`), a class of
-/// statuses, transport errors, or a predicate on the response.
+/// Made from a status (`StatusCode::TOO_MANY_REQUESTS.into()`, or a bare
+/// number: `429.into()`), a class of statuses, transport errors, or a
+/// predicate on the response.
 ///
 /// ```
 /// use http::StatusCode;
@@ -98,6 +99,30 @@ impl Matcher {
 impl From<StatusCode> for Matcher {
     fn from(status: StatusCode) -> Self {
         Self::status(status)
+    }
+}
+
+/// A bare status number, as in `retry_on(429, policy)`.
+///
+/// # Panics
+///
+/// If `status` is not a valid status code (outside `100..=999`): a typo in
+/// a rule should stop the program where it is written, not match nothing.
+///
+/// ```
+/// use sluicegate::retry::Matcher;
+///
+/// let by_number: Matcher = 429.into();
+/// let by_name: Matcher = sluicegate::http::StatusCode::TOO_MANY_REQUESTS.into();
+/// assert_eq!(format!("{by_number:?}"), format!("{by_name:?}"));
+/// ```
+impl From<u16> for Matcher {
+    #[track_caller]
+    fn from(status: u16) -> Self {
+        match StatusCode::from_u16(status) {
+            Ok(status) => Self::status(status),
+            Err(_) => panic!("{status} is not an HTTP status code (100..=999)"),
+        }
     }
 }
 
