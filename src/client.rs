@@ -371,6 +371,7 @@ impl fmt::Debug for Client {
 
 /// Builds a [`Client`]. Mistakes are reported by [`build`](Self::build).
 #[derive(Default)]
+#[must_use = "a ClientBuilder does nothing until `build` is called"]
 pub struct ClientBuilder {
     transport: Option<Arc<dyn Transport>>,
     base_url: Option<String>,

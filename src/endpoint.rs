@@ -54,6 +54,20 @@ type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
 /// assert_eq!(fetched.elapsed, Duration::from_millis(100));
 /// # }
 /// ```
+///
+/// Its methods return a new endpoint and leave the old one as it was, so a
+/// rule added in a statement of its own is lost; the compiler says so
+/// (`unused_must_use`), and this does not compile with that lint denied:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use sluicegate::prelude::*;
+///
+/// let client = Client::builder().transport(MockTransport::new()).build().unwrap();
+/// let endpoint = client.get(|id: &u64| format!("/items/{id}"));
+/// endpoint.retry_on(429, Backoff::constant(Duration::from_millis(100))); // lost
+/// ```
+#[must_use = "an Endpoint does nothing until fetched or handed to a fetch operator; its methods return a new one"]
 pub struct Endpoint<T> {
     client: Client,
     build: Arc<BuildFn<T>>,
@@ -403,8 +417,11 @@ impl<T> Endpoint<T> {
                     let before = client.pause.paused_until().unwrap_or(now);
                     let until = client.pause.pause_for(delay);
                     let added = until.saturating_duration_since(before);
+                    // The item is sent again once the pause ends: a retry
+                    // like any other, besides the pause it asked for.
                     for stats in &self.stats {
                         stats.paused(added);
+                        stats.retried();
                     }
                     paused_by_us = true;
                     span.in_scope(|| {

@@ -25,3 +25,53 @@ async fn a_bare_status_number_is_a_matcher() {
         (2, Duration::from_millis(100))
     );
 }
+
+#[tokio::test(start_paused = true)]
+#[should_panic(expected = "FetchConcurrent::retry_on called after the stream was first polled")]
+async fn configuring_a_stage_after_it_was_polled_panics() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+    let client = Client::builder()
+        .transport(mock)
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let mut stage =
+        stream::iter(0..4u32).fetch_concurrent(2, client.get(|id: &u32| format!("/items/{id}")));
+    let _ = stage.next().await;
+    // Would apply to the items not yet admitted only: refused, loudly.
+    let _stage = stage.retry_on(500, Backoff::constant(Duration::from_millis(10)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_a_pause_counts_as_a_retry_and_a_pause() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").sequence([
+        MockResponse::status(503).header("retry-after", "3"),
+        MockResponse::ok(),
+    ]));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .pause_on(503, Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let fetched = client
+        .get(|id: &u32| format!("/items/{id}"))
+        .fetch(1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (fetched.attempts, fetched.elapsed),
+        (2, Duration::from_secs(3))
+    );
+    let calls = mock.calls();
+    assert_eq!(calls[1].sent_at - calls[0].sent_at, Duration::from_secs(3));
+    let stats = client.stats().unwrap().snapshot();
+    assert_eq!((stats.requests, stats.retries, stats.pauses), (2, 1, 1));
+    assert_eq!(stats.paused, Duration::from_secs(3));
+    assert!(
+        stats.to_string().contains("retries    1; pauses 1"),
+        "{stats}"
+    );
+}

@@ -32,6 +32,7 @@ pub struct PageRef {
 
 /// How to find the next page.
 #[derive(Debug, Clone)]
+#[must_use = "a Pagination does nothing until given to paginate"]
 pub enum Pagination {
     /// Follow `Link: <url>; rel="next"` until a page has none.
     LinkHeader,
@@ -145,10 +146,12 @@ pub fn paginate(client: &Client, first: impl Into<RequestSpec>, how: Pagination)
 }
 
 impl Paginate {
+    #[track_caller]
     fn configure(mut self, f: impl FnOnce(Endpoint<PageRef>) -> Endpoint<PageRef>) -> Self {
         assert!(
             self.pages.is_none(),
-            "configure a paginator before polling it"
+            "configure a paginator before polling it: a rule added once pages are being \
+             fetched would apply to some of them only"
         );
         self.endpoint = self.endpoint.take().map(f);
         self
@@ -177,7 +180,16 @@ impl Paginate {
     }
 
     /// Stops after `n` pages.
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream has started.
+    #[track_caller]
     pub fn max_pages(mut self, n: u64) -> Self {
+        assert!(
+            self.pages.is_none(),
+            "configure a paginator before polling it: max_pages would be ignored"
+        );
         self.max_pages = n;
         self
     }

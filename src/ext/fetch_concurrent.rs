@@ -112,7 +112,8 @@ pin_project! {
     /// and [`SluiceExt::try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent).
     ///
     /// Configure it (`ordered`, `retry_on`, `pause_on`, timeouts) before the
-    /// first poll.
+    /// first poll: each of those methods panics once the stream has been
+    /// polled, since a rule added then would apply to some items only.
     #[must_use = "streams do nothing unless polled"]
     pub struct FetchConcurrent<S, A>
     where
@@ -124,6 +125,8 @@ pin_project! {
         endpoint: Arc<Endpoint<A::Item>>,
         limit: usize,
         ordered: bool,
+        // Polled at least once: configuring now would apply to some items only.
+        started: bool,
         // Index of the next item taken from upstream.
         next_in: u64,
         // Index of the next output to yield in ordered mode.
@@ -149,6 +152,7 @@ where
             endpoint: Arc::new(endpoint),
             limit,
             ordered: false,
+            started: false,
             next_in: 0,
             next_out: 0,
             outstanding: 0,
@@ -163,39 +167,64 @@ where
     ///
     /// # Panics
     ///
-    /// If called after the stream has started.
+    /// If called after the stream was first polled.
     #[track_caller]
     pub fn ordered(mut self) -> Self {
-        assert_eq!(self.next_in, 0, "ordered() must be called before polling");
+        self.assert_not_started("ordered");
         self.ordered = true;
         self
     }
 
     /// Retries outcomes that `matcher` matches with `policy`; see
     /// [`Endpoint::retry_on`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn retry_on(self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        self.configure(|e| e.retry_on(matcher, policy))
+        self.configure("retry_on", |e| e.retry_on(matcher, policy))
     }
 
     /// Pauses the shared handle on outcomes that `matcher` matches; see
     /// [`Endpoint::pause_on`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn pause_on(self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.configure(|e| e.pause_on(matcher, fallback))
+        self.configure("pause_on", |e| e.pause_on(matcher, fallback))
     }
 
     /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn with_stats(self, stats: crate::Stats) -> Self {
-        self.configure(|e| e.with_stats(stats))
+        self.configure("with_stats", |e| e.with_stats(stats))
     }
 
     /// Per-attempt timeout; see [`Endpoint::timeout`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn timeout(self, timeout: Duration) -> Self {
-        self.configure(|e| e.timeout(timeout))
+        self.configure("timeout", |e| e.timeout(timeout))
     }
 
     /// Per-item timeout; see [`Endpoint::item_timeout`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn item_timeout(self, timeout: Duration) -> Self {
-        self.configure(|e| e.item_timeout(timeout))
+        self.configure("item_timeout", |e| e.item_timeout(timeout))
     }
 
     /// Caps attempts per item; see [`Endpoint::attempt_limit`].
@@ -206,12 +235,27 @@ where
     #[track_caller]
     pub fn attempt_limit(self, limit: u32) -> Self {
         assert!(limit > 0, "attempt_limit must be at least 1");
-        self.configure(|e| e.attempt_limit(limit))
+        self.configure("attempt_limit", |e| e.attempt_limit(limit))
+    }
+
+    #[track_caller]
+    fn assert_not_started(&self, method: &str) {
+        assert!(
+            !self.started,
+            "FetchConcurrent::{method} called after the stream was first polled: it would \
+             apply to some items only; configure the stream (or its Endpoint) before polling it"
+        );
     }
 
     /// Reconfigures the endpoint (before the first poll, when nothing else
     /// holds it yet).
-    fn configure(mut self, f: impl FnOnce(Endpoint<A::Item>) -> Endpoint<A::Item>) -> Self {
+    #[track_caller]
+    fn configure(
+        mut self,
+        method: &str,
+        f: impl FnOnce(Endpoint<A::Item>) -> Endpoint<A::Item>,
+    ) -> Self {
+        self.assert_not_started(method);
         self.endpoint = Arc::new(f(Arc::unwrap_or_clone(self.endpoint)));
         self
     }
@@ -232,6 +276,7 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
+        *this.started = true;
         loop {
             // Yield what is ready, in order if asked.
             if *this.ordered {

@@ -28,6 +28,7 @@ use super::RetryBudget;
 /// assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1_000)]);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a Backoff does nothing until given to a retry rule; its methods return a new one"]
 pub struct Backoff {
     schedule: Schedule,
     max_delay: Duration,

@@ -26,6 +26,7 @@ type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 /// # let _ = (too_many, flaky, custom);
 /// ```
 #[derive(Clone)]
+#[must_use = "a Matcher does nothing until given to a rule; its methods return a new one"]
 pub struct Matcher {
     any_of: Vec<Match>,
 }
