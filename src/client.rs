@@ -17,7 +17,7 @@ use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 use crate::rate::Rate;
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher, Rules};
+use crate::retry::{Backoff, Matcher, PausePolicy, Rules};
 use crate::stats::Stats;
 use crate::transport::Transport;
 
@@ -474,15 +474,17 @@ impl ClientBuilder {
         self
     }
 
-    /// A default retry rule for every endpoint of the client.
+    /// A default retry rule for every endpoint of the client; see
+    /// [`Endpoint::retry_on`].
     pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
         self.rules.retry_on(matcher.into(), policy);
         self
     }
 
-    /// A default pause rule for every endpoint of the client.
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.rules.pause_on(matcher.into(), fallback);
+    /// A default pause rule for every endpoint of the client; see
+    /// [`Endpoint::pause_on`].
+    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.rules.pause_on(matcher.into(), policy.into());
         self
     }
 

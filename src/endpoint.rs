@@ -17,7 +17,7 @@ use crate::error::{
 };
 use crate::limiter::Limiter;
 use crate::request::{BuiltRequest, RequestSpec};
-use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
+use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, PausePolicy, Rules, Verdict};
 use crate::stats::Stats;
 use tracing::Instrument as _;
 
@@ -146,7 +146,9 @@ impl<T> Endpoint<T> {
     }
 
     /// Retries outcomes that `matcher` matches, waiting as `policy` says
-    /// (or as the server's `Retry-After` says, capped by the policy).
+    /// (or as the server's `Retry-After` says, capped by the policy), up to
+    /// the policy's [`max_attempts`](Backoff::max_attempts) (default 3):
+    /// the only cap on attempts when this rule matches.
     pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
         self.rules.retry_on(matcher.into(), policy);
         self
@@ -154,9 +156,11 @@ impl<T> Endpoint<T> {
 
     /// On outcomes that `matcher` matches, pauses the client's shared
     /// [`PauseHandle`](crate::PauseHandle) for the server's `Retry-After`
-    /// (else `fallback`), then retries the item once the pause ends.
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.rules.pause_on(matcher.into(), fallback);
+    /// (else the policy's fallback: a bare `Duration` is one), then retries
+    /// the item once the pause ends, up to the policy's
+    /// [`max_attempts`](PausePolicy::max_attempts) (default 10).
+    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.rules.pause_on(matcher.into(), policy.into());
         self
     }
 
@@ -170,20 +174,6 @@ impl<T> Endpoint<T> {
     /// waits and pauses included.
     pub fn item_timeout(mut self, timeout: Duration) -> Self {
         self.item_timeout = Some(timeout);
-        self
-    }
-
-    /// Caps the attempts of one item across all rules (default
-    /// [`DEFAULT_ATTEMPT_LIMIT`](crate::retry::DEFAULT_ATTEMPT_LIMIT)); a
-    /// pause rule, which has no policy of its own, stops here.
-    ///
-    /// # Panics
-    ///
-    /// If `limit` is 0.
-    #[track_caller]
-    pub fn attempt_limit(mut self, limit: u32) -> Self {
-        assert!(limit > 0, "attempt_limit must be at least 1");
-        self.rules.set_attempt_limit(limit);
         self
     }
 

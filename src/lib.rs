@@ -181,7 +181,7 @@ pub use reqwest;
 pub mod prelude {
     pub use crate::etl::{paginate, read_jsonl, Journal, Pagination, Report};
     pub use crate::mock::{MockResponse, MockTransport, Route};
-    pub use crate::retry::{Backoff, Matcher, RetryBudget};
+    pub use crate::retry::{Backoff, Matcher, PausePolicy, RetryBudget};
     #[cfg(feature = "reqwest")]
     pub use crate::ReqwestTransport;
     pub use crate::{

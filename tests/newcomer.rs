@@ -75,3 +75,64 @@ async fn a_retry_after_a_pause_counts_as_a_retry_and_a_pause() {
         "{stats}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn max_attempts_is_the_one_cap_on_retries() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/flaky").respond(MockResponse::status(500)));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let err = client
+        .get(|_: &()| "/flaky")
+        .retry_on(
+            Matcher::server_errors(),
+            Backoff::constant(Duration::from_millis(100)).max_attempts(50),
+        )
+        .fetch(())
+        .await
+        .unwrap_err();
+    // 50, not stopped at some other, hidden, limit.
+    assert_eq!((err.attempts(), mock.call_count()), (50, 50));
+    assert_eq!(err.elapsed(), Duration::from_millis(49 * 100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_rule_carries_its_own_cap() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/down").respond(MockResponse::status(503)));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let endpoint = client.get(|_: &()| "/down");
+
+    // A bare Duration: the default cap of 10 attempts, so 9 pauses.
+    let err = endpoint
+        .clone()
+        .pause_on(503, Duration::from_secs(1))
+        .fetch(())
+        .await
+        .unwrap_err();
+    assert_eq!(err.attempts(), PausePolicy::DEFAULT_MAX_ATTEMPTS);
+    assert_eq!(err.elapsed(), Duration::from_secs(9));
+
+    // Raised on the policy, it is obeyed.
+    mock.clear_calls();
+    let err = endpoint
+        .pause_on(
+            503,
+            PausePolicy::fallback(Duration::from_secs(1)).max_attempts(25),
+        )
+        .fetch(())
+        .await
+        .unwrap_err();
+    assert_eq!((err.attempts(), mock.call_count()), (25, 25));
+    let calls = mock.calls();
+    for pair in calls.windows(2) {
+        assert_eq!(pair[1].sent_at - pair[0].sent_at, Duration::from_secs(1));
+    }
+}

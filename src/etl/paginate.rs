@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::stream::{self, BoxStream, Stream, StreamExt as _};
 use http::header::LINK;
@@ -17,7 +16,7 @@ use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{FetchError, FetchErrorKind};
 use crate::ext::flat_unpack::locate;
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher};
+use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
 /// Which page to fetch: its number (from 1) and what identifies it.
@@ -174,9 +173,10 @@ impl Paginate {
     ///
     /// If called after the stream has started.
     #[track_caller]
-    pub fn pause_on(self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
+    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
         let matcher = matcher.into();
-        self.configure(|e| e.pause_on(matcher, fallback))
+        let policy = policy.into();
+        self.configure(|e| e.pause_on(matcher, policy))
     }
 
     /// Stops after `n` pages.

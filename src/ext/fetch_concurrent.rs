@@ -46,7 +46,7 @@ use pin_project_lite::pin_project;
 
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::FetchError;
-use crate::retry::{Backoff, Matcher};
+use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
 /// How a fetch operator takes its input: plain items, or the `Ok`s of a
@@ -193,8 +193,8 @@ where
     ///
     /// If called after the stream was first polled.
     #[track_caller]
-    pub fn pause_on(self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.configure("pause_on", |e| e.pause_on(matcher, fallback))
+    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.configure("pause_on", |e| e.pause_on(matcher, policy))
     }
 
     /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
@@ -225,17 +225,6 @@ where
     #[track_caller]
     pub fn item_timeout(self, timeout: Duration) -> Self {
         self.configure("item_timeout", |e| e.item_timeout(timeout))
-    }
-
-    /// Caps attempts per item; see [`Endpoint::attempt_limit`].
-    ///
-    /// # Panics
-    ///
-    /// If `limit` is 0.
-    #[track_caller]
-    pub fn attempt_limit(self, limit: u32) -> Self {
-        assert!(limit > 0, "attempt_limit must be at least 1");
-        self.configure("attempt_limit", |e| e.attempt_limit(limit))
     }
 
     #[track_caller]
