@@ -38,7 +38,6 @@
 //! let report = stream::iter([()])
 //!     .fetch_concurrent(1, client.get(|_: &()| "/items"))
 //!     .flat_unpack::<u64>() // JSON array -> ids
-//!     .map_err(Failure::from) // one error type for both stages
 //!     .try_fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
 //!     .json::<Customer>()
 //!     .write_jsonl(&out) // failures go beside it, to a .failed.jsonl
@@ -132,7 +131,7 @@ pub use crate::error::{
 };
 pub use crate::ext::{
     Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
-    Plain, SluiceExt, Throttle,
+    Plain, SluiceExt, StageError, Throttle,
 };
 #[cfg(feature = "progress")]
 pub use crate::ext::{Progress, WithProgress};

@@ -136,3 +136,81 @@ async fn a_pause_rule_carries_its_own_cap() {
         assert_eq!(pair[1].sent_at - pair[0].sent_at, Duration::from_secs(1));
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn stages_chain_without_map_err_and_failures_say_which_stage() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/lists/good").respond(MockResponse::json(&[1, 2, 404])));
+    mock.mount(Route::get("/lists/bad").respond(MockResponse::status(500)));
+    mock.mount(Route::get("/items/404").respond(MockResponse::status(404)));
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+    let client = Client::builder()
+        .transport(mock)
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+
+    let out: Vec<Result<Fetched<u64>, Failure>> = stream::iter(["good", "bad"])
+        .fetch_concurrent(1, client.get(|list: &&str| format!("/lists/{list}")))
+        .flat_unpack::<u64>()
+        .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+        .ordered()
+        .collect()
+        .await;
+    assert_eq!(out.len(), 4);
+    let mut lists = Vec::new();
+    let mut items = Vec::new();
+    for failure in out.into_iter().filter_map(Result::err) {
+        match failure.downcast::<&str>() {
+            Ok(list) => lists.push((*list.item(), list.status())),
+            Err(failure) => {
+                let item = failure.downcast::<u64>().expect("an item's failure");
+                items.push((*item.item(), item.status(), item.attempts()));
+            }
+        }
+    }
+    assert_eq!(lists, [("bad", Some(StatusCode::INTERNAL_SERVER_ERROR))]);
+    assert_eq!(items, [(404, Some(StatusCode::NOT_FOUND), 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_third_stage_passes_failures_of_both_earlier_ones_through() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/a/2").respond(MockResponse::status(404)));
+    mock.mount(Route::get("/b/3").respond(MockResponse::status(410)));
+    mock.mount(Route::any("/{stage}/{id}").respond(MockResponse::ok()));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let out: Vec<_> = stream::iter(1..=4u32)
+        .fetch_concurrent(2, client.get(|id: &u32| format!("/a/{id}")))
+        .map_ok(|f| u64::from(f.item))
+        .try_fetch_concurrent(2, client.get(|id: &u64| format!("/b/{id}")))
+        .map_ok(|f| f.item.to_string())
+        .try_fetch_concurrent(2, client.get(|id: &String| format!("/c/{id}")))
+        .collect()
+        .await;
+    let mut failed: Vec<_> = out
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(|f| (f.item_json().clone(), f.status().map(|s| s.as_u16())))
+        .collect();
+    failed.sort_by_key(|(item, _)| item.as_u64());
+    assert_eq!(
+        failed,
+        [
+            (serde_json::json!(2), Some(404)),
+            (serde_json::json!(3), Some(410))
+        ]
+    );
+    let mut ok: Vec<_> = out
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|f| f.item.clone())
+        .collect();
+    ok.sort();
+    assert_eq!(ok, ["1", "4"]);
+    assert_eq!(mock.call_count(), 4 + 3 + 2);
+}

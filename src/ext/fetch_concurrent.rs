@@ -45,7 +45,7 @@ use futures::stream::{Fuse, FusedStream, FuturesUnordered, Stream, StreamExt as 
 use pin_project_lite::pin_project;
 
 use crate::endpoint::{Endpoint, Fetched};
-use crate::error::FetchError;
+use crate::error::{Failure, FetchError};
 use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
@@ -79,6 +79,57 @@ pub enum Plain {}
 #[derive(Debug)]
 pub enum Fallible {}
 
+/// An upstream error type that a later fetch stage (of items `T`) can pass
+/// through, and the one error type the stage then yields.
+///
+/// What makes chaining stages need no `map_err`: a [`FetchError<U>`] of an
+/// earlier stage (whatever its item type `U`) and a [`Failure`] both become
+/// `Failure`, the stage's own [`FetchError<T>`] too. For an error type of
+/// your own, implement it with `Output = Self` and say how a fetch failure
+/// becomes one (see
+/// [`try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent)).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the upstream error of a fetch stage of `{T}` items",
+    label = "the stream's `Err` type",
+    note = "a `FetchError<_>` of any stage or a `Failure` works as it is (the stage then yields `Failure`s); for an error type of your own, implement `sluicegate::StageError<{T}>` for it",
+    note = "a stage's items must be `Serialize` for its failures to become `Failure`s (they are kept as JSON for reports and dead letters)"
+)]
+pub trait StageError<T>: Send + 'static {
+    /// The error side of the stage's output.
+    type Output: Send + 'static;
+    /// An error from upstream, passed through in its place.
+    fn pass(self) -> Self::Output;
+    /// A fetch of `T` that failed.
+    fn lift(error: FetchError<T>) -> Self::Output;
+}
+
+impl<T, U> StageError<T> for FetchError<U>
+where
+    T: serde::Serialize + Send + Sync + 'static,
+    U: serde::Serialize + Send + Sync + 'static,
+{
+    type Output = Failure;
+    fn pass(self) -> Failure {
+        self.into()
+    }
+    fn lift(error: FetchError<T>) -> Failure {
+        error.into()
+    }
+}
+
+impl<T> StageError<T> for Failure
+where
+    T: serde::Serialize + Send + Sync + 'static,
+{
+    type Output = Failure;
+    fn pass(self) -> Failure {
+        self
+    }
+    fn lift(error: FetchError<T>) -> Failure {
+        error.into()
+    }
+}
+
 impl<T: Send + 'static> Intake<T> for Plain {
     type Item = T;
     type Error = FetchError<T>;
@@ -93,15 +144,15 @@ impl<T: Send + 'static> Intake<T> for Plain {
 impl<T, E> Intake<Result<T, E>> for Fallible
 where
     T: Send + 'static,
-    E: From<FetchError<T>> + Send + 'static,
+    E: StageError<T>,
 {
     type Item = T;
-    type Error = E;
-    fn intake(input: Result<T, E>) -> Result<T, E> {
-        input
+    type Error = E::Output;
+    fn intake(input: Result<T, E>) -> Result<T, E::Output> {
+        input.map_err(E::pass)
     }
-    fn lift(error: FetchError<T>) -> E {
-        error.into()
+    fn lift(error: FetchError<T>) -> E::Output {
+        E::lift(error)
     }
 }
 
