@@ -8,7 +8,7 @@ use crate::etl::WriteJsonl;
 
 mod fetch_concurrent;
 pub(crate) mod flat_unpack;
-mod json;
+pub(crate) mod json;
 #[cfg(feature = "progress")]
 mod progress;
 mod throttle;
@@ -292,7 +292,10 @@ pub trait SluiceExt: Stream {
     /// An undecodable body becomes an error of kind
     /// [`Decode`](crate::FetchErrorKind::Decode) carrying the item, the
     /// response, and an excerpt of the body; errors from upstream pass
-    /// through.
+    /// through. Decoding here happens after the attempts, so a malformed
+    /// body is final; to retry one, decode inside each attempt with
+    /// [`Endpoint::json`](crate::Endpoint::json) (this stage then takes the
+    /// value decoded there, without decoding the body again).
     ///
     /// ```
     /// use futures::{stream, StreamExt};
@@ -326,7 +329,7 @@ pub trait SluiceExt: Stream {
     where
         Self: Sized,
         Self::Item: FetchResult,
-        U: DeserializeOwned,
+        U: DeserializeOwned + Send + 'static,
     {
         Json::new(self)
     }

@@ -214,3 +214,135 @@ async fn a_third_stage_passes_failures_of_both_earlier_ones_through() {
     assert_eq!(ok, ["1", "4"]);
     assert_eq!(mock.call_count(), 4 + 3 + 2);
 }
+
+/// Counts how many times a body was decoded.
+static DECODES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[derive(Debug)]
+struct Counted {
+    email: String,
+}
+
+impl<'de> serde::Deserialize<'de> for Counted {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            email: String,
+        }
+        DECODES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Raw::deserialize(d).map(|r| Counted { email: r.email })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_body_is_retried_and_decoded_once() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").sequence([
+        MockResponse::ok().text(r#"{"email": "a@exa"#),
+        MockResponse::json(&serde_json::json!({ "oops": true })),
+        MockResponse::json(&serde_json::json!({ "email": "a@example.com" })),
+    ]));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let out: Vec<_> = stream::iter([7u64])
+        .fetch_concurrent(
+            1,
+            client
+                .get(|id: &u64| format!("/items/{id}"))
+                .json::<Counted>()
+                .retry_on(
+                    Matcher::undecodable(),
+                    Backoff::constant(Duration::from_millis(50)),
+                ),
+        )
+        .json::<Counted>()
+        .collect()
+        .await;
+    let decoded = out.into_iter().next().unwrap().unwrap();
+    assert_eq!(
+        (decoded.item, decoded.value.email.as_str()),
+        (7, "a@example.com")
+    );
+    // One decode per attempt, and none in the stage: it took the value.
+    assert_eq!(DECODES.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(
+        calls[1].sent_at - calls[0].sent_at,
+        Duration::from_millis(50)
+    );
+    assert_eq!(
+        calls[2].sent_at - calls[1].sent_at,
+        Duration::from_millis(50)
+    );
+    let stats = client.stats().unwrap().snapshot();
+    assert_eq!(stats.retries, 2);
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)]
+struct Customer {
+    email: String,
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_body_is_a_decode_error_once_the_attempts_end() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::ok().text("<html>")));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let endpoint = client
+        .get(|id: &u64| format!("/items/{id}"))
+        .json::<Customer>();
+
+    // No rule for it: the first malformed body is final.
+    let err = endpoint.fetch(1).await.unwrap_err();
+    assert_eq!((err.kind(), err.attempts()), (FetchErrorKind::Decode, 1));
+    assert!(
+        err.detail().unwrap().contains(r#"body starts "<html>""#),
+        "{err}"
+    );
+    assert_eq!(err.response().unwrap().status(), StatusCode::OK);
+
+    // With one, retried up to its policy's cap.
+    let err = endpoint
+        .retry_on(
+            Matcher::undecodable(),
+            Backoff::constant(Duration::from_secs(1)).max_attempts(4),
+        )
+        .fetch(2)
+        .await
+        .unwrap_err();
+    assert_eq!((err.kind(), err.attempts()), (FetchErrorKind::Decode, 4));
+    assert_eq!(err.elapsed(), Duration::from_secs(3));
+    assert_eq!(mock.call_count(), 1 + 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_status_failure_is_not_a_decode_failure() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/gone").respond(MockResponse::status(410).text("not json")));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let err = client
+        .get(|_: &()| "/gone")
+        .json::<Customer>()
+        .retry_on(
+            Matcher::undecodable(),
+            Backoff::constant(Duration::from_secs(1)),
+        )
+        .fetch(())
+        .await
+        .unwrap_err();
+    // Only successful bodies are decoded: a 410's body is not retried.
+    assert_eq!((err.status(), err.attempts()), (Some(StatusCode::GONE), 1));
+}

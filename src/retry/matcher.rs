@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 
 use crate::error::{TransportError, TransportErrorKind};
+use crate::ext::json::Undecodable;
 
 type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 
@@ -37,6 +38,7 @@ enum Match {
     Class(u16),
     Transport,
     Timeout,
+    Undecodable,
     Predicate(Arc<Predicate>),
 }
 
@@ -70,6 +72,14 @@ impl Matcher {
         Self::one(Match::Timeout)
     }
 
+    /// Successful responses whose body the endpoint could not decode, on
+    /// an endpoint that decodes in each attempt
+    /// ([`Endpoint::json`](crate::Endpoint::json)): a truncated or garbled
+    /// body is then retried like a 503 would be.
+    pub fn undecodable() -> Self {
+        Self::one(Match::Undecodable)
+    }
+
     /// Responses for which `predicate` is true.
     pub fn response<F>(predicate: F) -> Self
     where
@@ -90,6 +100,7 @@ impl Matcher {
             (Match::Status(s), Ok(r)) => r.status() == *s,
             (Match::Class(c), Ok(r)) => r.status().as_u16() / 100 == *c,
             (Match::Predicate(p), Ok(r)) => p(r),
+            (Match::Undecodable, Ok(r)) => r.extensions().get::<Undecodable>().is_some(),
             (Match::Transport, Err(_)) => true,
             (Match::Timeout, Err(e)) => e.kind() == TransportErrorKind::Timeout,
             _ => false,
@@ -136,6 +147,7 @@ impl fmt::Debug for Matcher {
                 Match::Class(c) => list.entry(&format_args!("{c}xx")),
                 Match::Transport => list.entry(&format_args!("transport errors")),
                 Match::Timeout => list.entry(&format_args!("timeouts")),
+                Match::Undecodable => list.entry(&format_args!("undecodable bodies")),
                 Match::Predicate(_) => list.entry(&format_args!("predicate")),
             };
         }
