@@ -160,6 +160,9 @@ pub enum FetchErrorKind {
     /// A shared rate limiter (Redis) could not be reached in time, and it
     /// fails closed: nothing was sent.
     LimiterUnavailable,
+    /// An input record could not be read, such as a bad line of a JSONL
+    /// file ([`read_jsonl`](crate::etl::read_jsonl)): nothing was sent.
+    InvalidInput,
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -173,6 +176,7 @@ impl fmt::Display for FetchErrorKind {
             Self::Decode => f.write_str("undecodable body"),
             Self::PaginationLoop => f.write_str("pagination loop"),
             Self::LimiterUnavailable => f.write_str("rate limiter unavailable"),
+            Self::InvalidInput => f.write_str("invalid input"),
         }
     }
 }
@@ -404,6 +408,7 @@ pub struct Failure {
 }
 
 struct FailureRest {
+    item_type: &'static str,
     elapsed: Duration,
     response: Option<Box<Response<Bytes>>>,
     detail: Option<String>,
@@ -453,6 +458,13 @@ impl Failure {
         &self.item_json
     }
 
+    /// The name of the failed item's type, as `std::any::type_name` gives
+    /// it: for messages and keys, not for matching on (use
+    /// [`is`](Self::is) or [`downcast`](Self::downcast)).
+    pub fn item_type(&self) -> &'static str {
+        self.rest.item_type
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> FetchErrorKind {
         self.kind
@@ -484,6 +496,30 @@ impl Failure {
     }
 }
 
+impl Failure {
+    /// A failure before any request: `item` could not become an input.
+    pub(crate) fn invalid_input<T>(item: T, message: String, source: Option<BoxError>) -> Self
+    where
+        T: serde::Serialize + Send + Sync + 'static,
+    {
+        Self {
+            item_json: serde_json::to_value(&item).unwrap_or(serde_json::Value::Null),
+            kind: FetchErrorKind::InvalidInput,
+            status: None,
+            attempts: 0,
+            rest: Box::new(FailureRest {
+                item_type: std::any::type_name::<T>(),
+                elapsed: Duration::ZERO,
+                response: None,
+                detail: None,
+                message,
+                source,
+            }),
+            item: Box::new(item),
+        }
+    }
+}
+
 impl<T> From<FetchError<T>> for Failure
 where
     T: serde::Serialize + Send + Sync + 'static,
@@ -498,6 +534,7 @@ where
             status,
             attempts: error.attempts,
             rest: Box::new(FailureRest {
+                item_type: std::any::type_name::<T>(),
                 elapsed: error.elapsed,
                 response: error.response.take(),
                 detail: error.detail.take(),

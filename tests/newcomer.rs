@@ -346,3 +346,155 @@ async fn a_status_failure_is_not_a_decode_failure() {
     // Only successful bodies are decoded: a 410's body is not retried.
     assert_eq!((err.status(), err.attempts()), (Some(StatusCode::GONE), 1));
 }
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sluicegate-newcomer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn sorted_lines(path: &std::path::Path) -> Vec<String> {
+    let mut lines: Vec<String> = std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// The list → ids → items pipeline, journaled by id.
+async fn journaled_list_run(client: &Client, journal: &Journal<u64>) -> Report {
+    let ids = stream::iter([()])
+        .fetch_concurrent(1, client.get(|_: &()| "/items"))
+        .flat_unpack::<u64>();
+    let results = journal
+        .try_skip_done(ids)
+        .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+        .json::<serde_json::Value>();
+    journal.write_jsonl(results).await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_journal_writes_a_multi_stage_pipeline_and_retries_dead_letters_when_asked() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2, 3])));
+    mock.mount(Route::get("/items/2").sequence([
+        MockResponse::status(500),
+        MockResponse::json(&serde_json::json!({ "id": 2 })),
+    ]));
+    mock.mount(Route::get("/items/{id}").respond_with(|r| {
+        MockResponse::json(
+            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
+        )
+    }));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let dir = scratch("multi-stage");
+    let output = dir.join("items.jsonl");
+    let key = |id: &u64| id.to_string();
+
+    let first = journaled_list_run(&client, &Journal::open(&output, key).unwrap()).await;
+    assert_eq!((first.ok, first.failed, first.skipped), (2, 1, 0));
+    assert!(std::fs::read_to_string(&first.dead_letters)
+        .unwrap()
+        .contains(r#""item":2"#));
+
+    // A plain re-run: item 2's dead letter counts as done.
+    let again = journaled_list_run(&client, &Journal::open(&output, key).unwrap()).await;
+    assert_eq!((again.ok, again.failed, again.skipped), (0, 0, 3));
+    assert_eq!(mock.call_count(), 4 + 1, "only the list again");
+
+    // Asked to, a re-run gives the dead letters another chance.
+    let retried = journaled_list_run(
+        &client,
+        &Journal::open_retrying_failed(&output, key).unwrap(),
+    )
+    .await;
+    assert_eq!((retried.ok, retried.failed, retried.skipped), (1, 0, 2));
+    assert_eq!(mock.call_count(), 4 + 1 + 2);
+    assert_eq!(
+        sorted_lines(&output),
+        [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#]
+    );
+    assert_eq!(std::fs::read_to_string(&retried.dead_letters).unwrap(), "");
+    // And a journal opened after it agrees: all three done, nothing failed.
+    let journal = Journal::open(&output, key).unwrap();
+    assert_eq!(journal.done_count(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_list_request_is_dead_lettered_by_the_journal() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items").respond(MockResponse::status(503)));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let dir = scratch("failed-list");
+    let output = dir.join("items.jsonl");
+    let report = journaled_list_run(
+        &client,
+        &Journal::open(&output, |id: &u64| id.to_string()).unwrap(),
+    )
+    .await;
+    assert_eq!((report.ok, report.failed), (0, 1));
+    let dead = std::fs::read_to_string(&report.dead_letters).unwrap();
+    assert!(dead.contains(r#""status":503"#), "{dead}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+struct Input {
+    id: u64,
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_input_line_is_dead_lettered_in_its_place() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond_with(|r| {
+        MockResponse::json(
+            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
+        )
+    }));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let dir = scratch("bad-line");
+    let input = dir.join("ids.jsonl");
+    std::fs::write(&input, "{\"id\": 1}\nnot json\n{\"id\": 2}\n").unwrap();
+    let output = dir.join("out.jsonl");
+
+    for run in 0..2 {
+        let journal = Journal::open(&output, |i: &Input| i.id.to_string()).unwrap();
+        let results = journal
+            .try_skip_done(read_jsonl::<Input>(&input))
+            .try_fetch_concurrent(2, client.get(|i: &Input| format!("/items/{}", i.id)))
+            .json::<serde_json::Value>();
+        let report = journal.write_jsonl(results).await.unwrap();
+        if run == 0 {
+            assert_eq!((report.ok, report.failed, report.skipped), (2, 1, 0));
+            let dead: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&report.dead_letters).unwrap())
+                    .unwrap();
+            assert_eq!(dead["kind"], "invalid input");
+            assert_eq!(dead["item"]["line"], 2);
+            assert_eq!(dead["item"]["text"], "not json");
+            assert_eq!(dead["attempts"], 0);
+        } else {
+            // Committed once: the bad line is done too, like any dead letter.
+            assert_eq!((report.ok, report.failed, report.skipped), (0, 0, 3));
+        }
+    }
+    assert_eq!(mock.call_count(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
