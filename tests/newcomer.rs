@@ -498,3 +498,62 @@ async fn a_bad_input_line_is_dead_lettered_in_its_place() {
     assert_eq!(mock.call_count(), 2);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn retrying_dead_letters_survives_a_crash_between_its_two_steps() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2])));
+    mock.mount(Route::get("/items/2").respond(MockResponse::status(500)));
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::json(&1)));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let dir = scratch("retry-crash");
+    let output = dir.join("items.jsonl");
+    let key = |id: &u64| id.to_string();
+    let first = journaled_list_run(&client, &Journal::open(&output, key).unwrap()).await;
+    assert_eq!((first.ok, first.failed), (1, 1));
+
+    // As if open_retrying_failed had renamed the new journal into place and
+    // crashed before emptying the dead letters: only the success is left in
+    // the journal, the dead letter still in its file.
+    let journal_path = dir.join("items.jsonl.journal");
+    let kept: String = std::fs::read_to_string(&journal_path)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(r#""file":"ok""#))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&journal_path, kept).unwrap();
+    assert!(!std::fs::read_to_string(&first.dead_letters)
+        .unwrap()
+        .is_empty());
+
+    // A plain open finishes the job: the stale dead letter is cut, item 2 is
+    // not done, and the re-run writes it once.
+    let journal = Journal::open(&output, key).unwrap();
+    assert_eq!(journal.done_count(), 1);
+    assert_eq!(std::fs::read_to_string(&first.dead_letters).unwrap(), "");
+    let again = journaled_list_run(&client, &journal).await;
+    assert_eq!((again.ok, again.failed, again.skipped), (0, 1, 1));
+    assert_eq!(
+        std::fs::read_to_string(&first.dead_letters)
+            .unwrap()
+            .lines()
+            .count(),
+        1
+    );
+
+    // A retrying open drops the new failure from the journal; one more
+    // finds no failure to drop and leaves the journal as it is.
+    drop(journal);
+    let before = std::fs::read(&journal_path).unwrap();
+    drop(Journal::open_retrying_failed(&output, key).unwrap());
+    let rewritten = std::fs::read(&journal_path).unwrap();
+    assert_ne!(before, rewritten);
+    drop(Journal::open_retrying_failed(&output, key).unwrap());
+    assert_eq!(rewritten, std::fs::read(&journal_path).unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
