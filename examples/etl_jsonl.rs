@@ -17,7 +17,7 @@ use std::time::Duration;
 use clap::Parser;
 use http::StatusCode;
 use sluicegate::demo::{DemoConfig, DemoServer};
-use sluicegate::etl::{read_jsonl, Journal, JsonlError};
+use sluicegate::etl::{read_jsonl, Journal};
 use sluicegate::prelude::*;
 use sluicegate::ReqwestTransport;
 
@@ -74,11 +74,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("second pass", None),
     ] {
         let journal = Journal::<Input>::open(&output, |input| input.id.to_string())?;
-        // Bad lines have no id to journal: they are reported at the end.
-        let good = read_jsonl::<Input>(&input).filter_map(|r| async { r.ok() });
-        let todo = journal.skip_done(good);
+        // A bad line passes through in its place and is dead-lettered with
+        // its line number, journaled like any other failure.
+        let todo = journal.try_skip_done(read_jsonl::<Input>(&input));
         let results = todo
-            .fetch_concurrent(
+            .try_fetch_concurrent(
                 16,
                 client.get(|input: &Input| format!("/items/{}", input.id)),
             )
@@ -88,13 +88,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => journal.write_jsonl(results).await?,
         };
         println!("{pass}: {report}");
-    }
-    let bad_lines: Vec<JsonlError> = read_jsonl::<Input>(&input)
-        .filter_map(|r| async { r.err() })
-        .collect()
-        .await;
-    for e in &bad_lines {
-        println!("skipped bad input: {e}");
     }
     let failed = std::fs::read_to_string(args.dir.join("enriched.failed.jsonl"))?;
     for line in failed.lines() {

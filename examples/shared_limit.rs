@@ -14,7 +14,7 @@ use std::time::Duration;
 use http::StatusCode;
 use sluicegate::demo::{DemoConfig, DemoServer};
 use sluicegate::prelude::*;
-use sluicegate::{Failure, ReqwestTransport};
+use sluicegate::ReqwestTransport;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -52,8 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ok = futures::stream::iter(0..2u32)
         .fetch_concurrent(1, lists.get(|_: &u32| "/items"))
         .flat_unpack::<u64>()
-        // The two stages fail with different items: one error type for both.
-        .map_err(Failure::from)
+        // The two stages fail with different items: both yield `Failure`s.
         .try_fetch_concurrent(16, items.get(|id: &u64| format!("/items/{id}")))
         .filter(|r| futures::future::ready(r.is_ok()))
         .count()

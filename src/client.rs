@@ -17,7 +17,7 @@ use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 use crate::rate::Rate;
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher, Rules};
+use crate::retry::{Backoff, Matcher, PausePolicy, Rules};
 use crate::stats::Stats;
 use crate::transport::Transport;
 
@@ -395,6 +395,7 @@ impl fmt::Debug for Client {
 
 /// Builds a [`Client`]. Mistakes are reported by [`build`](Self::build).
 #[derive(Default)]
+#[must_use = "a ClientBuilder does nothing until `build` is called"]
 pub struct ClientBuilder {
     transport: Option<Arc<dyn Transport>>,
     base_url: Option<String>,
@@ -497,15 +498,17 @@ impl ClientBuilder {
         self
     }
 
-    /// A default retry rule for every endpoint of the client.
+    /// A default retry rule for every endpoint of the client; see
+    /// [`Endpoint::retry_on`].
     pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
         self.rules.retry_on(matcher.into(), policy);
         self
     }
 
-    /// A default pause rule for every endpoint of the client.
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.rules.pause_on(matcher.into(), fallback);
+    /// A default pause rule for every endpoint of the client; see
+    /// [`Endpoint::pause_on`].
+    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.rules.pause_on(matcher.into(), policy.into());
         self
     }
 

@@ -49,6 +49,7 @@ use crate::rate::Rate;
 
 /// What the demo server serves and how it misbehaves.
 #[derive(Debug, Clone)]
+#[must_use = "a DemoConfig does nothing until given to DemoServer::start; its methods return a new one"]
 pub struct DemoConfig {
     items: u64,
     latency: Duration,

@@ -15,13 +15,18 @@ use crate::client::Client;
 use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
+use crate::ext::json::{decode_detail, DecodedBody, Undecodable};
+use crate::ext::Decoded;
 use crate::limiter::Limiter;
 use crate::request::{BuiltRequest, RequestSpec};
-use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, Rules, Verdict};
+use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, PausePolicy, Rules, Verdict};
 use crate::stats::Stats;
 use tracing::Instrument as _;
 
 type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
+/// Decodes a successful response's body in the attempt, marking the
+/// response with the value or with why it is undecodable.
+type DecodeFn = dyn Fn(&mut Response<Bytes>) + Send + Sync;
 
 /// A request builder bound to a [`Client`]: what to send for each item, and
 /// what to do when it fails.
@@ -54,6 +59,20 @@ type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
 /// assert_eq!(fetched.elapsed, Duration::from_millis(100));
 /// # }
 /// ```
+///
+/// Its methods return a new endpoint and leave the old one as it was, so a
+/// rule added in a statement of its own is lost; the compiler says so
+/// (`unused_must_use`), and this does not compile with that lint denied:
+///
+/// ```compile_fail
+/// #![deny(unused_must_use)]
+/// use sluicegate::prelude::*;
+///
+/// let client = Client::builder().transport(MockTransport::new()).build().unwrap();
+/// let endpoint = client.get(|id: &u64| format!("/items/{id}"));
+/// endpoint.retry_on(429, Backoff::constant(Duration::from_millis(100))); // lost
+/// ```
+#[must_use = "an Endpoint does nothing until fetched or handed to a fetch operator; its methods return a new one"]
 pub struct Endpoint<T> {
     client: Client,
     build: Arc<BuildFn<T>>,
@@ -61,6 +80,7 @@ pub struct Endpoint<T> {
     timeout: Option<Duration>,
     item_timeout: Option<Duration>,
     stats: Vec<Stats>,
+    decode: Option<Arc<DecodeFn>>,
 }
 
 impl<T> Clone for Endpoint<T> {
@@ -72,6 +92,7 @@ impl<T> Clone for Endpoint<T> {
             timeout: self.timeout,
             item_timeout: self.item_timeout,
             stats: self.stats.clone(),
+            decode: self.decode.clone(),
         }
     }
 }
@@ -111,6 +132,21 @@ impl<T> Fetched<T> {
     pub fn body(&self) -> &Bytes {
         self.response.body()
     }
+
+    /// The body decoded as JSON into `U`, with the item: the value the
+    /// endpoint decoded in the attempt ([`Endpoint::json`]) if it decoded
+    /// one as `U`, else decoded now.
+    ///
+    /// # Errors
+    ///
+    /// A [`Decode`](FetchErrorKind::Decode) error carrying the item, the
+    /// response and an excerpt of the body.
+    pub fn json<U>(self) -> Result<Decoded<T, U>, FetchError<T>>
+    where
+        U: serde::de::DeserializeOwned + Send + 'static,
+    {
+        crate::ext::json::decode(self)
+    }
 }
 
 impl<T> Endpoint<T> {
@@ -128,11 +164,80 @@ impl<T> Endpoint<T> {
             timeout,
             item_timeout: None,
             stats,
+            decode: None,
         }
     }
 
+    /// Decodes each successful response's body as JSON into `U` inside the
+    /// attempt, so that a malformed body is an outcome like a status:
+    /// [`Matcher::undecodable`] matches it, and a rule can retry it.
+    ///
+    /// The body is decoded once: the value is kept with the response and
+    /// taken by the [`json`](crate::SluiceExt::json) stage (or
+    /// [`Fetched::json`]) without decoding again. A body that is still
+    /// undecodable when the attempts end fails the item with
+    /// [`Decode`](crate::FetchErrorKind::Decode), carrying the response and
+    /// an excerpt of the body. Without a rule for it, the first malformed
+    /// body is final, as with a decoding stage alone.
+    ///
+    /// ```
+    /// use sluicegate::prelude::*;
+    ///
+    /// #[derive(Debug, serde::Deserialize)]
+    /// struct Customer {
+    ///     email: String,
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items/{id}").sequence([
+    ///     MockResponse::ok().text(r#"{"email": "a@exa"#), // cut off mid-body
+    ///     MockResponse::json(&serde_json::json!({ "email": "a@example.com" })),
+    /// ]));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build()?;
+    ///
+    /// let customers: Vec<Customer> = stream::iter([7u64])
+    ///     .fetch_concurrent(
+    ///         4,
+    ///         client
+    ///             .get(|id: &u64| format!("/items/{id}"))
+    ///             .json::<Customer>()
+    ///             .retry_on(Matcher::undecodable(), Backoff::constant(Duration::from_millis(50))),
+    ///     )
+    ///     .json::<Customer>() // takes the value decoded in the attempt
+    ///     .map_ok(|decoded| decoded.value)
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(customers[0].email, "a@example.com");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn json<U>(mut self) -> Self
+    where
+        U: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.decode = Some(Arc::new(|response: &mut Response<Bytes>| {
+            if !response.status().is_success() {
+                return;
+            }
+            match serde_json::from_slice::<U>(response.body()) {
+                Ok(value) => {
+                    response.extensions_mut().insert(DecodedBody::new(value));
+                }
+                Err(e) => {
+                    let detail = decode_detail(&e, response.body());
+                    response.extensions_mut().insert(Undecodable(detail));
+                }
+            }
+        }));
+        self
+    }
+
     /// Retries outcomes that `matcher` matches, waiting as `policy` says
-    /// (or as the server's `Retry-After` says, capped by the policy).
+    /// (or as the server's `Retry-After` says, capped by the policy), up to
+    /// the policy's [`max_attempts`](Backoff::max_attempts) (default 3):
+    /// the only cap on attempts when this rule matches.
     pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
         self.rules.retry_on(matcher.into(), policy);
         self
@@ -140,9 +245,11 @@ impl<T> Endpoint<T> {
 
     /// On outcomes that `matcher` matches, pauses the client's shared
     /// [`PauseHandle`](crate::PauseHandle) for the server's `Retry-After`
-    /// (else `fallback`), then retries the item once the pause ends.
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.rules.pause_on(matcher.into(), fallback);
+    /// (else the policy's fallback: a bare `Duration` is one), then retries
+    /// the item once the pause ends, up to the policy's
+    /// [`max_attempts`](PausePolicy::max_attempts) (default 10).
+    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.rules.pause_on(matcher.into(), policy.into());
         self
     }
 
@@ -156,20 +263,6 @@ impl<T> Endpoint<T> {
     /// waits and pauses included.
     pub fn item_timeout(mut self, timeout: Duration) -> Self {
         self.item_timeout = Some(timeout);
-        self
-    }
-
-    /// Caps the attempts of one item across all rules (default
-    /// [`DEFAULT_ATTEMPT_LIMIT`](crate::retry::DEFAULT_ATTEMPT_LIMIT)); a
-    /// pause rule, which has no policy of its own, stops here.
-    ///
-    /// # Panics
-    ///
-    /// If `limit` is 0.
-    #[track_caller]
-    pub fn attempt_limit(mut self, limit: u32) -> Self {
-        assert!(limit > 0, "attempt_limit must be at least 1");
-        self.rules.set_attempt_limit(limit);
         self
     }
 
@@ -246,6 +339,16 @@ impl<T> Endpoint<T> {
         let attempts = attempts.load(Ordering::Relaxed);
         let elapsed = started.elapsed();
         let (kind, response, error) = match end {
+            End::Response(mut response) if response.extensions().get::<Undecodable>().is_some() => {
+                let Some(Undecodable(detail)) = response.extensions_mut().remove::<Undecodable>()
+                else {
+                    unreachable!("checked above")
+                };
+                return Err(FetchError::new(item, FetchErrorKind::Decode)
+                    .with_attempts(attempts, elapsed)
+                    .with_detail(detail)
+                    .with_response(response));
+            }
             End::Response(response) if response.status().is_success() => {
                 return Ok(Fetched {
                     item,
@@ -353,11 +456,14 @@ impl<T> Endpoint<T> {
                 );
             }
             // Entering a disabled span on every poll still costs: skip it.
-            let outcome = if span.is_disabled() {
+            let mut outcome = if span.is_disabled() {
                 self.send(this_attempt).await
             } else {
                 self.send(this_attempt).instrument(span.clone()).await
             };
+            if let (Some(decode), Ok(response)) = (&self.decode, &mut outcome) {
+                decode(response);
+            }
             let verdict = if self.rules.is_empty() {
                 Verdict::Finish
             } else {
@@ -403,8 +509,11 @@ impl<T> Endpoint<T> {
                     let before = client.pause.paused_until().unwrap_or(now);
                     let until = client.pause.pause_for(delay);
                     let added = until.saturating_duration_since(before);
+                    // The item is sent again once the pause ends: a retry
+                    // like any other, besides the pause it asked for.
                     for stats in &self.stats {
                         stats.paused(added);
+                        stats.retried();
                     }
                     paused_by_us = true;
                     span.in_scope(|| {

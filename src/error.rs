@@ -160,6 +160,9 @@ pub enum FetchErrorKind {
     /// A shared rate limiter (Redis) could not be reached in time, and it
     /// fails closed: nothing was sent.
     LimiterUnavailable,
+    /// An input record could not be read, such as a bad line of a JSONL
+    /// file ([`read_jsonl`](crate::etl::read_jsonl)): nothing was sent.
+    InvalidInput,
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -173,6 +176,7 @@ impl fmt::Display for FetchErrorKind {
             Self::Decode => f.write_str("undecodable body"),
             Self::PaginationLoop => f.write_str("pagination loop"),
             Self::LimiterUnavailable => f.write_str("rate limiter unavailable"),
+            Self::InvalidInput => f.write_str("invalid input"),
         }
     }
 }
@@ -358,10 +362,13 @@ impl<T: fmt::Debug> StdError for FetchError<T> {
 /// of several stages uses as its one error type.
 ///
 /// A stage's [`FetchError<T>`] is typed by that stage's item; when stages
-/// with different items are chained, turn their errors into `Failure`s
-/// (`.map_err(Failure::from)` from `TryStreamExt`) and every later stage
-/// passes them through. The item is kept: as JSON for reports and dead
-/// letters, and as itself for [`item`](Self::item).
+/// with different items are chained with
+/// [`try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent), every
+/// error becomes a `Failure` (no `map_err` needed), and later stages pass
+/// them through. The item is kept: as JSON for reports and dead letters,
+/// and as itself, so [`downcast`](Self::downcast) gives back the typed
+/// `FetchError` of the stage that failed: which stage it was is a matter of
+/// types, not of strings.
 ///
 /// ```
 /// use futures::{stream, StreamExt, TryStreamExt};
@@ -379,7 +386,6 @@ impl<T: fmt::Debug> StdError for FetchError<T> {
 /// let results: Vec<_> = stream::iter(["a"])
 ///     .fetch_concurrent(1, client.get(|list: &&str| format!("/lists/{list}")))
 ///     .flat_unpack::<u64>()
-///     .map_err(Failure::from)
 ///     .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
 ///     .ordered()
 ///     .collect()
@@ -387,6 +393,7 @@ impl<T: fmt::Debug> StdError for FetchError<T> {
 /// let failure = results[2].as_ref().unwrap_err();
 /// assert_eq!(failure.item::<u64>(), Some(&404));
 /// assert_eq!(failure.status(), Some(http::StatusCode::NOT_FOUND));
+/// assert!(failure.is::<u64>() && !failure.is::<&str>()); // an item's fetch, not the list's
 /// # }
 /// ```
 pub struct Failure {
@@ -395,6 +402,16 @@ pub struct Failure {
     kind: FetchErrorKind,
     status: Option<StatusCode>,
     attempts: u32,
+    // Boxed: a `Failure` is the error side of every item of a chained
+    // pipeline, so it stays small; these are read only for reports.
+    rest: Box<FailureRest>,
+}
+
+struct FailureRest {
+    item_type: &'static str,
+    elapsed: Duration,
+    response: Option<Box<Response<Bytes>>>,
+    detail: Option<String>,
     message: String,
     source: Option<BoxError>,
 }
@@ -405,9 +422,47 @@ impl Failure {
         self.item.downcast_ref()
     }
 
+    /// Whether the failed item is a `T`: which stage failed, for stages
+    /// whose items have different types (the list request's `()` or a
+    /// page, an item's id...).
+    pub fn is<T: 'static>(&self) -> bool {
+        self.item.is::<T>()
+    }
+
+    /// The typed [`FetchError`] this failure came from, when its item is a
+    /// `T`, with everything it held (item, kind, attempts, elapsed time,
+    /// last response, detail, source); else the failure itself, unchanged.
+    ///
+    /// # Errors
+    ///
+    /// `self`, when the failed item is not a `T`.
+    pub fn downcast<T: 'static>(self) -> Result<FetchError<T>, Self> {
+        if !self.item.is::<T>() {
+            return Err(self);
+        }
+        let item = *self.item.downcast::<T>().expect("checked type");
+        let rest = *self.rest;
+        Ok(FetchError {
+            item,
+            kind: self.kind,
+            attempts: self.attempts,
+            elapsed: rest.elapsed,
+            response: rest.response,
+            detail: rest.detail,
+            source: rest.source,
+        })
+    }
+
     /// The failed item as JSON.
     pub fn item_json(&self) -> &serde_json::Value {
         &self.item_json
+    }
+
+    /// The name of the failed item's type, as `std::any::type_name` gives
+    /// it: for messages and keys, not for matching on (use
+    /// [`is`](Self::is) or [`downcast`](Self::downcast)).
+    pub fn item_type(&self) -> &'static str {
+        self.rest.item_type
     }
 
     /// What went wrong.
@@ -424,6 +479,45 @@ impl Failure {
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
+
+    /// Time from the item's first attempt's start to the failure.
+    pub fn elapsed(&self) -> Duration {
+        self.rest.elapsed
+    }
+
+    /// The last response received, if the failure came with one.
+    pub fn response(&self) -> Option<&Response<Bytes>> {
+        self.rest.response.as_deref()
+    }
+
+    /// More text about the failure, such as a decode error and a body excerpt.
+    pub fn detail(&self) -> Option<&str> {
+        self.rest.detail.as_deref()
+    }
+}
+
+impl Failure {
+    /// A failure before any request: `item` could not become an input.
+    pub(crate) fn invalid_input<T>(item: T, message: String, source: Option<BoxError>) -> Self
+    where
+        T: serde::Serialize + Send + Sync + 'static,
+    {
+        Self {
+            item_json: serde_json::to_value(&item).unwrap_or(serde_json::Value::Null),
+            kind: FetchErrorKind::InvalidInput,
+            status: None,
+            attempts: 0,
+            rest: Box::new(FailureRest {
+                item_type: std::any::type_name::<T>(),
+                elapsed: Duration::ZERO,
+                response: None,
+                detail: None,
+                message,
+                source,
+            }),
+            item: Box::new(item),
+        }
+    }
 }
 
 impl<T> From<FetchError<T>> for Failure
@@ -439,8 +533,14 @@ where
             kind: error.kind,
             status,
             attempts: error.attempts,
-            message,
-            source,
+            rest: Box::new(FailureRest {
+                item_type: std::any::type_name::<T>(),
+                elapsed: error.elapsed,
+                response: error.response.take(),
+                detail: error.detail.take(),
+                message,
+                source,
+            }),
             item: Box::new(error.item),
         }
     }
@@ -459,13 +559,14 @@ impl fmt::Debug for Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (item {})", self.message, self.item_json)
+        write!(f, "{} (item {})", self.rest.message, self.item_json)
     }
 }
 
 impl StdError for Failure {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
+        self.rest
+            .source
             .as_deref()
             .map(|e| e as &(dyn StdError + 'static))
     }

@@ -4,17 +4,16 @@ use futures::Stream;
 use serde::de::DeserializeOwned;
 
 use crate::endpoint::Endpoint;
-use crate::error::FetchError;
 use crate::etl::WriteJsonl;
 
 mod fetch_concurrent;
 pub(crate) mod flat_unpack;
-mod json;
+pub(crate) mod json;
 #[cfg(feature = "progress")]
 mod progress;
 mod throttle;
 
-pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain};
+pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain, StageError};
 pub use self::flat_unpack::{Element, FlatUnpack};
 pub use self::json::{Decoded, FetchResult, Json};
 #[cfg(feature = "progress")]
@@ -120,13 +119,48 @@ pub trait SluiceExt: Stream {
     }
 
     /// Like [`fetch_concurrent`](Self::fetch_concurrent), on a stream of
-    /// `Result`s: each `Ok` item is fetched, each `Err` passes through
-    /// untouched (in its place, in ordered mode). Fetch failures become the
-    /// stream's error type through `From<FetchError<T>>`.
+    /// `Result`s: each `Ok` item is fetched, each `Err` passes through (in
+    /// its place, in ordered mode). This is how a second stage is chained
+    /// to a first.
+    ///
+    /// The error type comes from [`StageError`]: when the upstream errors
+    /// are a [`FetchError`](crate::FetchError) of any item type (an earlier stage's) or a
+    /// [`Failure`](crate::Failure), the stage yields `Failure`s, its own
+    /// fetch failures and the passed-through ones alike, so stages chain
+    /// with no `map_err`; the failed item stays reachable, typed, through
+    /// [`Failure::downcast`](crate::Failure::downcast).
     ///
     /// # Panics
     ///
     /// If `n` is 0.
+    ///
+    /// ```
+    /// use sluicegate::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let mock = MockTransport::new();
+    /// mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2, 404])));
+    /// mock.mount(Route::get("/items/404").respond(MockResponse::status(404)));
+    /// mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+    /// let client = Client::builder().transport(mock).base_url("http://mock").build()?;
+    ///
+    /// let out: Vec<Result<Fetched<u64>, Failure>> = stream::iter([()])
+    ///     .fetch_concurrent(1, client.get(|_: &()| "/items")) // errors: FetchError<()>
+    ///     .flat_unpack::<u64>()
+    ///     .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}"))) // errors: Failure
+    ///     .ordered()
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out.len(), 3);
+    /// let failed = out.into_iter().find_map(Result::err).unwrap();
+    /// let failed = failed.downcast::<u64>().unwrap(); // a FetchError<u64>: an item's fetch
+    /// assert_eq!((*failed.item(), failed.status()), (404, Some(StatusCode::NOT_FOUND)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// With an error type of your own, implement [`StageError`] for it:
     ///
     /// ```
     /// use futures::{stream, StreamExt};
@@ -138,8 +172,12 @@ pub trait SluiceExt: Stream {
     ///     Parse(String),
     ///     Fetch(FetchError<u32>),
     /// }
-    /// impl From<FetchError<u32>> for Failed {
-    ///     fn from(e: FetchError<u32>) -> Self {
+    /// impl sluicegate::StageError<u32> for Failed {
+    ///     type Output = Failed;
+    ///     fn pass(self) -> Failed {
+    ///         self
+    ///     }
+    ///     fn lift(e: FetchError<u32>) -> Failed {
     ///         Failed::Fetch(e)
     ///     }
     /// }
@@ -169,7 +207,7 @@ pub trait SluiceExt: Stream {
     where
         Self: Stream<Item = Result<T, E>> + Sized,
         T: Send + 'static,
-        E: From<FetchError<T>> + Send + 'static,
+        E: StageError<T>,
     {
         assert!(n > 0, "try_fetch_concurrent: n must be at least 1");
         FetchConcurrent::new(self, n, endpoint)
@@ -254,7 +292,10 @@ pub trait SluiceExt: Stream {
     /// An undecodable body becomes an error of kind
     /// [`Decode`](crate::FetchErrorKind::Decode) carrying the item, the
     /// response, and an excerpt of the body; errors from upstream pass
-    /// through.
+    /// through. Decoding here happens after the attempts, so a malformed
+    /// body is final; to retry one, decode inside each attempt with
+    /// [`Endpoint::json`](crate::Endpoint::json) (this stage then takes the
+    /// value decoded there, without decoding the body again).
     ///
     /// ```
     /// use futures::{stream, StreamExt};
@@ -288,7 +329,7 @@ pub trait SluiceExt: Stream {
     where
         Self: Sized,
         Self::Item: FetchResult,
-        U: DeserializeOwned,
+        U: DeserializeOwned + Send + 'static,
     {
         Json::new(self)
     }

@@ -11,11 +11,7 @@
 //! [`ReqwestTransport`] against a real server):
 //!
 //! ```
-//! use std::time::Duration;
-//! use futures::stream;
-//! use http::StatusCode;
-//! use sluicegate::mock::{MockResponse, MockTransport, Route};
-//! use sluicegate::prelude::*;
+//! use sluicegate::prelude::*; // Duration, StatusCode, stream, the mock, the combinators
 //!
 //! #[derive(serde::Deserialize, serde::Serialize)]
 //! struct Customer {
@@ -34,7 +30,7 @@
 //!     .transport(mock.clone())
 //!     .base_url("http://127.0.0.1:8080")
 //!     .rate(Rate::per_second(100).burst(10)) // one budget for every request of this client
-//!     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::exponential(Duration::from_millis(100)).max_attempts(6))
+//!     .retry_on(429, Backoff::exponential(Duration::from_millis(100)).max_attempts(6))
 //!     .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(10)) // stalls every stage
 //!     .build()?;
 //!
@@ -42,7 +38,6 @@
 //! let report = stream::iter([()])
 //!     .fetch_concurrent(1, client.get(|_: &()| "/items"))
 //!     .flat_unpack::<u64>() // JSON array -> ids
-//!     .map_err(Failure::from) // one error type for both stages
 //!     .try_fetch_concurrent(16, client.get(|id: &u64| format!("/items/{id}")))
 //!     .json::<Customer>()
 //!     .write_jsonl(&out) // failures go beside it, to a .failed.jsonl
@@ -136,7 +131,7 @@ pub use crate::error::{
 };
 pub use crate::ext::{
     Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
-    Plain, SluiceExt, Throttle,
+    Plain, SluiceExt, StageError, Throttle,
 };
 #[cfg(feature = "progress")]
 pub use crate::ext::{Progress, WithProgress};
@@ -151,13 +146,54 @@ pub use crate::transport::Transport;
 
 pub use crate::transport::mock;
 
-/// What a pipeline usually needs: the combinators, `futures`' stream
-/// traits, and the main types.
+/// The `http` crate this one is built on, so `http::StatusCode`,
+/// `http::Method` and the request and response types need no dependency of
+/// their own (and can never be a second, mismatched version).
+pub use http;
+/// The `reqwest` crate [`ReqwestTransport`] wraps (feature `reqwest`), for
+/// building a `reqwest::Client` to hand to it.
+#[cfg(feature = "reqwest")]
+pub use reqwest;
+
+/// What a pipeline usually needs, so one `use sluicegate::prelude::*;`
+/// compiles the README's snippets: the combinators, `futures`' stream
+/// traits and `stream` module, `Duration`, `StatusCode`, the client and
+/// retry types, the mock transport, and the ETL ends.
+///
+/// ```
+/// use sluicegate::prelude::*;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2, 3])));
+/// let client = Client::builder().transport(mock).base_url("http://mock").build()?;
+/// let ids: Vec<u64> = stream::iter([()])
+///     .fetch_concurrent(1, client.get(|_: &()| "/items").retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::constant(Duration::from_millis(100))))
+///     .flat_unpack::<u64>()
+///     .try_collect()
+///     .await?;
+/// assert_eq!(ids, [1, 2, 3]);
+/// # Ok(())
+/// # }
+/// ```
 pub mod prelude {
-    pub use crate::retry::{Backoff, Matcher, RetryBudget};
+    pub use crate::etl::{paginate, read_jsonl, Journal, Pagination, Report};
+    pub use crate::mock::{MockResponse, MockTransport, Route};
+    pub use crate::retry::{Backoff, Matcher, PausePolicy, RetryBudget};
+    #[cfg(feature = "reqwest")]
+    pub use crate::ReqwestTransport;
     pub use crate::{
-        Client, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, Limiter, PauseHandle, Rate,
-        RequestSpec, SluiceExt,
+        Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, Limiter,
+        PauseHandle, Rate, RequestSpec, SluiceExt, Stats,
     };
-    pub use futures::{StreamExt, TryStreamExt};
+    pub use futures::{stream, StreamExt, TryStreamExt};
+    pub use http::StatusCode;
+    pub use std::time::Duration;
 }
+
+/// The README's code blocks, compiled and run as doctests so that they
+/// cannot drift from the crate.
+#[cfg(all(doctest, feature = "demo", feature = "reqwest"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -24,6 +24,7 @@ use crate::error::BuildError;
 /// assert_eq!(lesson.interval(), Duration::from_nanos(166_666_666));
 /// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use = "a Rate does nothing until given to a limiter, a client or throttle; its methods return a new one"]
 pub struct Rate {
     count: u32,
     period: Duration,

@@ -26,6 +26,7 @@ use crate::error::BuildError;
 /// assert_eq!(spec.method(), &http::Method::POST);
 /// ```
 #[derive(Clone)]
+#[must_use = "a RequestSpec does nothing until sent; its methods return a new one"]
 pub struct RequestSpec {
     pub(crate) method: Method,
     pub(crate) target: String,

@@ -2,8 +2,21 @@
 //!
 //! A rule pairs a [`Matcher`] with what to do: retry the item after a
 //! [`Backoff`] delay, or pause the shared [`PauseHandle`](crate::PauseHandle)
-//! and retry after the pause. Rules are tried in order and the first match
-//! wins. The decision (inside the fetch operator) is pure: it sees the outcome, the
+//! and retry after the pause ([`PausePolicy`]). Rules are tried in order and
+//! the first match wins.
+//!
+//! # One cap on attempts, on the rule
+//!
+//! How many attempts an item gets is said in one place: on the policy of
+//! the rule that matched its last outcome — [`Backoff::max_attempts`]
+//! (default [`Backoff::DEFAULT_MAX_ATTEMPTS`], 3) for a retry rule,
+//! [`PausePolicy::max_attempts`] (default
+//! [`PausePolicy::DEFAULT_MAX_ATTEMPTS`], 10) for a pause rule. The cap
+//! counts every attempt of the item, whichever rule caused it. Nothing on
+//! the endpoint or the client stops an item sooner, so
+//! `Backoff::exponential(..).max_attempts(50)` means 50. Other limits stop
+//! retrying by time or share, never by a count of their own:
+//! [`Backoff::max_elapsed`], a [`RetryBudget`], a per-item timeout. The decision (inside the fetch operator) is pure: it sees the outcome, the
 //! item's attempt count and elapsed time, the server's `Retry-After` and
 //! `now`, and returns what to do; the fetch operator does the waiting.
 
@@ -19,16 +32,15 @@ use crate::stats::Stats;
 mod backoff;
 mod budget;
 mod matcher;
+mod pause_policy;
 mod retry_after;
 
 pub use self::backoff::Backoff;
 pub use self::budget::RetryBudget;
 pub use self::matcher::Matcher;
+pub use self::pause_policy::PausePolicy;
 pub use self::retry_after::parse_retry_after;
 pub(crate) use self::retry_after::retry_after;
-
-/// The default cap on attempts per item, across all rules: 10.
-pub const DEFAULT_ATTEMPT_LIMIT: u32 = 10;
 
 #[derive(Debug, Clone)]
 enum Rule {
@@ -38,19 +50,17 @@ enum Rule {
     },
     Pause {
         matcher: Matcher,
-        fallback: Duration,
+        policy: PausePolicy,
     },
 }
 
-/// An ordered list of rules plus a cap on attempts, shared by every item
-/// of one fetch operator.
-#[derive(Debug, Clone)]
+/// An ordered list of rules, shared by every item of one fetch operator.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Rules {
     rules: Vec<Rule>,
     /// How many rules at the front were added on the operator (they come
     /// before the client's defaults, so they win).
     own: usize,
-    attempt_limit: u32,
     /// The pause handle's cap, so a capped `Retry-After` is noticed (and
     /// logged) here, where the server's value is still known.
     pause_cap: Option<Duration>,
@@ -96,18 +106,6 @@ pub(crate) struct Attempted {
     pub(crate) previous_delay: Duration,
 }
 
-impl Default for Rules {
-    fn default() -> Self {
-        Self {
-            rules: Vec::new(),
-            own: 0,
-            attempt_limit: DEFAULT_ATTEMPT_LIMIT,
-            pause_cap: None,
-            stats: None,
-        }
-    }
-}
-
 impl Rules {
     /// Adds a retry rule ahead of inherited defaults, after earlier own rules.
     pub(crate) fn retry_on(&mut self, matcher: Matcher, policy: Backoff) {
@@ -115,8 +113,8 @@ impl Rules {
     }
 
     /// Adds a pause rule ahead of inherited defaults, after earlier own rules.
-    pub(crate) fn pause_on(&mut self, matcher: Matcher, fallback: Duration) {
-        self.insert(Rule::Pause { matcher, fallback });
+    pub(crate) fn pause_on(&mut self, matcher: Matcher, policy: PausePolicy) {
+        self.insert(Rule::Pause { matcher, policy });
     }
 
     fn insert(&mut self, rule: Rule) {
@@ -140,10 +138,6 @@ impl Rules {
     /// Counts capped `Retry-After` values in `stats`.
     pub(crate) fn set_stats(&mut self, stats: Option<Stats>) {
         self.stats = stats;
-    }
-
-    pub(crate) fn set_attempt_limit(&mut self, limit: u32) {
-        self.attempt_limit = limit;
     }
 
     /// Whether there are no rules at all (every outcome is final).
@@ -180,25 +174,27 @@ impl Rules {
         now: Instant,
         rng: &mut fastrand::Rng,
     ) -> Verdict {
-        if history.attempts >= self.attempt_limit {
-            return Verdict::Finish;
-        }
         let Some(rule) = self.rules.iter().find(|rule| match rule {
             Rule::Retry { matcher, .. } | Rule::Pause { matcher, .. } => matcher.matches(outcome),
         }) else {
             return Verdict::Finish;
         };
         match rule {
-            Rule::Pause { fallback, .. } => match retry_after {
-                Some(delay) => Verdict::Pause {
-                    delay: self.capped(delay, self.pause_cap, "pause"),
-                    cause: DelayCause::RetryAfter,
-                },
-                None => Verdict::Pause {
-                    delay: *fallback,
-                    cause: DelayCause::Policy,
-                },
-            },
+            Rule::Pause { policy, .. } => {
+                if history.attempts >= policy.attempts() {
+                    return Verdict::Finish;
+                }
+                match retry_after {
+                    Some(delay) => Verdict::Pause {
+                        delay: self.capped(delay, self.pause_cap, "pause"),
+                        cause: DelayCause::RetryAfter,
+                    },
+                    None => Verdict::Pause {
+                        delay: policy.fallback_delay(),
+                        cause: DelayCause::Policy,
+                    },
+                }
+            }
             Rule::Retry { policy, .. } => {
                 if history.attempts >= policy.attempts() {
                     return Verdict::Finish;
@@ -282,7 +278,7 @@ mod tests {
                 .max_attempts(3)
                 .max_elapsed(ms(100)),
         );
-        rules.pause_on(Matcher::server_errors(), ms(500));
+        rules.pause_on(Matcher::server_errors(), ms(500).into());
         rules.retry_on(Matcher::transport_errors(), Backoff::constant(ms(1)));
         let now = Instant::now();
         let rng = &mut fastrand::Rng::with_seed(0);
@@ -323,9 +319,19 @@ mod tests {
             rules.decide(&reset, at(1, 0), None, now, rng),
             Verdict::Retry { .. }
         ));
-        // The attempt limit caps pauses, which have no policy of their own.
+        // A pause rule has its own cap, default 10 attempts.
+        assert!(matches!(
+            rules.decide(&status(503), at(9, 0), None, now, rng),
+            Verdict::Pause { .. }
+        ));
         assert_eq!(
-            rules.decide(&status(503), at(DEFAULT_ATTEMPT_LIMIT, 0), None, now, rng),
+            rules.decide(
+                &status(503),
+                at(PausePolicy::DEFAULT_MAX_ATTEMPTS, 0),
+                None,
+                now,
+                rng
+            ),
             Verdict::Finish
         );
     }
@@ -336,7 +342,7 @@ mod tests {
         let mut defaults = Rules::default();
         defaults.retry_on(Matcher::server_errors(), Backoff::constant(ms(1)));
         let mut own = defaults.inherited();
-        own.pause_on(StatusCode::SERVICE_UNAVAILABLE.into(), ms(7));
+        own.pause_on(StatusCode::SERVICE_UNAVAILABLE.into(), ms(7).into());
         let rng = &mut fastrand::Rng::with_seed(0);
         assert_eq!(
             own.decide(&status(503), at(1, 0), None, Instant::now(), rng),

@@ -215,7 +215,8 @@ impl Stats {
         self.inner.items_ok.load(Ordering::Relaxed)
     }
 
-    /// Retries so far.
+    /// Retries so far: attempts after an item's first, after a backoff or
+    /// after a pause.
     pub fn retries(&self) -> u64 {
         self.inner.retries.load(Ordering::Relaxed)
     }
@@ -336,7 +337,9 @@ pub struct StatsSnapshot {
     pub by_status: BTreeMap<u16, u64>,
     /// Transport errors by kind (timeouts included).
     pub transport_errors: BTreeMap<String, u64>,
-    /// Retries scheduled.
+    /// Retries scheduled: every attempt of an item after its first, whether
+    /// a backoff or a pause (which is also counted in `pauses`) came before
+    /// it.
     pub retries: u64,
     /// Pauses asked for.
     pub pauses: u64,

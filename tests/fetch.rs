@@ -95,8 +95,10 @@ async fn the_lesson_pipeline_accounts_for_every_item_and_respects_rate_and_pause
             StatusCode::TOO_MANY_REQUESTS,
             Backoff::exponential(ms(100)).max_attempts(10),
         )
-        .pause_on(StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(10))
-        .attempt_limit(20)
+        .pause_on(
+            StatusCode::SERVICE_UNAVAILABLE,
+            PausePolicy::fallback(Duration::from_secs(10)).max_attempts(20),
+        )
         .json::<Customer>()
         .collect()
         .await;
@@ -582,8 +584,7 @@ proptest! {
                     .fetch_concurrent(concurrency, client.get(|id: &u32| format!("/items/{id}")))
                     .retry_on(StatusCode::TOO_MANY_REQUESTS, Backoff::full_jitter(ms(20)).max_attempts(4).seed(7))
                     .retry_on(Matcher::transport_errors(), Backoff::constant(ms(5)).max_attempts(3))
-                    .pause_on(StatusCode::SERVICE_UNAVAILABLE, ms(100))
-                    .attempt_limit(6);
+                    .pause_on(StatusCode::SERVICE_UNAVAILABLE, PausePolicy::fallback(ms(100)).max_attempts(6));
                 if ordered {
                     fetch = fetch.ordered();
                 }

@@ -90,8 +90,8 @@ async fn stats_match_the_call_log_exactly() {
     );
     assert_eq!(
         stats.retries,
-        4 + 4,
-        "the 429s and the resets; the 503 counts as a pause"
+        4 + 4 + 1,
+        "the 429s, the resets, and the re-attempt after the 503's pause"
     );
     assert_eq!(stats.pauses, 1);
     assert_eq!(stats.paused, Duration::from_secs(2));

@@ -388,6 +388,16 @@ impl From<FetchError<u64>> for Failed {
     }
 }
 
+impl sluicegate::StageError<u64> for Failed {
+    type Output = Failed;
+    fn pass(self) -> Failed {
+        self
+    }
+    fn lift(e: FetchError<u64>) -> Failed {
+        Failed::Item(e)
+    }
+}
+
 type Out = Result<u64, Failed>;
 
 /// The mock server of a shape: `/s/{stage}/{id}` answers as the shape's
@@ -861,7 +871,10 @@ fn ids_through(
     if chained {
         first
             .try_fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
-            .map(|r| r.map(|f| f.item).unwrap_or_else(|e| *e.item()))
+            .map(|r| {
+                r.map(|f| f.item)
+                    .unwrap_or_else(|e| *e.item::<u64>().expect("a u64 item"))
+            })
             .boxed()
     } else {
         first.map(|r| r.unwrap_or_else(|e| *e.item())).boxed()

@@ -16,6 +16,11 @@
 //! number of crashes and re-runs, each item appears exactly once, in the
 //! output or in the dead letters.
 //!
+//! Failures are committed like successes, so a plain re-run does not try
+//! them again; [`Journal::open_retrying_failed`] drops the failures from
+//! the journal (rewritten atomically) and empties the dead letters, so
+//! those items go through once more and still end up exactly once.
+//!
 //! Lines are handed to the operating system as they are written, so a killed
 //! process loses nothing it committed; surviving a power cut would need an
 //! `fsync` per item, which this does not do.
@@ -32,7 +37,7 @@ use futures::stream::{Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::sink::{dead_letter_path, encode, in_file, DeadLetter, HasItem, Report};
+use super::sink::{dead_letter_path, encode, in_file, HasItem, JournalFailure, Report};
 
 type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
 
@@ -140,7 +145,75 @@ impl<I> Journal<I> {
     where
         F: Fn(&I) -> String + Send + Sync + 'static,
     {
-        let output = output.as_ref().to_owned();
+        Self::open_with(output.as_ref(), Box::new(key), false)
+    }
+
+    /// Opens the journal of `output` like [`open`](Self::open), but gives
+    /// the items an earlier run dead-lettered another chance: they are no
+    /// longer done, so [`skip_done`](Self::skip_done) lets them through,
+    /// and their old dead letters are dropped (the dead-letter file is
+    /// emptied), so each item still ends up exactly once, in the output or,
+    /// if it fails again, in the dead letters. Successes stay done.
+    ///
+    /// The journal is rewritten without the failures first (to a new file,
+    /// then renamed over the old one), so a crash midway leaves either the
+    /// old journal or the new one, never a mix.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](Self::open).
+    ///
+    /// ```
+    /// use sluicegate::etl::Journal;
+    /// use sluicegate::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let mock = MockTransport::new();
+    /// // Item 3 fails on the first run only.
+    /// mock.mount(Route::get("/items/3").sequence([MockResponse::status(500), MockResponse::json(&3)]));
+    /// mock.mount(Route::get("/items/{id}").respond_with(|r| MockResponse::text(MockResponse::ok(), r.param("id").unwrap())));
+    /// let client = Client::builder().transport(mock.clone()).base_url("http://mock").build().unwrap();
+    /// let dir = std::env::temp_dir().join(format!("sluicegate-retry-failed-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let output = dir.join("items.jsonl");
+    ///
+    /// let key = |id: &u32| id.to_string();
+    /// for retry_failed in [false, true] {
+    ///     let journal = if retry_failed {
+    ///         Journal::open_retrying_failed(&output, key)? // item 3 is not done
+    ///     } else {
+    ///         Journal::open(&output, key)?
+    ///     };
+    ///     let report = journal
+    ///         .write_jsonl(
+    ///             journal
+    ///                 .skip_done(stream::iter(1..=4u32))
+    ///                 .fetch_concurrent(4, client.get(|id: &u32| format!("/items/{id}")))
+    ///                 .json::<u32>(),
+    ///         )
+    ///         .await?;
+    ///     println!("{report}");
+    /// }
+    /// // The second run sent only item 3, which now succeeded.
+    /// assert_eq!(mock.call_count(), 5);
+    /// let mut lines: Vec<_> = std::fs::read_to_string(&output)?.lines().map(String::from).collect();
+    /// lines.sort();
+    /// assert_eq!(lines, ["1", "2", "3", "4"]);
+    /// assert_eq!(std::fs::read_to_string(dir.join("items.failed.jsonl"))?, "");
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn open_retrying_failed<F>(output: impl AsRef<Path>, key: F) -> io::Result<Self>
+    where
+        F: Fn(&I) -> String + Send + Sync + 'static,
+    {
+        Self::open_with(output.as_ref(), Box::new(key), true)
+    }
+
+    fn open_with(output: &Path, key: Box<KeyFn<I>>, retry_failed: bool) -> io::Result<Self> {
+        let output = output.to_owned();
         if output.as_os_str().is_empty() {
             // Else the journal would be a stray `.journal` in the working directory.
             return Err(io::Error::new(
@@ -160,15 +233,28 @@ impl<I> Journal<I> {
             .create(true)
             .open(&journal_path)
             .map_err(in_journal)?;
-        let (done, ok_len, failed_len, committed) = replay(&journal).map_err(in_journal)?;
+        let (mut entries, committed) = replay(&journal).map_err(in_journal)?;
         journal.set_len(committed).map_err(in_journal)?;
         journal.seek(io::SeekFrom::End(0)).map_err(in_journal)?;
+        if retry_failed && entries.iter().any(|e| e.file == "failed") {
+            entries.retain(|e| e.file == "ok");
+            journal = rewrite(&journal_path, &entries).map_err(in_journal)?;
+        }
+        let last_end = |file: &str| {
+            entries
+                .iter()
+                .rev()
+                .find(|e| e.file == file)
+                .map_or(0, |e| e.end)
+        };
+        let (ok_len, failed_len) = (last_end("ok"), last_end("failed"));
+        let done: HashSet<String> = entries.into_iter().map(|e| e.key).collect();
 
         let ok = cut_back(&output, ok_len)?;
         let failed = cut_back(&dead_letters, failed_len)?;
         Ok(Self {
             shared: Arc::new(Shared {
-                key: Box::new(key),
+                key,
                 skipped: AtomicU64::new(0),
                 files: Mutex::new(Files {
                     done,
@@ -193,6 +279,26 @@ impl<I> Journal<I> {
     pub fn is_done(&self, item: &I) -> bool {
         let key = (self.shared.key)(item);
         self.files().done.contains(&key)
+    }
+
+    /// Like [`skip_done`](Self::skip_done), on a stream of `Result`s: `Ok`
+    /// items an earlier run finished are dropped, errors pass through (to
+    /// be dead-lettered). For the later stages of a pipeline, such as the
+    /// ids unpacked from a list.
+    pub fn try_skip_done<S, E>(&self, items: S) -> impl Stream<Item = Result<I, E>> + Send + 'static
+    where
+        S: Stream<Item = Result<I, E>> + Send + 'static,
+        I: Send + 'static,
+        E: Send + 'static,
+    {
+        let journal = self.clone();
+        items.filter(move |item| {
+            let done = item.as_ref().is_ok_and(|item| journal.is_done(item));
+            if done {
+                journal.shared.skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            futures::future::ready(!done)
+        })
     }
 
     /// Drops the items of `items` that an earlier run finished (counted as
@@ -222,7 +328,7 @@ impl<I> Journal<I> {
     where
         S: Stream<Item = Result<V, E>>,
         V: Serialize + HasItem<Item = I>,
-        E: DeadLetter + HasItem<Item = I>,
+        E: JournalFailure<I>,
     {
         let started = Instant::now();
         let mut ok = 0;
@@ -238,7 +344,7 @@ impl<I> Journal<I> {
                 }
                 Err(failure) => {
                     encode(&mut line, &failure.dead_letter())?;
-                    ((self.shared.key)(failure.item()), false)
+                    (failure.journal_key(&*self.shared.key), false)
                 }
             };
             // An item already done (it came twice, or the stream was not
@@ -306,11 +412,11 @@ impl<I> Journal<I> {
     }
 }
 
-/// Reads the journal: done keys, committed lengths of both files, and the
-/// length of the journal's own complete lines.
-fn replay(journal: &File) -> io::Result<(HashSet<String>, u64, u64, u64)> {
-    let mut done = HashSet::new();
-    let (mut ok_len, mut failed_len, mut committed) = (0, 0, 0);
+/// Reads the journal: its committed entries, and the length of its own
+/// complete lines.
+fn replay(journal: &File) -> io::Result<(Vec<Entry>, u64)> {
+    let mut entries = Vec::new();
+    let mut committed = 0;
     let mut reader = BufReader::new(journal);
     // Bytes, not a `String`: a crash can tear a line inside a multi-byte
     // character, and that torn tail must be cut, not refused.
@@ -324,15 +430,35 @@ fn replay(journal: &File) -> io::Result<(HashSet<String>, u64, u64, u64)> {
         let Ok(entry) = serde_json::from_slice::<Entry>(&line) else {
             break;
         };
-        match entry.file.as_str() {
-            "ok" => ok_len = entry.end,
-            "failed" => failed_len = entry.end,
-            _ => break,
+        if !matches!(entry.file.as_str(), "ok" | "failed") {
+            break;
         }
-        done.insert(entry.key);
+        entries.push(entry);
         committed += n as u64;
     }
-    Ok((done, ok_len, failed_len, committed))
+    Ok((entries, committed))
+}
+
+/// Replaces the journal at `path` with `entries`, atomically: written to a
+/// new file, flushed, then renamed over the old one. Returns the new
+/// journal, open for appending.
+fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<File> {
+    let mut tmp = path.to_owned().into_os_string();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut text = Vec::new();
+    for entry in entries {
+        encode(&mut text, entry)?;
+    }
+    {
+        let mut file = File::create(&tmp)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    let mut journal = OpenOptions::new().read(true).append(true).open(path)?;
+    journal.seek(io::SeekFrom::End(0))?;
+    Ok(journal)
 }
 
 /// Opens `path` for appending, cut back to `len` bytes.

@@ -56,6 +56,53 @@ impl fmt::Display for JsonlError {
     }
 }
 
+/// Where a bad input line was: the item of the [`Failure`](crate::Failure)
+/// a [`JsonlError`] becomes, so that the line is dead-lettered (and, in a
+/// [`Journal`](super::Journal), keyed) by its place in the file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct InputLine {
+    /// The file.
+    pub path: PathBuf,
+    /// The 1-based line number (0 when the file could not be opened).
+    pub line: u64,
+    /// The start of the line, if it could be read.
+    pub text: Option<String>,
+}
+
+/// A bad line becomes a [`Failure`](crate::Failure) of kind
+/// [`InvalidInput`](crate::FetchErrorKind::InvalidInput) whose item is its
+/// [`InputLine`].
+impl From<JsonlError> for crate::Failure {
+    fn from(error: JsonlError) -> Self {
+        let message = error.to_string();
+        let line = InputLine {
+            path: error.path,
+            line: error.line,
+            text: error.text,
+        };
+        let source = error
+            .source
+            .map(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>);
+        crate::Failure::invalid_input(line, message, source)
+    }
+}
+
+/// A stream read with [`read_jsonl`] feeds a fetch stage directly: each bad
+/// line passes through as a [`Failure`](crate::Failure), in its place, to
+/// be dead-lettered.
+impl<T> crate::StageError<T> for JsonlError
+where
+    T: serde::Serialize + Send + Sync + 'static,
+{
+    type Output = crate::Failure;
+    fn pass(self) -> crate::Failure {
+        self.into()
+    }
+    fn lift(error: crate::FetchError<T>) -> crate::Failure {
+        error.into()
+    }
+}
+
 impl std::error::Error for JsonlError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source

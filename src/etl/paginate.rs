@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures::stream::{self, BoxStream, Stream, StreamExt as _};
 use http::header::LINK;
@@ -17,7 +16,7 @@ use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{FetchError, FetchErrorKind};
 use crate::ext::flat_unpack::locate;
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher};
+use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
 /// Which page to fetch: its number (from 1) and what identifies it.
@@ -32,6 +31,7 @@ pub struct PageRef {
 
 /// How to find the next page.
 #[derive(Debug, Clone)]
+#[must_use = "a Pagination does nothing until given to paginate"]
 pub enum Pagination {
     /// Follow `Link: <url>; rel="next"` until a page has none.
     LinkHeader,
@@ -145,10 +145,12 @@ pub fn paginate(client: &Client, first: impl Into<RequestSpec>, how: Pagination)
 }
 
 impl Paginate {
+    #[track_caller]
     fn configure(mut self, f: impl FnOnce(Endpoint<PageRef>) -> Endpoint<PageRef>) -> Self {
         assert!(
             self.pages.is_none(),
-            "configure a paginator before polling it"
+            "configure a paginator before polling it: a rule added once pages are being \
+             fetched would apply to some of them only"
         );
         self.endpoint = self.endpoint.take().map(f);
         self
@@ -171,13 +173,23 @@ impl Paginate {
     ///
     /// If called after the stream has started.
     #[track_caller]
-    pub fn pause_on(self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
+    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
         let matcher = matcher.into();
-        self.configure(|e| e.pause_on(matcher, fallback))
+        let policy = policy.into();
+        self.configure(|e| e.pause_on(matcher, policy))
     }
 
     /// Stops after `n` pages.
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream has started.
+    #[track_caller]
     pub fn max_pages(mut self, n: u64) -> Self {
+        assert!(
+            self.pages.is_none(),
+            "configure a paginator before polling it: max_pages would be ignored"
+        );
         self.max_pages = n;
         self
     }

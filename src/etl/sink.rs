@@ -75,6 +75,38 @@ impl DeadLetter for JsonlError {
     }
 }
 
+/// A failure a [`Journal<I>`](super::Journal) can commit, under a key.
+///
+/// A failure that carries its `I` ([`HasItem`]) is keyed as its item is.
+/// A [`Failure`] of a multi-stage pipeline is keyed by its item when that
+/// is an `I`, and otherwise (the list request failed, or a page) by its
+/// item's type and JSON, so it is written once and, with
+/// [`Journal::open_retrying_failed`](super::Journal::open_retrying_failed),
+/// retried on a re-run like any dead letter.
+pub trait JournalFailure<I>: DeadLetter {
+    /// The key this failure is committed under, given the journal's key
+    /// for items.
+    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String;
+}
+
+impl<I, E> JournalFailure<I> for E
+where
+    E: DeadLetter + HasItem<Item = I>,
+{
+    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String {
+        key(self.item())
+    }
+}
+
+impl<I: 'static> JournalFailure<I> for Failure {
+    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String {
+        match self.item::<I>() {
+            Some(item) => key(item),
+            None => format!("{} {}", self.item_type(), self.item_json()),
+        }
+    }
+}
+
 /// An output that knows the input item it came from, so a
 /// [`Journal`](super::Journal) can key it.
 pub trait HasItem {

@@ -45,8 +45,8 @@ use futures::stream::{Fuse, FusedStream, FuturesUnordered, Stream, StreamExt as 
 use pin_project_lite::pin_project;
 
 use crate::endpoint::{Endpoint, Fetched};
-use crate::error::FetchError;
-use crate::retry::{Backoff, Matcher};
+use crate::error::{Failure, FetchError};
+use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
 /// How a fetch operator takes its input: plain items, or the `Ok`s of a
@@ -79,6 +79,57 @@ pub enum Plain {}
 #[derive(Debug)]
 pub enum Fallible {}
 
+/// An upstream error type that a later fetch stage (of items `T`) can pass
+/// through, and the one error type the stage then yields.
+///
+/// What makes chaining stages need no `map_err`: a [`FetchError<U>`] of an
+/// earlier stage (whatever its item type `U`) and a [`Failure`] both become
+/// `Failure`, the stage's own [`FetchError<T>`] too. For an error type of
+/// your own, implement it with `Output = Self` and say how a fetch failure
+/// becomes one (see
+/// [`try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent)).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the upstream error of a fetch stage of `{T}` items",
+    label = "the stream's `Err` type",
+    note = "a `FetchError<_>` of any stage or a `Failure` works as it is (the stage then yields `Failure`s); for an error type of your own, implement `sluicegate::StageError<{T}>` for it",
+    note = "a stage's items must be `Serialize` for its failures to become `Failure`s (they are kept as JSON for reports and dead letters)"
+)]
+pub trait StageError<T>: Send + 'static {
+    /// The error side of the stage's output.
+    type Output: Send + 'static;
+    /// An error from upstream, passed through in its place.
+    fn pass(self) -> Self::Output;
+    /// A fetch of `T` that failed.
+    fn lift(error: FetchError<T>) -> Self::Output;
+}
+
+impl<T, U> StageError<T> for FetchError<U>
+where
+    T: serde::Serialize + Send + Sync + 'static,
+    U: serde::Serialize + Send + Sync + 'static,
+{
+    type Output = Failure;
+    fn pass(self) -> Failure {
+        self.into()
+    }
+    fn lift(error: FetchError<T>) -> Failure {
+        error.into()
+    }
+}
+
+impl<T> StageError<T> for Failure
+where
+    T: serde::Serialize + Send + Sync + 'static,
+{
+    type Output = Failure;
+    fn pass(self) -> Failure {
+        self
+    }
+    fn lift(error: FetchError<T>) -> Failure {
+        error.into()
+    }
+}
+
 impl<T: Send + 'static> Intake<T> for Plain {
     type Item = T;
     type Error = FetchError<T>;
@@ -93,15 +144,15 @@ impl<T: Send + 'static> Intake<T> for Plain {
 impl<T, E> Intake<Result<T, E>> for Fallible
 where
     T: Send + 'static,
-    E: From<FetchError<T>> + Send + 'static,
+    E: StageError<T>,
 {
     type Item = T;
-    type Error = E;
-    fn intake(input: Result<T, E>) -> Result<T, E> {
-        input
+    type Error = E::Output;
+    fn intake(input: Result<T, E>) -> Result<T, E::Output> {
+        input.map_err(E::pass)
     }
-    fn lift(error: FetchError<T>) -> E {
-        error.into()
+    fn lift(error: FetchError<T>) -> E::Output {
+        E::lift(error)
     }
 }
 
@@ -112,7 +163,8 @@ pin_project! {
     /// and [`SluiceExt::try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent).
     ///
     /// Configure it (`ordered`, `retry_on`, `pause_on`, timeouts) before the
-    /// first poll.
+    /// first poll: each of those methods panics once the stream has been
+    /// polled, since a rule added then would apply to some items only.
     #[must_use = "streams do nothing unless polled"]
     pub struct FetchConcurrent<S, A>
     where
@@ -124,6 +176,8 @@ pin_project! {
         endpoint: Arc<Endpoint<A::Item>>,
         limit: usize,
         ordered: bool,
+        // Polled at least once: configuring now would apply to some items only.
+        started: bool,
         // Index of the next item taken from upstream.
         next_in: u64,
         // Index of the next output to yield in ordered mode.
@@ -149,6 +203,7 @@ where
             endpoint: Arc::new(endpoint),
             limit,
             ordered: false,
+            started: false,
             next_in: 0,
             next_out: 0,
             outstanding: 0,
@@ -163,55 +218,84 @@ where
     ///
     /// # Panics
     ///
-    /// If called after the stream has started.
+    /// If called after the stream was first polled.
     #[track_caller]
     pub fn ordered(mut self) -> Self {
-        assert_eq!(self.next_in, 0, "ordered() must be called before polling");
+        self.assert_not_started("ordered");
         self.ordered = true;
         self
     }
 
     /// Retries outcomes that `matcher` matches with `policy`; see
     /// [`Endpoint::retry_on`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
     pub fn retry_on(self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        self.configure(|e| e.retry_on(matcher, policy))
+        self.configure("retry_on", |e| e.retry_on(matcher, policy))
     }
 
     /// Pauses the shared handle on outcomes that `matcher` matches; see
     /// [`Endpoint::pause_on`].
-    pub fn pause_on(self, matcher: impl Into<Matcher>, fallback: Duration) -> Self {
-        self.configure(|e| e.pause_on(matcher, fallback))
-    }
-
-    /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
-    pub fn with_stats(self, stats: crate::Stats) -> Self {
-        self.configure(|e| e.with_stats(stats))
-    }
-
-    /// Per-attempt timeout; see [`Endpoint::timeout`].
-    pub fn timeout(self, timeout: Duration) -> Self {
-        self.configure(|e| e.timeout(timeout))
-    }
-
-    /// Per-item timeout; see [`Endpoint::item_timeout`].
-    pub fn item_timeout(self, timeout: Duration) -> Self {
-        self.configure(|e| e.item_timeout(timeout))
-    }
-
-    /// Caps attempts per item; see [`Endpoint::attempt_limit`].
     ///
     /// # Panics
     ///
-    /// If `limit` is 0.
+    /// If called after the stream was first polled.
     #[track_caller]
-    pub fn attempt_limit(self, limit: u32) -> Self {
-        assert!(limit > 0, "attempt_limit must be at least 1");
-        self.configure(|e| e.attempt_limit(limit))
+    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
+        self.configure("pause_on", |e| e.pause_on(matcher, policy))
+    }
+
+    /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
+    pub fn with_stats(self, stats: crate::Stats) -> Self {
+        self.configure("with_stats", |e| e.with_stats(stats))
+    }
+
+    /// Per-attempt timeout; see [`Endpoint::timeout`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
+    pub fn timeout(self, timeout: Duration) -> Self {
+        self.configure("timeout", |e| e.timeout(timeout))
+    }
+
+    /// Per-item timeout; see [`Endpoint::item_timeout`].
+    ///
+    /// # Panics
+    ///
+    /// If called after the stream was first polled.
+    #[track_caller]
+    pub fn item_timeout(self, timeout: Duration) -> Self {
+        self.configure("item_timeout", |e| e.item_timeout(timeout))
+    }
+
+    #[track_caller]
+    fn assert_not_started(&self, method: &str) {
+        assert!(
+            !self.started,
+            "FetchConcurrent::{method} called after the stream was first polled: it would \
+             apply to some items only; configure the stream (or its Endpoint) before polling it"
+        );
     }
 
     /// Reconfigures the endpoint (before the first poll, when nothing else
     /// holds it yet).
-    fn configure(mut self, f: impl FnOnce(Endpoint<A::Item>) -> Endpoint<A::Item>) -> Self {
+    #[track_caller]
+    fn configure(
+        mut self,
+        method: &str,
+        f: impl FnOnce(Endpoint<A::Item>) -> Endpoint<A::Item>,
+    ) -> Self {
+        self.assert_not_started(method);
         self.endpoint = Arc::new(f(Arc::unwrap_or_clone(self.endpoint)));
         self
     }
@@ -232,6 +316,7 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
+        *this.started = true;
         loop {
             // Yield what is ready, in order if asked.
             if *this.ordered {

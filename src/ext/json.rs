@@ -3,7 +3,11 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::Response;
 
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
@@ -50,6 +54,44 @@ impl<T, U: serde::Serialize> serde::Serialize for Decoded<T, U> {
 /// How much of an undecodable body an error shows.
 const EXCERPT_BYTES: usize = 200;
 
+/// A body an endpoint decoded during the attempt
+/// ([`Endpoint::json`](crate::Endpoint::json)), kept in the response's
+/// extensions until [`json`](crate::SluiceExt::json) takes it, so the body
+/// is decoded once. Shared and taken, since extensions must be `Clone`.
+pub(crate) struct DecodedBody<U>(Arc<Mutex<Option<U>>>);
+
+impl<U> Clone for DecodedBody<U> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<U: Send + 'static> DecodedBody<U> {
+    pub(crate) fn new(value: U) -> Self {
+        Self(Arc::new(Mutex::new(Some(value))))
+    }
+
+    /// The value decoded for `response`, if its endpoint decoded one as `U`.
+    fn take(response: &Response<Bytes>) -> Option<U> {
+        let body = response.extensions().get::<Self>()?;
+        body.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Marks a response whose body the endpoint could not decode, with why:
+/// what [`Matcher::undecodable`](crate::retry::Matcher::undecodable) matches.
+#[derive(Clone, Debug)]
+pub(crate) struct Undecodable(pub(crate) String);
+
+/// Why `body` is not a `U`, with an excerpt of it.
+pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
+    let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
+    format!("{error}; body starts {excerpt:?}")
+}
+
 pin_project! {
     /// Stream for [`SluiceExt::json`](crate::SluiceExt::json).
     #[must_use = "streams do nothing unless polled"]
@@ -69,21 +111,25 @@ impl<S, U> Json<S, U> {
     }
 }
 
-pub(crate) fn decode<T, U: DeserializeOwned>(
+pub(crate) fn decode<T, U: DeserializeOwned + Send + 'static>(
     fetched: Fetched<T>,
 ) -> Result<Decoded<T, U>, FetchError<T>> {
+    if let Some(value) = DecodedBody::<U>::take(&fetched.response) {
+        return Ok(Decoded {
+            item: fetched.item,
+            value,
+        });
+    }
     match serde_json::from_slice(fetched.response.body()) {
         Ok(value) => Ok(Decoded {
             item: fetched.item,
             value,
         }),
         Err(e) => {
-            let body = fetched.response.body();
-            let excerpt =
-                String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]).into_owned();
+            let detail = decode_detail(&e, fetched.response.body());
             Err(FetchError::new(fetched.item, FetchErrorKind::Decode)
                 .with_attempts(fetched.attempts, fetched.elapsed)
-                .with_detail(format!("{e}; body starts {excerpt:?}"))
+                .with_detail(detail)
                 .with_source(e)
                 .with_response(fetched.response))
         }
@@ -94,7 +140,7 @@ impl<S, U> Stream for Json<S, U>
 where
     S: Stream,
     S::Item: FetchResult,
-    U: DeserializeOwned,
+    U: DeserializeOwned + Send + 'static,
 {
     type Item = Result<Decoded<<S::Item as FetchResult>::Item, U>, <S::Item as FetchResult>::Error>;
 
@@ -112,7 +158,7 @@ impl<S, U> FusedStream for Json<S, U>
 where
     S: FusedStream,
     S::Item: FetchResult,
-    U: DeserializeOwned,
+    U: DeserializeOwned + Send + 'static,
 {
     fn is_terminated(&self) -> bool {
         self.stream.is_terminated()

@@ -28,6 +28,7 @@ use super::RetryBudget;
 /// assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1_000)]);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a Backoff does nothing until given to a retry rule; its methods return a new one"]
 pub struct Backoff {
     schedule: Schedule,
     max_delay: Duration,
@@ -118,7 +119,13 @@ impl Backoff {
         self
     }
 
-    /// Attempts per item, the first one included.
+    /// Attempts per item, the first one included (default
+    /// [`DEFAULT_MAX_ATTEMPTS`](Self::DEFAULT_MAX_ATTEMPTS), 3).
+    ///
+    /// The one cap on attempts when this policy's rule matches: nothing on
+    /// the endpoint or the client stops the item sooner, so
+    /// `max_attempts(50)` gives up to 50 attempts. Attempts other rules
+    /// caused (a pause, another status) count too.
     ///
     /// # Panics
     ///

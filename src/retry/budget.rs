@@ -41,6 +41,7 @@ const SLOTS: u32 = 10;
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "a RetryBudget does nothing until given to Backoff::budget"]
 pub struct RetryBudget {
     shared: Arc<Mutex<Window>>,
 }

@@ -7,13 +7,15 @@ use bytes::Bytes;
 use http::{Response, StatusCode};
 
 use crate::error::{TransportError, TransportErrorKind};
+use crate::ext::json::Undecodable;
 
 type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 
 /// Which outcomes of an attempt a rule applies to.
 ///
-/// Made from a status (`StatusCode::TOO_MANY_REQUESTS.into()`), a class of
-/// statuses, transport errors, or a predicate on the response.
+/// Made from a status (`StatusCode::TOO_MANY_REQUESTS.into()`, or a bare
+/// number: `429.into()`), a class of statuses, transport errors, or a
+/// predicate on the response.
 ///
 /// ```
 /// use http::StatusCode;
@@ -25,6 +27,7 @@ type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 /// # let _ = (too_many, flaky, custom);
 /// ```
 #[derive(Clone)]
+#[must_use = "a Matcher does nothing until given to a rule; its methods return a new one"]
 pub struct Matcher {
     any_of: Vec<Match>,
 }
@@ -35,6 +38,7 @@ enum Match {
     Class(u16),
     Transport,
     Timeout,
+    Undecodable,
     Predicate(Arc<Predicate>),
 }
 
@@ -68,6 +72,14 @@ impl Matcher {
         Self::one(Match::Timeout)
     }
 
+    /// Successful responses whose body the endpoint could not decode, on
+    /// an endpoint that decodes in each attempt
+    /// ([`Endpoint::json`](crate::Endpoint::json)): a truncated or garbled
+    /// body is then retried like a 503 would be.
+    pub fn undecodable() -> Self {
+        Self::one(Match::Undecodable)
+    }
+
     /// Responses for which `predicate` is true.
     pub fn response<F>(predicate: F) -> Self
     where
@@ -88,6 +100,7 @@ impl Matcher {
             (Match::Status(s), Ok(r)) => r.status() == *s,
             (Match::Class(c), Ok(r)) => r.status().as_u16() / 100 == *c,
             (Match::Predicate(p), Ok(r)) => p(r),
+            (Match::Undecodable, Ok(r)) => r.extensions().get::<Undecodable>().is_some(),
             (Match::Transport, Err(_)) => true,
             (Match::Timeout, Err(e)) => e.kind() == TransportErrorKind::Timeout,
             _ => false,
@@ -101,6 +114,30 @@ impl From<StatusCode> for Matcher {
     }
 }
 
+/// A bare status number, as in `retry_on(429, policy)`.
+///
+/// # Panics
+///
+/// If `status` is not a valid status code (outside `100..=999`): a typo in
+/// a rule should stop the program where it is written, not match nothing.
+///
+/// ```
+/// use sluicegate::retry::Matcher;
+///
+/// let by_number: Matcher = 429.into();
+/// let by_name: Matcher = sluicegate::http::StatusCode::TOO_MANY_REQUESTS.into();
+/// assert_eq!(format!("{by_number:?}"), format!("{by_name:?}"));
+/// ```
+impl From<u16> for Matcher {
+    #[track_caller]
+    fn from(status: u16) -> Self {
+        match StatusCode::from_u16(status) {
+            Ok(status) => Self::status(status),
+            Err(_) => panic!("{status} is not an HTTP status code (100..=999)"),
+        }
+    }
+}
+
 impl fmt::Debug for Matcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
@@ -110,6 +147,7 @@ impl fmt::Debug for Matcher {
                 Match::Class(c) => list.entry(&format_args!("{c}xx")),
                 Match::Transport => list.entry(&format_args!("transport errors")),
                 Match::Timeout => list.entry(&format_args!("timeouts")),
+                Match::Undecodable => list.entry(&format_args!("undecodable bodies")),
                 Match::Predicate(_) => list.entry(&format_args!("predicate")),
             };
         }

@@ -374,6 +374,7 @@ impl MockRequest {
 /// # let _ = (limited, customer, slow, reset);
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "a MockResponse does nothing until mounted in a Route; its methods return a new one"]
 pub struct MockResponse {
     status: StatusCode,
     headers: HeaderMap,
@@ -574,6 +575,7 @@ impl Latency {
 /// );
 /// mock.mount(Route::post("/login").sequence([MockResponse::status(401), MockResponse::ok()]));
 /// ```
+#[must_use = "a Route does nothing until mounted with MockTransport::mount; its methods return a new one"]
 pub struct Route {
     method: Option<Method>,
     pattern: PathPattern,
