@@ -35,7 +35,7 @@
 //! ```
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -48,30 +48,73 @@ use crate::limiter::Limiter;
 use crate::pause::{PauseHandle, RemotePause};
 use crate::rate::Rate;
 
+mod line;
+
+pub(crate) use self::line::Outcome;
+
 /// Take a token of a GCRA limit if one is due now by the Redis server's
-/// clock. Returns `{status, wait_us}`: 1 = granted; 0 = not yet, ask again
-/// in `wait_us`; 2 = the shared pause holds for `wait_us`. Nothing is ever
-/// reserved ahead: a worker whose clock runs fast only asks early, and is
-/// told to wait again.
+/// clock, and hand out turns so that the heads of many processes' lines do
+/// not all come back at once.
+///
+/// `KEYS`: the limit's theoretical arrival time (µs), the shared pause's
+/// end, and the instant of the last turn handed out. `ARGV`: interval and
+/// burst tolerance (µs), the lateness forgiven to a head coming back for
+/// its turn (µs), whether the caller holds a turn (1) or is new (0), and
+/// whether it wants a turn for another token after this one (1).
+///
+/// Returns `{status, wait_us}`: 1 = granted (`wait_us` until the caller's
+/// turn for the next token, or -1 when it asked for none); 0 = not yet,
+/// come back for your turn in `wait_us`; 2 = the shared pause holds for
+/// `wait_us`.
+///
+/// A turn is the instant of a token nobody else was given a turn for, so
+/// each head comes back when a token is due for it and the next call is a
+/// grant. A turn reserves nothing: a token is still granted only when due
+/// by this clock (a worker whose clock runs fast only comes back early and
+/// is told to wait again), and tokens are not earmarked, so a late head
+/// costs no one their token. While turns are outstanding, a newcomer is
+/// given one behind them rather than a token that a head is on its way to
+/// take. A head is forgiven lateness up to `ARGV[3]` (the round trip and a
+/// timer tick): its token is dated at its turn, so the rate stays exact.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > now then
+  redis.call('DEL', KEYS[3])
   return {2, paused - now}
 end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local grace = tonumber(ARGV[3])
+local has_turn = ARGV[4] == '1'
+local more = ARGV[5] == '1'
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local due = tat - tolerance
-if due > now then
-  return {0, due - now}
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+local floor = now
+if has_turn then floor = now - grace end
+if tat < floor then tat = floor end
+local granted = 0
+if tat - tolerance <= now and (has_turn or last < now - grace) then
+  granted = 1
+  tat = tat + interval
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  if not more then
+    return {1, -1}
+  end
 end
-local next = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.floor((next - now) / 1000) + 1000)
-return {1, 0}
+local turn = tat - tolerance
+if turn < last + interval then turn = last + interval end
+if turn < now then turn = now end
+redis.call('SET', KEYS[3], string.format('%.0f', turn), 'PX', math.floor((turn - now) / 1000) + 1000)
+return {granted, turn - now}
 ";
+
+/// The lateness forgiven to a head coming back for its turn: the round
+/// trip to Redis and tokio's timer tick (a timer fires up to a tick late).
+const LATE_FORGIVEN: Duration = Duration::from_millis(2);
+
+static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 
 /// Extend the shared pause to `now + ARGV[1]` µs (never shorten it) and
 /// tell every worker how long is left.
@@ -207,19 +250,20 @@ impl RedisCoordinator {
 
     /// A limiter of `rate` for `key` (per host, per tenant...), shared by
     /// every process using this name and key.
+    ///
+    /// Each process's waiters queue locally and only the head of the line
+    /// asks Redis, so the Redis calls grow with the tokens granted (about
+    /// one per token), not with the requests waiting.
     pub fn limiter_for(&self, key: &str, rate: Rate) -> Limiter {
-        let local_rate = match self.inner.failure {
-            FailureMode::FallbackLocal { share } => {
-                Rate::per_second_f64_burst(rate.per_second_f64() * share, rate.burst_size())
-            }
-            FailureMode::FailClosed { .. } => rate,
-        };
+        let key = format!("{}:limit:{key}", self.inner.name);
         Limiter::with_remote(
-            local_rate,
-            rate,
+            fallback_rate(self.inner.failure, rate),
             Arc::new(RemoteLimit {
                 coordinator: self.clone(),
-                key: format!("{}:limit:{key}", self.inner.name),
+                turns: format!("{key}:turns"),
+                key,
+                rate: Mutex::new(rate),
+                line: line::Line::default(),
             }),
         )
     }
@@ -305,6 +349,16 @@ impl RedisCoordinator {
     }
 }
 
+/// The in-process limit a worker falls back to: its share of the rate.
+fn fallback_rate(failure: FailureMode, rate: Rate) -> Rate {
+    match failure {
+        FailureMode::FallbackLocal { share } => {
+            Rate::per_second_f64_burst(rate.per_second_f64() * share, rate.burst_size())
+        }
+        FailureMode::FailClosed { .. } => rate,
+    }
+}
+
 impl RemotePause for RedisCoordinator {
     fn publish_pause(&self, duration: Duration) {
         let coordinator = self.clone();
@@ -364,40 +418,77 @@ async fn listen(coordinator: RedisCoordinator, pause: crate::pause::WeakPauseHan
     }
 }
 
-/// One Redis-backed limit.
+/// One Redis-backed limit, and this process's line for it.
 pub(crate) struct RemoteLimit {
     coordinator: RedisCoordinator,
     key: String,
+    /// Where Redis keeps the last turn it handed out.
+    turns: String,
+    rate: Mutex<Rate>,
+    line: line::Line,
 }
 
 /// What the Redis side of a limiter answered.
 pub(crate) enum Reply {
-    /// A token was taken: go now.
-    Granted,
-    /// No token is due yet: ask again after this long.
+    /// A token was taken: go now; `next` is how long until the caller's
+    /// turn for another, when it asked for one.
+    Granted { next: Option<Duration> },
+    /// No token is due yet: come back for a turn after this long.
     NotYet(Duration),
-    /// The shared pause holds for this long; nothing was reserved.
+    /// The shared pause holds for this long; nothing was taken.
     Paused(Duration),
     /// Redis could not be asked; the error says why.
     Unavailable(String),
 }
 
 impl RemoteLimit {
-    pub(crate) async fn take(&self, rate: &Rate) -> Reply {
+    /// Waits in this process's line for a token, honouring `pause`.
+    /// Cancel safe.
+    pub(crate) async fn acquire(self: &Arc<Self>, pause: Option<PauseHandle>) -> Outcome {
+        line::acquire(self, pause).await
+    }
+
+    /// How many of this process's requests wait for a token.
+    pub(crate) fn waiting(&self) -> usize {
+        self.line.waiting()
+    }
+
+    pub(crate) fn rate(&self) -> Rate {
+        *self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_rate(&self, rate: Rate) {
+        *self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rate;
+    }
+
+    /// One call to Redis: a token if one is due, and a turn for the next
+    /// when `more` wait.
+    async fn take(&self, rate: &Rate, has_turn: bool, more: bool) -> Reply {
         let interval = rate.interval().as_micros().max(1) as u64;
         let tolerance = interval * u64::from(rate.burst_size().saturating_sub(1));
-        let script = Script::new(TAKE);
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = TAKE_SCRIPT.prepare_invoke();
         invocation
             .key(&self.key)
             .key(self.coordinator.pause_key())
+            .key(&self.turns)
             .arg(interval)
-            .arg(tolerance);
-        let micros = |wait: i64| Duration::from_micros(wait.max(1) as u64);
+            .arg(tolerance)
+            .arg(LATE_FORGIVEN.as_micros() as u64)
+            .arg(u8::from(has_turn))
+            .arg(u8::from(more));
+        let micros = |wait: i64| Duration::from_micros(wait.max(0) as u64);
         match self.coordinator.call::<(i64, i64)>(invocation).await {
-            Ok((1, _)) => Reply::Granted,
-            Ok((0, wait)) => Reply::NotYet(micros(wait)),
-            Ok((_, wait)) => Reply::Paused(micros(wait)),
+            Ok((1, wait)) => Reply::Granted {
+                next: (wait >= 0).then(|| micros(wait)),
+            },
+            Ok((0, wait)) => Reply::NotYet(micros(wait).max(Duration::from_micros(1))),
+            Ok((_, wait)) => Reply::Paused(micros(wait).max(Duration::from_micros(1))),
             Err(e) => Reply::Unavailable(e),
         }
     }
@@ -464,13 +555,18 @@ mod tests {
         let limit = RemoteLimit {
             coordinator,
             key: "skew:limit".to_owned(),
+            turns: "skew:limit:turns".to_owned(),
+            rate: Mutex::new(Rate::per_second(100).burst(3)),
+            line: line::Line::default(),
         };
         let rate = Rate::per_second(100).burst(3);
         let started = Instant::now();
         let (mut asked, mut granted) = (0u64, 0u64);
         while started.elapsed() < Duration::from_millis(500) {
             asked += 1;
-            if matches!(limit.take(&rate).await, Reply::Granted) {
+            // Claiming a turn it was never given: the most lateness Redis
+            // forgives, every time.
+            if matches!(limit.take(&rate, true, true).await, Reply::Granted { .. }) {
                 granted += 1;
             }
         }

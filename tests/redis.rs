@@ -363,3 +363,125 @@ async fn failing_closed_waits_for_redis_and_loses_nothing() {
 async fn falling_back_keeps_going_at_a_share_and_loses_nothing() {
     survive_a_redis_restart(FailureMode::FallbackLocal { share: 0.5 }).await;
 }
+
+/// Not a test on its own: a process of `inflight` tasks taking `count`
+/// tokens in all from a shared limiter, one per
+/// `SLUICEGATE_REDIS_LIMITER="redis-url name rate inflight count"`. Prints
+/// the wall-clock instant (µs since the epoch) of each grant: the processes
+/// share one machine, so one clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiter_process() {
+    let Ok(spec) = std::env::var("SLUICEGATE_REDIS_LIMITER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let rate: u32 = parts[2].parse().unwrap();
+    let (inflight, count): (usize, usize) = (parts[3].parse().unwrap(), parts[4].parse().unwrap());
+    let redis = RedisCoordinator::new(parts[0], parts[1]).unwrap();
+    let limiter = redis.limiter(Rate::per_second(rate).burst(BURST));
+    let granted: Vec<u128> = stream::iter(0..count)
+        .map(|_| {
+            let acquire = limiter.acquire();
+            async move {
+                acquire.await;
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros()
+            }
+        })
+        .buffer_unordered(inflight)
+        .collect()
+        .await;
+    let lines: Vec<String> = granted.iter().map(u128::to_string).collect();
+    // On a line of its own: the test harness may have started one.
+    println!("\nGRANTS {}", lines.join(" "));
+}
+
+/// The calls of Lua scripts Redis has served so far.
+fn script_calls(redis: &Redis) -> u64 {
+    let output = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Runs `processes` limiter processes of `inflight` waiters each, taking
+/// `each` tokens per process at `rate`; returns the grant instants (sorted,
+/// µs) and the script calls Redis served.
+fn run_limiter_processes(
+    redis: &Redis,
+    name: &str,
+    rate: u32,
+    processes: usize,
+    inflight: usize,
+    each: usize,
+) -> (Vec<u128>, u64) {
+    let before = script_calls(redis);
+    let children: Vec<Child> = (0..processes)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "redis_limiter_process",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(
+                    "SLUICEGATE_REDIS_LIMITER",
+                    format!("{} {name} {rate} {inflight} {each}", redis.url()),
+                )
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut grants = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "a limiter process failed");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.split_once("GRANTS ").map(|(_, grants)| grants))
+            .expect("the process reports its grants");
+        grants.extend(line.split(' ').map(|t| t.parse::<u128>().unwrap()));
+    }
+    grants.sort_unstable();
+    (grants, script_calls(redis) - before)
+}
+
+/// Only the head of each process's line asks Redis, and Redis tells each
+/// head when to come back, staggered, so the cost per token stays near one
+/// call however many wait, and the rate holds.
+#[test]
+fn many_waiting_requests_cost_few_redis_calls() {
+    let Some(redis) = Redis::start() else { return };
+    let (rate, processes, inflight, each) = (400, 16, 64, 100);
+    let (grants, calls) = run_limiter_processes(&redis, "line", rate, processes, inflight, each);
+    assert_eq!(grants.len(), processes * each);
+    let span = (grants.last().unwrap() - grants[0]) as f64 / 1e6;
+    let measured = (grants.len() - BURST as usize) as f64 / span;
+    let per_grant = calls as f64 / grants.len() as f64;
+    eprintln!(
+        "{processes} processes x {inflight} waiting: {calls} Redis calls for {} grants ({per_grant:.2} per grant), {measured:.1}/s of {rate}/s",
+        grants.len()
+    );
+    assert!(per_grant <= 2.0, "{per_grant:.2} Redis calls per grant");
+    assert!(
+        (measured - f64::from(rate)).abs() <= 0.02 * f64::from(rate),
+        "{measured:.1}/s against {rate}/s"
+    );
+}
