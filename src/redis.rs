@@ -140,8 +140,11 @@ pub enum FailureMode {
         /// How long one acquisition may wait for Redis.
         give_up_after: Duration,
     },
-    /// Go on with an in-process limiter at `share` of the rate (say 0.25 for
-    /// four workers), until Redis answers again.
+    /// Go on with an in-process limiter at `share` of the rate and of the
+    /// burst (say 0.25 for four workers), until Redis answers again. The
+    /// burst is rounded down but never below one, so four workers falling
+    /// back from a burst of 8 keep 2 each; from a burst of 2, 1 each (the
+    /// least there is, so together they may still burst 4).
     FallbackLocal {
         /// The share of the shared rate this worker may use alone.
         share: f64,
@@ -349,11 +352,15 @@ impl RedisCoordinator {
     }
 }
 
-/// The in-process limit a worker falls back to: its share of the rate.
+/// The in-process limit a worker falls back to: its share of the rate and
+/// of the burst, so that workers falling back together neither send faster
+/// nor burst higher than the shared limit allows. The burst is rounded down
+/// (at least one token, the smallest burst there is).
 fn fallback_rate(failure: FailureMode, rate: Rate) -> Rate {
     match failure {
         FailureMode::FallbackLocal { share } => {
-            Rate::per_second_f64_burst(rate.per_second_f64() * share, rate.burst_size())
+            let burst = (f64::from(rate.burst_size()) * share).floor() as u32;
+            Rate::per_second_f64_burst(rate.per_second_f64() * share, burst.max(1))
         }
         FailureMode::FailClosed { .. } => rate,
     }
@@ -507,6 +514,26 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
+
+    /// Workers falling back together may not burst higher than the shared
+    /// limit allows, any more than they may send faster.
+    #[test]
+    fn the_fallback_share_applies_to_the_burst_too() {
+        let rate = Rate::per_second(200).burst(8);
+        let share = |share| fallback_rate(FailureMode::FallbackLocal { share }, rate);
+        assert_eq!(share(0.25).burst_size(), 2);
+        assert!((share(0.25).per_second_f64() - 50.0).abs() < 1e-9);
+        assert_eq!(share(1.0 / 3.0).burst_size(), 2, "rounded down");
+        assert_eq!(share(0.1).burst_size(), 1, "never below one");
+        assert_eq!(share(1.0).burst_size(), 8);
+        let closed = fallback_rate(
+            FailureMode::FailClosed {
+                give_up_after: Duration::from_secs(1),
+            },
+            rate,
+        );
+        assert_eq!(closed, rate);
+    }
 
     /// A worker whose clock runs arbitrarily fast is one that never waits:
     /// it asks again at once, as often as it can. Redis's clock still decides.
