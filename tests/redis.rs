@@ -485,3 +485,50 @@ fn many_waiting_requests_cost_few_redis_calls() {
         "{measured:.1}/s against {rate}/s"
     );
 }
+
+/// The line of one process: first come first served; a waiter dropped
+/// before its turn takes nothing and the next one gets its token; nothing
+/// is granted to a waiter while its pause holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
+    let Some(redis) = Redis::start() else { return };
+    let coordinator = RedisCoordinator::new(&redis.url(), "line-order").unwrap();
+    let limiter = coordinator.limiter(Rate::per_second(20));
+    let pause = PauseHandle::new();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    limiter.acquire().await; // the burst of one, spent
+    let mut waiters = Vec::new();
+    for id in 0..4 {
+        let acquire = limiter.acquire_during(&pause);
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            acquire.await;
+            order.lock().unwrap().push(id);
+        }));
+        // Join the line in order.
+        tokio::task::yield_now().await;
+        while limiter.waiting() <= id {
+            tokio::task::yield_now().await;
+        }
+    }
+    // Dropped before its turn: leaves the line, takes nothing.
+    waiters.remove(1).abort();
+    for waiter in waiters {
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the line moves on")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 2, 3]);
+
+    // Paused: nobody is granted until the pause ends, then the line goes on.
+    let paused_at = tokio::time::Instant::now();
+    pause.pause_for(Duration::from_millis(300));
+    let waiter = tokio::spawn(limiter.acquire_during(&pause));
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("granted after the pause")
+        .unwrap();
+    assert!(paused_at.elapsed() >= Duration::from_millis(300));
+    assert_eq!(limiter.waiting(), 0);
+}
