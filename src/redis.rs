@@ -49,8 +49,10 @@ use crate::pause::{PauseHandle, RemotePause};
 use crate::rate::Rate;
 
 mod line;
+mod queue;
 
 pub(crate) use self::line::Outcome;
+pub use self::queue::{Job, Jobs, QueueError, WorkQueue};
 
 /// Take a token of a GCRA limit if one is due now by the Redis server's
 /// clock, and hand out turns so that the heads of many processes' lines do
