@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use futures::{stream, StreamExt};
+use futures::{stream, StreamExt, TryStreamExt};
 use http::StatusCode;
 use sluicegate::demo::{Arrival, DemoConfig, DemoServer};
 use sluicegate::etl::Journal;
@@ -542,7 +542,6 @@ const QUEUE_ITEMS: u64 = 4_000;
 /// journaled output, one per
 /// `SLUICEGATE_QUEUE_WORKER="redis-url server-url consumer output"`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[allow(clippy::result_large_err)] // a fetch error carries its item, as it should
 async fn redis_queue_worker_process() {
     let Ok(spec) = std::env::var("SLUICEGATE_QUEUE_WORKER") else {
         return;
@@ -573,11 +572,9 @@ async fn redis_queue_worker_process() {
         )
         .json::<serde_json::Value>()
         // The record names its key, for the union of outputs.
-        .map(|result| {
-            result.map(|mut record| {
-                record.value["key"] = record.item.key().into();
-                record
-            })
+        .map_ok(|mut record| {
+            record.value["key"] = record.item.key().into();
+            record
         });
     journal
         .write_jsonl(queue.ack_after_commit(results))
