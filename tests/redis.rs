@@ -21,6 +21,11 @@ use sluicegate::redis::{FailureMode, Job, RedisCoordinator, WorkQueue};
 use sluicegate::ReqwestTransport;
 use tokio::sync::Notify;
 
+/// Held by each test that measures a rate across processes: on a small
+/// machine, two such tests at once starve each other's processes of CPU,
+/// and a process that runs late measures the machine, not the limiter.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const RATE: u32 = 200;
 const BURST: u32 = 5;
 
@@ -175,6 +180,7 @@ fn max_in_window(arrivals: &[Arrival], width: Duration) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_worker_processes_share_one_rate() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let server = DemoServer::start(DemoConfig::default().items(600).record_arrivals(true))
         .await
@@ -204,6 +210,7 @@ async fn four_worker_processes_share_one_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_seen_by_one_worker_stalls_every_worker() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let every = Duration::from_millis(1_200);
     let lasting = Duration::from_millis(400);
@@ -469,6 +476,7 @@ fn run_limiter_processes(
 /// call however many wait, and the rate holds.
 #[test]
 fn many_waiting_requests_cost_few_redis_calls() {
+    let _measuring = MEASURING.blocking_lock();
     let Some(redis) = Redis::start() else { return };
     let (rate, processes, inflight, each) = (400, 16, 64, 100);
     let (grants, calls) = run_limiter_processes(&redis, "line", rate, processes, inflight, each);
@@ -498,6 +506,8 @@ async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
     let pause = PauseHandle::new();
     let order = Arc::new(Mutex::new(Vec::new()));
     limiter.acquire().await; // the burst of one, spent
+                             // Paused while they join, so they join in order and none goes yet.
+    pause.pause_for(Duration::from_secs(30));
     let mut waiters = Vec::new();
     for id in 0..4 {
         let acquire = limiter.acquire_during(&pause);
@@ -506,14 +516,25 @@ async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
             acquire.await;
             order.lock().unwrap().push(id);
         }));
-        // Join the line in order.
-        tokio::task::yield_now().await;
+        let joining = tokio::time::Instant::now();
         while limiter.waiting() <= id {
-            tokio::task::yield_now().await;
+            assert!(
+                joining.elapsed() < Duration::from_secs(10),
+                "waiter {id} joins"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
     // Dropped before its turn: leaves the line, takes nothing.
     waiters.remove(1).abort();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while limiter.waiting() > 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(order.lock().unwrap().is_empty(), "nobody went while paused");
+    pause.resume();
     for waiter in waiters {
         tokio::time::timeout(Duration::from_secs(10), waiter)
             .await
@@ -638,6 +659,7 @@ fn lines_of(path: &std::path::Path) -> Vec<String> {
 /// unacknowledged), nothing stays pending, and the server saw the quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_drain_a_shared_queue_exactly_once_through_a_kill() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let server = DemoServer::start(
         DemoConfig::default()
@@ -746,6 +768,11 @@ async fn workers_drain_a_shared_queue_exactly_once_through_a_kill() {
     let span = arrivals.last().unwrap().at - arrivals[0].at;
     let rate = (arrivals.len() - BURST as usize) as f64 / span.as_secs_f64();
     let refused = arrivals.iter().filter(|a| a.status == 429).count();
+    let mut per_second = vec![0u32; span.as_secs() as usize + 1];
+    for a in &arrivals {
+        per_second[(a.at - arrivals[0].at).as_secs() as usize] += 1;
+    }
+    eprintln!("arrivals per second: {per_second:?}");
     let scripts = calls("evalsha") + calls("eval");
     let queue_calls = calls("xreadgroup")
         + calls("xack")
