@@ -35,6 +35,7 @@
 //! ```
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
@@ -76,8 +77,9 @@ pub use self::queue::{Job, Jobs, QueueError, WorkQueue};
 /// is told to wait again), and tokens are not earmarked, so a late head
 /// costs no one their token. While turns are outstanding, a newcomer is
 /// given one behind them rather than a token that a head is on its way to
-/// take. A head is forgiven lateness up to `ARGV[3]` (the round trip and a
-/// timer tick): its token is dated at its turn, so the rate stays exact.
+/// take. A head is forgiven lateness up to `ARGV[3]` (its round trip and a
+/// timer tick, capped): its token is dated at its turn, so the rate stays
+/// exact.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -112,9 +114,16 @@ redis.call('SET', KEYS[3], string.format('%.0f', turn), 'PX', math.floor((turn -
 return {granted, turn - now}
 ";
 
-/// The lateness forgiven to a head coming back for its turn: the round
-/// trip to Redis and tokio's timer tick (a timer fires up to a tick late).
+/// The lateness always forgiven a head coming back for its turn: tokio's
+/// timer tick (a timer fires up to a tick late) and a margin. The head's
+/// measured round trip to Redis is forgiven on top, since its turn is
+/// counted from Redis's clock and reaches it a round trip later.
 const LATE_FORGIVEN: Duration = Duration::from_millis(2);
+
+/// The most lateness forgiven, however slow the round trip: a token is
+/// never dated further back, so a burst never exceeds the configured one
+/// by more than this much of the rate.
+const LATE_FORGIVEN_MAX: Duration = Duration::from_millis(10);
 
 static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 
@@ -269,6 +278,7 @@ impl RedisCoordinator {
                 key,
                 rate: Mutex::new(rate),
                 line: line::Line::default(),
+                round_trip: AtomicU64::new(0),
             }),
         )
     }
@@ -435,6 +445,8 @@ pub(crate) struct RemoteLimit {
     turns: String,
     rate: Mutex<Rate>,
     line: line::Line,
+    /// The round trip of a call, smoothed (µs).
+    round_trip: AtomicU64,
 }
 
 /// What the Redis side of a limiter answered.
@@ -481,6 +493,9 @@ impl RemoteLimit {
     async fn take(&self, rate: &Rate, has_turn: bool, more: bool) -> Reply {
         let interval = rate.interval().as_micros().max(1) as u64;
         let tolerance = interval * u64::from(rate.burst_size().saturating_sub(1));
+        let round_trip = self.round_trip.load(Ordering::Relaxed);
+        let forgiven = (LATE_FORGIVEN.as_micros() as u64 + round_trip)
+            .min(LATE_FORGIVEN_MAX.as_micros() as u64);
         let mut invocation = TAKE_SCRIPT.prepare_invoke();
         invocation
             .key(&self.key)
@@ -488,11 +503,18 @@ impl RemoteLimit {
             .key(&self.turns)
             .arg(interval)
             .arg(tolerance)
-            .arg(LATE_FORGIVEN.as_micros() as u64)
+            .arg(forgiven)
             .arg(u8::from(has_turn))
             .arg(u8::from(more));
         let micros = |wait: i64| Duration::from_micros(wait.max(0) as u64);
-        match self.coordinator.call::<(i64, i64)>(invocation).await {
+        let sent = Instant::now();
+        let reply = self.coordinator.call::<(i64, i64)>(invocation).await;
+        if reply.is_ok() {
+            let sample = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u64;
+            self.round_trip
+                .store((round_trip * 7 + sample) / 8, Ordering::Relaxed);
+        }
+        match reply {
             Ok((1, wait)) => Reply::Granted {
                 next: (wait >= 0).then(|| micros(wait)),
             },
@@ -587,6 +609,7 @@ mod tests {
             turns: "skew:limit:turns".to_owned(),
             rate: Mutex::new(Rate::per_second(100).burst(3)),
             line: line::Line::default(),
+            round_trip: AtomicU64::new(0),
         };
         let rate = Rate::per_second(100).burst(3);
         let started = Instant::now();
