@@ -1,20 +1,27 @@
-//! One rate budget and one pause for many processes, through Redis
-//! (feature `redis`).
+//! One rate budget, one pause and one work queue for many processes,
+//! through Redis (feature `redis`).
 //!
 //! The limit is decided on the Redis server, by a Lua script that reads the
 //! server's own clock (`TIME`): no worker's clock is ever consulted, so
 //! clock skew between workers cannot over-issue. A token is granted only
 //! when it is due by that clock; otherwise the reply says how long until it
 //! is, and the worker sleeps exactly that long before asking again (there
-//! is no reservation a fast clock could cash in early). A pause is a deadline stored in
-//! Redis (only ever extended, capped by `max_pause`); the limiter's script
-//! refuses slots while it holds, and a pub/sub channel carries pauses and
+//! is no reservation a fast clock could cash in early). Only the head of
+//! each process's line of waiting requests asks (see `line`), and Redis
+//! gives each head its own turn, so the calls grow with the tokens granted,
+//! not with the requests waiting. A pause is a deadline stored in Redis
+//! (only ever extended, capped by `max_pause`); the limiter's script
+//! refuses tokens while it holds, and a pub/sub channel carries pauses and
 //! resumes to every worker's [`PauseHandle`] at once.
 //!
 //! When Redis is unreachable, [`FailureMode`] decides: wait for it (and give
 //! up with a clear error after a limit), or fall back to an in-process
-//! limiter at a share of the rate. Either way the connection is retried on
-//! its own, and the rate is never silently unlimited.
+//! limiter at a share of the rate and of the burst. Either way the
+//! connection is retried on its own, and the rate is never silently
+//! unlimited.
+//!
+//! The work itself is shared by a [`WorkQueue`]: a Redis Stream read by a
+//! consumer group, each item acknowledged once its result is committed.
 //!
 //! ```no_run
 //! use sluicegate::redis::{FailureMode, RedisCoordinator};
