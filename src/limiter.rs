@@ -96,10 +96,7 @@ struct Shared {
 }
 
 #[cfg(feature = "redis")]
-struct Remote {
-    limit: Arc<crate::redis::RemoteLimit>,
-    rate: Mutex<Rate>,
-}
+type Remote = Arc<crate::redis::RemoteLimit>;
 
 struct State {
     rate: Rate,
@@ -295,21 +292,14 @@ impl Limiter {
         Self::build(rate)
     }
 
-    /// A limiter decided by `remote` at `shared_rate`, falling back to the
-    /// local state at `local_rate`.
+    /// A limiter decided by `remote` (at the rate it holds), falling back
+    /// to the local state at `local_rate`.
     #[cfg(feature = "redis")]
-    pub(crate) fn with_remote(
-        local_rate: Rate,
-        shared_rate: Rate,
-        remote: Arc<crate::redis::RemoteLimit>,
-    ) -> Self {
+    pub(crate) fn with_remote(local_rate: Rate, remote: Remote) -> Self {
         let mut limiter = Self::build(local_rate);
         Arc::get_mut(&mut limiter.shared)
             .expect("fresh limiter")
-            .remote = Some(Remote {
-            limit: remote,
-            rate: Mutex::new(shared_rate),
-        });
+            .remote = Some(remote);
         limiter
     }
 
@@ -345,10 +335,7 @@ impl Limiter {
     pub fn set_rate(&self, rate: Rate) {
         #[cfg(feature = "redis")]
         if let Some(remote) = &self.shared.remote {
-            *remote
-                .rate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = rate;
+            remote.set_rate(rate);
             return;
         }
         let now = Instant::now();
@@ -541,50 +528,33 @@ impl Limiter {
         Ok(())
     }
 
+    /// Waits in this process's line for the remote limit: only the head of
+    /// the line asks Redis (see the `redis` module), the others wait here.
     #[cfg(feature = "redis")]
     async fn acquire_remote(
         &self,
         remote: &Remote,
         pause: Option<PauseHandle>,
     ) -> Result<(), String> {
-        use crate::redis::{FailureMode, Reply};
-        let started = Instant::now();
-        loop {
-            if let Some(pause) = &pause {
-                pause.ready().await;
+        use crate::redis::Outcome;
+        match remote.acquire(pause.clone()).await {
+            Outcome::Granted => Ok(()),
+            Outcome::Fallback => {
+                self.clone().acquire_local(pause).await;
+                Ok(())
             }
-            let rate = *remote
-                .rate
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match remote.limit.take(&rate).await {
-                Reply::Granted => return Ok(()),
-                Reply::NotYet(wait) => tokio::time::sleep(wait).await,
-                Reply::Paused(left) => match &pause {
-                    Some(pause) => pause.pause_local(left),
-                    None => tokio::time::sleep(left).await,
-                },
-                Reply::Unavailable(error) => match remote.limit.failure() {
-                    FailureMode::FallbackLocal { .. } => {
-                        self.clone().acquire_local(pause).await;
-                        return Ok(());
-                    }
-                    FailureMode::FailClosed { give_up_after } => {
-                        if started.elapsed() >= give_up_after {
-                            return Err(format!(
-                                "rate limiter unreachable for {give_up_after:?}: {error}"
-                            ));
-                        }
-                        tokio::time::sleep(remote.limit.retry_every()).await;
-                    }
-                },
-            }
+            Outcome::Failed(error) => Err(error),
         }
     }
 
     /// How many callers are waiting in line for a token.
     pub fn waiting(&self) -> usize {
-        self.lock().queue.iter().filter(|w| !w.granted).count()
+        let local = self.lock().queue.iter().filter(|w| !w.granted).count();
+        #[cfg(feature = "redis")]
+        if let Some(remote) = &self.shared.remote {
+            return local + remote.waiting();
+        }
+        local
     }
 
     async fn acquire_local(self, pause: Option<PauseHandle>) {

@@ -1,20 +1,27 @@
-//! One rate budget and one pause for many processes, through Redis
-//! (feature `redis`).
+//! One rate budget, one pause and one work queue for many processes,
+//! through Redis (feature `redis`).
 //!
 //! The limit is decided on the Redis server, by a Lua script that reads the
 //! server's own clock (`TIME`): no worker's clock is ever consulted, so
 //! clock skew between workers cannot over-issue. A token is granted only
 //! when it is due by that clock; otherwise the reply says how long until it
 //! is, and the worker sleeps exactly that long before asking again (there
-//! is no reservation a fast clock could cash in early). A pause is a deadline stored in
-//! Redis (only ever extended, capped by `max_pause`); the limiter's script
-//! refuses slots while it holds, and a pub/sub channel carries pauses and
+//! is no reservation a fast clock could cash in early). Only the head of
+//! each process's line of waiting requests asks (see `line`), and Redis
+//! gives each head its own turn, so the calls grow with the tokens granted,
+//! not with the requests waiting. A pause is a deadline stored in Redis
+//! (only ever extended, capped by `max_pause`); the limiter's script
+//! refuses tokens while it holds, and a pub/sub channel carries pauses and
 //! resumes to every worker's [`PauseHandle`] at once.
 //!
 //! When Redis is unreachable, [`FailureMode`] decides: wait for it (and give
 //! up with a clear error after a limit), or fall back to an in-process
-//! limiter at a share of the rate. Either way the connection is retried on
-//! its own, and the rate is never silently unlimited.
+//! limiter at a share of the rate and of the burst. Either way the
+//! connection is retried on its own, and the rate is never silently
+//! unlimited.
+//!
+//! The work itself is shared by a [`WorkQueue`]: a Redis Stream read by a
+//! consumer group, each item acknowledged once its result is committed.
 //!
 //! ```no_run
 //! use sluicegate::redis::{FailureMode, RedisCoordinator};
@@ -35,7 +42,8 @@
 //! ```
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt as _;
@@ -48,30 +56,83 @@ use crate::limiter::Limiter;
 use crate::pause::{PauseHandle, RemotePause};
 use crate::rate::Rate;
 
+mod line;
+mod queue;
+
+pub(crate) use self::line::Outcome;
+pub use self::queue::{Job, Jobs, QueueError, WorkQueue};
+
 /// Take a token of a GCRA limit if one is due now by the Redis server's
-/// clock. Returns `{status, wait_us}`: 1 = granted; 0 = not yet, ask again
-/// in `wait_us`; 2 = the shared pause holds for `wait_us`. Nothing is ever
-/// reserved ahead: a worker whose clock runs fast only asks early, and is
-/// told to wait again.
+/// clock, and hand out turns so that the heads of many processes' lines do
+/// not all come back at once.
+///
+/// `KEYS`: the limit's theoretical arrival time (µs), the shared pause's
+/// end, and the instant of the last turn handed out. `ARGV`: interval and
+/// burst tolerance (µs), the lateness forgiven to a head coming back for
+/// its turn (µs), whether the caller holds a turn (1) or is new (0), and
+/// whether it wants a turn for another token after this one (1).
+///
+/// Returns `{status, wait_us}`: 1 = granted (`wait_us` until the caller's
+/// turn for the next token, or -1 when it asked for none); 0 = not yet,
+/// come back for your turn in `wait_us`; 2 = the shared pause holds for
+/// `wait_us`.
+///
+/// A turn is the instant of a token nobody else was given a turn for, so
+/// each head comes back when a token is due for it and the next call is a
+/// grant. A turn reserves nothing: a token is still granted only when due
+/// by this clock (a worker whose clock runs fast only comes back early and
+/// is told to wait again), and tokens are not earmarked, so a late head
+/// costs no one their token. While turns are outstanding, a newcomer is
+/// given one behind them rather than a token that a head is on its way to
+/// take. A head is forgiven lateness up to `ARGV[3]` (its round trip and a
+/// timer tick, capped): its token is dated at its turn, so the rate stays
+/// exact.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > now then
+  redis.call('DEL', KEYS[3])
   return {2, paused - now}
 end
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
+local grace = tonumber(ARGV[3])
+local has_turn = ARGV[4] == '1'
+local more = ARGV[5] == '1'
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local due = tat - tolerance
-if due > now then
-  return {0, due - now}
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+local floor = now
+if has_turn then floor = now - grace end
+if tat < floor then tat = floor end
+local granted = 0
+if tat - tolerance <= now and (has_turn or last < now - grace) then
+  granted = 1
+  tat = tat + interval
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+  if not more then
+    return {1, -1}
+  end
 end
-local next = tat + interval
-redis.call('SET', KEYS[1], string.format('%.0f', next), 'PX', math.floor((next - now) / 1000) + 1000)
-return {1, 0}
+local turn = tat - tolerance
+if turn < last + interval then turn = last + interval end
+if turn < now then turn = now end
+redis.call('SET', KEYS[3], string.format('%.0f', turn), 'PX', math.floor((turn - now) / 1000) + 1000)
+return {granted, turn - now}
 ";
+
+/// The lateness always forgiven a head coming back for its turn: tokio's
+/// timer tick (a timer fires up to a tick late) and a margin. The head's
+/// measured round trip to Redis is forgiven on top, since its turn is
+/// counted from Redis's clock and reaches it a round trip later.
+const LATE_FORGIVEN: Duration = Duration::from_millis(2);
+
+/// The most lateness forgiven, however slow the round trip: a token is
+/// never dated further back, so a burst never exceeds the configured one
+/// by more than this much of the rate.
+const LATE_FORGIVEN_MAX: Duration = Duration::from_millis(10);
+
+static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 
 /// Extend the shared pause to `now + ARGV[1]` µs (never shorten it) and
 /// tell every worker how long is left.
@@ -97,8 +158,11 @@ pub enum FailureMode {
         /// How long one acquisition may wait for Redis.
         give_up_after: Duration,
     },
-    /// Go on with an in-process limiter at `share` of the rate (say 0.25 for
-    /// four workers), until Redis answers again.
+    /// Go on with an in-process limiter at `share` of the rate and of the
+    /// burst (say 0.25 for four workers), until Redis answers again. The
+    /// burst is rounded down but never below one, so four workers falling
+    /// back from a burst of 8 keep 2 each; from a burst of 2, 1 each (the
+    /// least there is, so together they may still burst 4).
     FallbackLocal {
         /// The share of the shared rate this worker may use alone.
         share: f64,
@@ -207,19 +271,21 @@ impl RedisCoordinator {
 
     /// A limiter of `rate` for `key` (per host, per tenant...), shared by
     /// every process using this name and key.
+    ///
+    /// Each process's waiters queue locally and only the head of the line
+    /// asks Redis, so the Redis calls grow with the tokens granted (about
+    /// one per token), not with the requests waiting.
     pub fn limiter_for(&self, key: &str, rate: Rate) -> Limiter {
-        let local_rate = match self.inner.failure {
-            FailureMode::FallbackLocal { share } => {
-                Rate::per_second_f64_burst(rate.per_second_f64() * share, rate.burst_size())
-            }
-            FailureMode::FailClosed { .. } => rate,
-        };
+        let key = format!("{}:limit:{key}", self.inner.name);
         Limiter::with_remote(
-            local_rate,
-            rate,
+            fallback_rate(self.inner.failure, rate),
             Arc::new(RemoteLimit {
                 coordinator: self.clone(),
-                key: format!("{}:limit:{key}", self.inner.name),
+                turns: format!("{key}:turns"),
+                key,
+                rate: Mutex::new(rate),
+                line: line::Line::default(),
+                round_trip: AtomicU64::new(0),
             }),
         )
     }
@@ -305,6 +371,20 @@ impl RedisCoordinator {
     }
 }
 
+/// The in-process limit a worker falls back to: its share of the rate and
+/// of the burst, so that workers falling back together neither send faster
+/// nor burst higher than the shared limit allows. The burst is rounded down
+/// (at least one token, the smallest burst there is).
+fn fallback_rate(failure: FailureMode, rate: Rate) -> Rate {
+    match failure {
+        FailureMode::FallbackLocal { share } => {
+            let burst = (f64::from(rate.burst_size()) * share).floor() as u32;
+            Rate::per_second_f64_burst(rate.per_second_f64() * share, burst.max(1))
+        }
+        FailureMode::FailClosed { .. } => rate,
+    }
+}
+
 impl RemotePause for RedisCoordinator {
     fn publish_pause(&self, duration: Duration) {
         let coordinator = self.clone();
@@ -364,40 +444,89 @@ async fn listen(coordinator: RedisCoordinator, pause: crate::pause::WeakPauseHan
     }
 }
 
-/// One Redis-backed limit.
+/// One Redis-backed limit, and this process's line for it.
 pub(crate) struct RemoteLimit {
     coordinator: RedisCoordinator,
     key: String,
+    /// Where Redis keeps the last turn it handed out.
+    turns: String,
+    rate: Mutex<Rate>,
+    line: line::Line,
+    /// The round trip of a call, smoothed (µs).
+    round_trip: AtomicU64,
 }
 
 /// What the Redis side of a limiter answered.
 pub(crate) enum Reply {
-    /// A token was taken: go now.
-    Granted,
-    /// No token is due yet: ask again after this long.
+    /// A token was taken: go now; `next` is how long until the caller's
+    /// turn for another, when it asked for one.
+    Granted { next: Option<Duration> },
+    /// No token is due yet: come back for a turn after this long.
     NotYet(Duration),
-    /// The shared pause holds for this long; nothing was reserved.
+    /// The shared pause holds for this long; nothing was taken.
     Paused(Duration),
     /// Redis could not be asked; the error says why.
     Unavailable(String),
 }
 
 impl RemoteLimit {
-    pub(crate) async fn take(&self, rate: &Rate) -> Reply {
+    /// Waits in this process's line for a token, honouring `pause`.
+    /// Cancel safe.
+    pub(crate) async fn acquire(self: &Arc<Self>, pause: Option<PauseHandle>) -> Outcome {
+        line::acquire(self, pause).await
+    }
+
+    /// How many of this process's requests wait for a token.
+    pub(crate) fn waiting(&self) -> usize {
+        self.line.waiting()
+    }
+
+    pub(crate) fn rate(&self) -> Rate {
+        *self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_rate(&self, rate: Rate) {
+        *self
+            .rate
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = rate;
+    }
+
+    /// One call to Redis: a token if one is due, and a turn for the next
+    /// when `more` wait.
+    async fn take(&self, rate: &Rate, has_turn: bool, more: bool) -> Reply {
         let interval = rate.interval().as_micros().max(1) as u64;
         let tolerance = interval * u64::from(rate.burst_size().saturating_sub(1));
-        let script = Script::new(TAKE);
-        let mut invocation = script.prepare_invoke();
+        let round_trip = self.round_trip.load(Ordering::Relaxed);
+        let forgiven = (LATE_FORGIVEN.as_micros() as u64 + round_trip)
+            .min(LATE_FORGIVEN_MAX.as_micros() as u64);
+        let mut invocation = TAKE_SCRIPT.prepare_invoke();
         invocation
             .key(&self.key)
             .key(self.coordinator.pause_key())
+            .key(&self.turns)
             .arg(interval)
-            .arg(tolerance);
-        let micros = |wait: i64| Duration::from_micros(wait.max(1) as u64);
-        match self.coordinator.call::<(i64, i64)>(invocation).await {
-            Ok((1, _)) => Reply::Granted,
-            Ok((0, wait)) => Reply::NotYet(micros(wait)),
-            Ok((_, wait)) => Reply::Paused(micros(wait)),
+            .arg(tolerance)
+            .arg(forgiven)
+            .arg(u8::from(has_turn))
+            .arg(u8::from(more));
+        let micros = |wait: i64| Duration::from_micros(wait.max(0) as u64);
+        let sent = Instant::now();
+        let reply = self.coordinator.call::<(i64, i64)>(invocation).await;
+        if reply.is_ok() {
+            let sample = sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u64;
+            self.round_trip
+                .store((round_trip * 7 + sample) / 8, Ordering::Relaxed);
+        }
+        match reply {
+            Ok((1, wait)) => Reply::Granted {
+                next: (wait >= 0).then(|| micros(wait)),
+            },
+            Ok((0, wait)) => Reply::NotYet(micros(wait).max(Duration::from_micros(1))),
+            Ok((_, wait)) => Reply::Paused(micros(wait).max(Duration::from_micros(1))),
             Err(e) => Reply::Unavailable(e),
         }
     }
@@ -416,6 +545,26 @@ mod tests {
     use super::*;
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
+
+    /// Workers falling back together may not burst higher than the shared
+    /// limit allows, any more than they may send faster.
+    #[test]
+    fn the_fallback_share_applies_to_the_burst_too() {
+        let rate = Rate::per_second(200).burst(8);
+        let share = |share| fallback_rate(FailureMode::FallbackLocal { share }, rate);
+        assert_eq!(share(0.25).burst_size(), 2);
+        assert!((share(0.25).per_second_f64() - 50.0).abs() < 1e-9);
+        assert_eq!(share(1.0 / 3.0).burst_size(), 2, "rounded down");
+        assert_eq!(share(0.1).burst_size(), 1, "never below one");
+        assert_eq!(share(1.0).burst_size(), 8);
+        let closed = fallback_rate(
+            FailureMode::FailClosed {
+                give_up_after: Duration::from_secs(1),
+            },
+            rate,
+        );
+        assert_eq!(closed, rate);
+    }
 
     /// A worker whose clock runs arbitrarily fast is one that never waits:
     /// it asks again at once, as often as it can. Redis's clock still decides.
@@ -464,13 +613,19 @@ mod tests {
         let limit = RemoteLimit {
             coordinator,
             key: "skew:limit".to_owned(),
+            turns: "skew:limit:turns".to_owned(),
+            rate: Mutex::new(Rate::per_second(100).burst(3)),
+            line: line::Line::default(),
+            round_trip: AtomicU64::new(0),
         };
         let rate = Rate::per_second(100).burst(3);
         let started = Instant::now();
         let (mut asked, mut granted) = (0u64, 0u64);
         while started.elapsed() < Duration::from_millis(500) {
             asked += 1;
-            if matches!(limit.take(&rate).await, Reply::Granted) {
+            // Claiming a turn it was never given: the most lateness Redis
+            // forgives, every time.
+            if matches!(limit.take(&rate, true, true).await, Reply::Granted { .. }) {
                 granted += 1;
             }
         }

@@ -12,13 +12,19 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use futures::{stream, StreamExt};
+use futures::{stream, StreamExt, TryStreamExt};
 use http::StatusCode;
 use sluicegate::demo::{Arrival, DemoConfig, DemoServer};
+use sluicegate::etl::Journal;
 use sluicegate::prelude::*;
-use sluicegate::redis::{FailureMode, RedisCoordinator};
+use sluicegate::redis::{FailureMode, Job, RedisCoordinator, WorkQueue};
 use sluicegate::ReqwestTransport;
 use tokio::sync::Notify;
+
+/// Held by each test that measures a rate across processes: on a small
+/// machine, two such tests at once starve each other's processes of CPU,
+/// and a process that runs late measures the machine, not the limiter.
+static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const RATE: u32 = 200;
 const BURST: u32 = 5;
@@ -174,6 +180,7 @@ fn max_in_window(arrivals: &[Arrival], width: Duration) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_worker_processes_share_one_rate() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let server = DemoServer::start(DemoConfig::default().items(600).record_arrivals(true))
         .await
@@ -203,6 +210,7 @@ async fn four_worker_processes_share_one_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_503_seen_by_one_worker_stalls_every_worker() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let every = Duration::from_millis(1_200);
     let lasting = Duration::from_millis(400);
@@ -362,4 +370,423 @@ async fn failing_closed_waits_for_redis_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falling_back_keeps_going_at_a_share_and_loses_nothing() {
     survive_a_redis_restart(FailureMode::FallbackLocal { share: 0.5 }).await;
+}
+
+/// Not a test on its own: a process of `inflight` tasks taking `count`
+/// tokens in all from a shared limiter, one per
+/// `SLUICEGATE_REDIS_LIMITER="redis-url name rate inflight count"`. Prints
+/// the wall-clock instant (µs since the epoch) of each grant: the processes
+/// share one machine, so one clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_limiter_process() {
+    let Ok(spec) = std::env::var("SLUICEGATE_REDIS_LIMITER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let rate: u32 = parts[2].parse().unwrap();
+    let (inflight, count): (usize, usize) = (parts[3].parse().unwrap(), parts[4].parse().unwrap());
+    let redis = RedisCoordinator::new(parts[0], parts[1]).unwrap();
+    let limiter = redis.limiter(Rate::per_second(rate).burst(BURST));
+    let granted: Vec<u128> = stream::iter(0..count)
+        .map(|_| {
+            let acquire = limiter.acquire();
+            async move {
+                acquire.await;
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros()
+            }
+        })
+        .buffer_unordered(inflight)
+        .collect()
+        .await;
+    let lines: Vec<String> = granted.iter().map(u128::to_string).collect();
+    // On a line of its own: the test harness may have started one.
+    println!("\nGRANTS {}", lines.join(" "));
+}
+
+/// The calls of Lua scripts Redis has served so far.
+fn script_calls(redis: &Redis) -> u64 {
+    let output = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Runs `processes` limiter processes of `inflight` waiters each, taking
+/// `each` tokens per process at `rate`; returns the grant instants (sorted,
+/// µs) and the script calls Redis served.
+fn run_limiter_processes(
+    redis: &Redis,
+    name: &str,
+    rate: u32,
+    processes: usize,
+    inflight: usize,
+    each: usize,
+) -> (Vec<u128>, u64) {
+    let before = script_calls(redis);
+    let children: Vec<Child> = (0..processes)
+        .map(|_| {
+            Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "redis_limiter_process",
+                    "--test-threads=1",
+                    "--nocapture",
+                ])
+                .env(
+                    "SLUICEGATE_REDIS_LIMITER",
+                    format!("{} {name} {rate} {inflight} {each}", redis.url()),
+                )
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut grants = Vec::new();
+    for child in children {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "a limiter process failed");
+        let text = String::from_utf8_lossy(&output.stdout);
+        let line = text
+            .lines()
+            .find_map(|l| l.split_once("GRANTS ").map(|(_, grants)| grants))
+            .expect("the process reports its grants");
+        grants.extend(line.split(' ').map(|t| t.parse::<u128>().unwrap()));
+    }
+    grants.sort_unstable();
+    (grants, script_calls(redis) - before)
+}
+
+/// Only the head of each process's line asks Redis, and Redis tells each
+/// head when to come back, staggered, so the cost per token stays near one
+/// call however many wait, and the rate holds.
+#[test]
+fn many_waiting_requests_cost_few_redis_calls() {
+    let _measuring = MEASURING.blocking_lock();
+    let Some(redis) = Redis::start() else { return };
+    let (rate, processes, inflight, each) = (400, 16, 64, 100);
+    let (grants, calls) = run_limiter_processes(&redis, "line", rate, processes, inflight, each);
+    assert_eq!(grants.len(), processes * each);
+    let span = (grants.last().unwrap() - grants[0]) as f64 / 1e6;
+    let measured = (grants.len() - BURST as usize) as f64 / span;
+    let per_grant = calls as f64 / grants.len() as f64;
+    eprintln!(
+        "{processes} processes x {inflight} waiting: {calls} Redis calls for {} grants ({per_grant:.2} per grant), {measured:.1}/s of {rate}/s",
+        grants.len()
+    );
+    assert!(per_grant <= 2.0, "{per_grant:.2} Redis calls per grant");
+    assert!(
+        (measured - f64::from(rate)).abs() <= 0.02 * f64::from(rate),
+        "{measured:.1}/s against {rate}/s"
+    );
+}
+
+/// The line of one process: first come first served; a waiter dropped
+/// before its turn takes nothing and the next one gets its token; nothing
+/// is granted to a waiter while its pause holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
+    let Some(redis) = Redis::start() else { return };
+    let coordinator = RedisCoordinator::new(&redis.url(), "line-order").unwrap();
+    let limiter = coordinator.limiter(Rate::per_second(20));
+    let pause = PauseHandle::new();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    limiter.acquire().await; // the burst of one, spent
+                             // Paused while they join, so they join in order and none goes yet.
+    pause.pause_for(Duration::from_secs(30));
+    let mut waiters = Vec::new();
+    for id in 0..4 {
+        let acquire = limiter.acquire_during(&pause);
+        let order = order.clone();
+        waiters.push(tokio::spawn(async move {
+            acquire.await;
+            order.lock().unwrap().push(id);
+        }));
+        let joining = tokio::time::Instant::now();
+        while limiter.waiting() <= id {
+            assert!(
+                joining.elapsed() < Duration::from_secs(10),
+                "waiter {id} joins"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    // Dropped before its turn: leaves the line, takes nothing.
+    waiters.remove(1).abort();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while limiter.waiting() > 3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(order.lock().unwrap().is_empty(), "nobody went while paused");
+    pause.resume();
+    for waiter in waiters {
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("the line moves on")
+            .unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), vec![0, 2, 3]);
+
+    // Paused: nobody is granted until the pause ends, then the line goes on.
+    let paused_at = tokio::time::Instant::now();
+    pause.pause_for(Duration::from_millis(300));
+    let waiter = tokio::spawn(limiter.acquire_during(&pause));
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("granted after the pause")
+        .unwrap();
+    assert!(paused_at.elapsed() >= Duration::from_millis(300));
+    assert_eq!(limiter.waiting(), 0);
+}
+
+/// The shared quota of the work-queue test, and its items.
+const QUEUE_RATE: u32 = 400;
+const QUEUE_ITEMS: u64 = 4_000;
+
+/// Not a test on its own: a worker draining the work queue into its own
+/// journaled output, one per
+/// `SLUICEGATE_QUEUE_WORKER="redis-url server-url consumer output"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_queue_worker_process() {
+    let Ok(spec) = std::env::var("SLUICEGATE_QUEUE_WORKER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let redis = RedisCoordinator::new(parts[0], "queue").unwrap();
+    let queue = WorkQueue::new(&redis, "items").claim_after(Duration::from_secs(2));
+    let client = Client::builder()
+        .transport(ReqwestTransport::default())
+        .base_url(parts[1])
+        .limiter(redis.limiter(Rate::per_second(QUEUE_RATE).burst(BURST)))
+        .pause_handle(redis.pause_handle())
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::exponential(Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    let journal = Journal::open(parts[3], |job: &Job<u64>| job.key().to_owned()).unwrap();
+    let done = journal.clone();
+    let results = queue
+        .jobs::<u64>(parts[2])
+        .skip_done(move |job| done.is_done(job))
+        .until_drained()
+        .fetch_concurrent(
+            8,
+            client.get(|job: &Job<u64>| format!("/items/{}", job.item)),
+        )
+        .json::<serde_json::Value>()
+        // The record names its key, for the union of outputs.
+        .map_ok(|mut record| {
+            record.value["key"] = record.item.key().into();
+            record
+        });
+    journal
+        .write_jsonl(queue.ack_after_commit(results))
+        .await
+        .unwrap();
+}
+
+/// Calls Redis served so far, by command (lowercase).
+fn command_calls(redis: &Redis) -> std::collections::HashMap<String, u64> {
+    let output = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+        .output()
+        .expect("redis-cli comes with redis-server");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+fn queue_worker(
+    redis: &Redis,
+    server: &DemoServer,
+    consumer: &str,
+    dir: &std::path::Path,
+) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "redis_queue_worker_process", "--test-threads=1"])
+        .env(
+            "SLUICEGATE_QUEUE_WORKER",
+            format!(
+                "{} {} {consumer} {}",
+                redis.url(),
+                server.url(),
+                dir.join(format!("{consumer}.jsonl")).display()
+            ),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn lines_of(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|text| text.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+/// Four workers drain one queue under one quota; one is killed mid-run and
+/// another starts later. Every item is in the union of outputs once (after
+/// deduplicating by key the at most one item a kill can leave committed and
+/// unacknowledged), nothing stays pending, and the server saw the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_drain_a_shared_queue_exactly_once_through_a_kill() {
+    let _measuring = MEASURING.lock().await;
+    let Some(redis) = Redis::start() else { return };
+    let server = DemoServer::start(
+        DemoConfig::default()
+            .items(QUEUE_ITEMS)
+            .rate_limit(Rate::per_second(QUEUE_RATE).burst(2 * BURST))
+            .record_arrivals(true),
+    )
+    .await
+    .unwrap();
+    let dir = redis.dir.join("outputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let coordinator = RedisCoordinator::new(&redis.url(), "queue").unwrap();
+    let queue = WorkQueue::new(&coordinator, "items");
+    let added = queue
+        .push_all((0..QUEUE_ITEMS).map(|id| (id.to_string(), id)))
+        .await
+        .unwrap();
+    assert_eq!(added, QUEUE_ITEMS);
+    // Pushed again under the same keys: not enqueued twice.
+    assert_eq!(
+        queue
+            .push_all((0..100u64).map(|id| (id.to_string(), id)))
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(!queue.push("7", &7u64).await.unwrap());
+
+    let before = command_calls(&redis);
+    let started = std::time::Instant::now();
+    let (dir2, redis2, server2) = (dir.clone(), &redis, &server);
+    tokio::task::block_in_place(|| {
+        let mut workers: Vec<(String, Child)> = (0..4)
+            .map(|w| {
+                let name = format!("w{w}");
+                let child = queue_worker(redis2, server2, &name, &dir2);
+                (name, child)
+            })
+            .collect();
+        // Killed mid-run, once it has committed a few hundred items.
+        while lines_of(&dir2.join("w0.jsonl")).len() < 300 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "w0 makes progress"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let (_, mut killed) = workers.remove(0);
+        killed.kill().unwrap(); // SIGKILL
+        killed.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        workers.push(("w4".to_owned(), queue_worker(redis2, server2, "w4", &dir2)));
+        for (name, mut child) in workers {
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    assert!(status.success(), "worker {name} failed");
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(120),
+                    "worker {name} still running after 120 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    let after = command_calls(&redis);
+    let calls =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+
+    // The union of outputs and dead letters, by key, as each journal
+    // committed them (opening a journal cuts off what a kill left half
+    // written).
+    let mut seen = std::collections::HashMap::<u64, u32>::new();
+    for w in 0..5 {
+        let output = dir.join(format!("w{w}.jsonl"));
+        drop(Journal::open(&output, |job: &Job<u64>| job.key().to_owned()).unwrap());
+        for line in lines_of(&output) {
+            let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let key: u64 = record["key"].as_str().unwrap().parse().unwrap();
+            *seen.entry(key).or_default() += 1;
+        }
+        for line in lines_of(&dir.join(format!("w{w}.failed.jsonl"))) {
+            let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let key: u64 = record["item"]["key"].as_str().unwrap().parse().unwrap();
+            *seen.entry(key).or_default() += 1;
+        }
+    }
+    let twice: Vec<u64> = seen
+        .iter()
+        .filter(|(_, &n)| n > 1)
+        .map(|(&k, _)| k)
+        .collect();
+    eprintln!("items written twice (committed, then killed before the ack): {twice:?}");
+    assert_eq!(seen.len() as u64, QUEUE_ITEMS, "every item is in the union");
+    assert!(seen.keys().all(|&id| id < QUEUE_ITEMS));
+    assert!(
+        twice.len() <= 1,
+        "at most the one item a kill can leave unacknowledged"
+    );
+    assert!(seen.values().all(|&n| n <= 2));
+    assert_eq!(queue.pending().await.unwrap(), 0, "nothing left pending");
+
+    let mut arrivals = server.arrivals();
+    arrivals.sort_by_key(|a| a.at);
+    let span = arrivals.last().unwrap().at - arrivals[0].at;
+    let rate = (arrivals.len() - BURST as usize) as f64 / span.as_secs_f64();
+    let refused = arrivals.iter().filter(|a| a.status == 429).count();
+    let mut per_second = vec![0u32; span.as_secs() as usize + 1];
+    for a in &arrivals {
+        per_second[(a.at - arrivals[0].at).as_secs() as usize] += 1;
+    }
+    eprintln!("arrivals per second: {per_second:?}");
+    let scripts = calls("evalsha") + calls("eval");
+    let queue_calls = calls("xreadgroup")
+        + calls("xack")
+        + calls("xautoclaim")
+        + calls("xpending")
+        + calls("xgroup");
+    eprintln!(
+        "{} requests ({refused} refused) in {span:.2?}: {rate:.1}/s of {QUEUE_RATE}/s; {:.2} limiter calls and {:.2} queue calls per request",
+        arrivals.len(),
+        scripts as f64 / arrivals.len() as f64,
+        queue_calls as f64 / arrivals.len() as f64,
+    );
+    assert!(
+        (rate - f64::from(QUEUE_RATE)).abs() <= 0.02 * f64::from(QUEUE_RATE),
+        "{rate:.1}/s against {QUEUE_RATE}/s"
+    );
 }

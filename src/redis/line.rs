@@ -1,0 +1,328 @@
+//! One process's line of waiters for a Redis-backed limit.
+//!
+//! # Why one task asks for the whole line
+//!
+//! If every waiting request asked Redis, a "not yet" would send them all
+//! back together at the same instant, and the calls per token would grow
+//! with the requests waiting (about 40 per token with 16 processes of 64
+//! waiters each). Here a process's waiters queue locally, first come first
+//! served, and one task per process (the line's *head*) asks Redis on
+//! their behalf. Redis answers a head that has more waiting behind it with
+//! its turn for the next token (see `TAKE` in the parent module), so the
+//! head sleeps exactly that long and its next call is a grant: about one
+//! call per token, whatever the number of waiters or processes.
+//!
+//! The head is a spawned task, not one of the waiters: a waiter that
+//! nobody polls must not hold up those behind it. A token granted is
+//! handed to the first waiter not held by its pause, and the owner takes
+//! it when next polled. A waiter dropped before its turn leaves the line
+//! and takes nothing; a token handed to a waiter that was dropped or
+//! paused before taking it is spent, never sent late in a burst. The task
+//! ends when the line is empty and starts again with the next waiter.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{FailureMode, RemoteLimit, Reply};
+use crate::pause::PauseHandle;
+
+/// How a waiter's turn ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Redis granted a token: go now.
+    Granted,
+    /// Redis is unreachable and the limit falls back to the local one:
+    /// take a token there.
+    Fallback,
+    /// Redis stayed unreachable longer than a fail-closed limit allows.
+    Failed(String),
+}
+
+/// The waiters of one process, in arrival order.
+#[derive(Default)]
+pub(crate) struct Line {
+    state: Mutex<State>,
+    /// Wakes a head waiting for its waiters' pause when the line changes.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Waiter>,
+    next_id: u64,
+    /// Whether a head task is running for this line.
+    driving: bool,
+}
+
+struct Waiter {
+    id: u64,
+    joined: Instant,
+    pause: Option<PauseHandle>,
+    outcome: Option<Outcome>,
+    waker: Option<Waker>,
+}
+
+impl Waiter {
+    fn is_held(&self) -> bool {
+        self.pause.as_ref().is_some_and(PauseHandle::is_paused)
+    }
+}
+
+impl Line {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Plain data, consistent at every unlock: poisoning cannot leave it
+        // half-updated.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many wait for their turn.
+    pub(crate) fn waiting(&self) -> usize {
+        self.lock()
+            .queue
+            .iter()
+            .filter(|w| w.outcome.is_none())
+            .count()
+    }
+}
+
+/// Waits in `limit`'s line for a turn, honouring `pause`. Cancel safe.
+pub(crate) async fn acquire(limit: &Arc<RemoteLimit>, pause: Option<PauseHandle>) -> Outcome {
+    let ticket = Ticket::join(limit, pause);
+    std::future::poll_fn(|cx| {
+        let mut stale = None;
+        let mut old_waker = None;
+        let mut start = false;
+        let poll = {
+            let mut state = limit.line.lock();
+            let pos = state
+                .queue
+                .iter()
+                .position(|w| w.id == ticket.id)
+                .expect("a waiter stays in line until its ticket is dropped");
+            let waiter = &mut state.queue[pos];
+            if waiter.outcome == Some(Outcome::Granted) && waiter.is_held() {
+                // Granted, then a pause began before the owner came for the
+                // token: sent after the pause it would join a burst. The
+                // token is spent; the waiter keeps its place.
+                waiter.outcome = None;
+            }
+            if let Some(outcome) = waiter.outcome.take() {
+                stale = state.queue.remove(pos);
+                Poll::Ready(outcome)
+            } else {
+                if !waiter
+                    .waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    old_waker = waiter.waker.replace(cx.waker().clone());
+                }
+                // A head that ended with its runtime leaves the line
+                // without one.
+                start = !std::mem::replace(&mut state.driving, true);
+                Poll::Pending
+            }
+        };
+        // The old waker and pause handle are dropped outside the lock.
+        drop((stale, old_waker));
+        if start {
+            tokio::spawn(head(limit.clone()));
+        }
+        poll
+    })
+    .await
+}
+
+/// A place in line; dropped before its turn, it leaves the line.
+struct Ticket<'a> {
+    limit: &'a Arc<RemoteLimit>,
+    id: u64,
+}
+
+impl<'a> Ticket<'a> {
+    fn join(limit: &'a Arc<RemoteLimit>, pause: Option<PauseHandle>) -> Self {
+        let (id, start) = {
+            let mut state = limit.line.lock();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.queue.push_back(Waiter {
+                id,
+                joined: Instant::now(),
+                pause,
+                outcome: None,
+                waker: None,
+            });
+            (id, !std::mem::replace(&mut state.driving, true))
+        };
+        limit.line.changed.notify_one();
+        if start {
+            tokio::spawn(head(limit.clone()));
+        }
+        Self { limit, id }
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let left = {
+            let mut state = self.limit.line.lock();
+            let pos = state.queue.iter().position(|w| w.id == self.id);
+            pos.and_then(|pos| state.queue.remove(pos))
+        };
+        if left.is_some() {
+            self.limit.line.changed.notify_one();
+        }
+        // Its waker and pause handle are dropped here, outside the lock.
+        drop(left);
+    }
+}
+
+/// Marks the line as having no head when the head task ends, including
+/// when its runtime drops it mid-wait.
+struct Running<'a> {
+    line: &'a Line,
+    armed: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.line.lock().driving = false;
+        }
+    }
+}
+
+/// What the head does next, decided under the lock.
+enum Next {
+    /// Nobody waits: the head ends.
+    Done,
+    /// Everyone waiting is held by a pause: wait for this one's end.
+    Held(PauseHandle),
+    /// Ask Redis for a token; `more` when others wait behind.
+    Ask { more: bool },
+}
+
+/// The head of a process's line: the only one asking Redis for it.
+async fn head(limit: Arc<RemoteLimit>) {
+    let line = &limit.line;
+    let mut running = Running { line, armed: true };
+    // Whether Redis gave this process a turn to come back at: returning
+    // for it is not queueing behind others again.
+    let mut has_turn = false;
+    loop {
+        let next = {
+            let mut state = line.lock();
+            let mut ready = state
+                .queue
+                .iter()
+                .filter(|w| w.outcome.is_none() && !w.is_held());
+            if ready.next().is_some() {
+                Next::Ask {
+                    more: ready.next().is_some(),
+                }
+            } else if let Some(held) = state.queue.iter().find(|w| w.outcome.is_none()) {
+                Next::Held(held.pause.clone().expect("only a pause holds a waiter"))
+            } else {
+                state.driving = false;
+                Next::Done
+            }
+        };
+        let more = match next {
+            Next::Done => {
+                running.armed = false;
+                return;
+            }
+            Next::Held(pause) => {
+                tokio::select! {
+                    () = pause.ready() => {}
+                    () = line.changed.notified() => {}
+                }
+                continue;
+            }
+            Next::Ask { more } => more,
+        };
+        let rate = limit.rate();
+        match limit.take(&rate, has_turn, more).await {
+            Reply::Granted { next } => {
+                let (woken, spent) = {
+                    let mut state = line.lock();
+                    match state
+                        .queue
+                        .iter_mut()
+                        .find(|w| w.outcome.is_none() && !w.is_held())
+                    {
+                        Some(waiter) => {
+                            waiter.outcome = Some(Outcome::Granted);
+                            (waiter.waker.take(), false)
+                        }
+                        None => (None, true),
+                    }
+                };
+                if spent {
+                    // Its waiter left or was paused while Redis answered.
+                    tracing::debug!("a token granted by Redis found nobody to take it");
+                }
+                if let Some(waker) = woken {
+                    waker.wake();
+                }
+                has_turn = next.is_some();
+                if let Some(wait) = next {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            Reply::NotYet(wait) => {
+                has_turn = true;
+                tokio::time::sleep(wait).await;
+            }
+            Reply::Paused(left) => {
+                has_turn = false;
+                let pause = line.lock().queue.iter().find_map(|w| w.pause.clone());
+                match pause {
+                    Some(pause) => {
+                        pause.pause_local(left);
+                        pause.ready().await;
+                    }
+                    None => tokio::time::sleep(left).await,
+                }
+            }
+            Reply::Unavailable(error) => {
+                has_turn = false;
+                let now = Instant::now();
+                let woken: Vec<Waker> = {
+                    let mut state = line.lock();
+                    let failure = limit.failure();
+                    state
+                        .queue
+                        .iter_mut()
+                        .filter(|w| w.outcome.is_none())
+                        .filter_map(|w| match failure {
+                            FailureMode::FallbackLocal { .. } => {
+                                w.outcome = Some(Outcome::Fallback);
+                                w.waker.take()
+                            }
+                            FailureMode::FailClosed { give_up_after }
+                                if now.saturating_duration_since(w.joined) >= give_up_after =>
+                            {
+                                w.outcome = Some(Outcome::Failed(format!(
+                                    "rate limiter unreachable for {give_up_after:?}: {error}"
+                                )));
+                                w.waker.take()
+                            }
+                            FailureMode::FailClosed { .. } => None,
+                        })
+                        .collect()
+                };
+                woken.into_iter().for_each(Waker::wake);
+                if matches!(limit.failure(), FailureMode::FailClosed { .. }) {
+                    tokio::time::sleep(limit.retry_every()).await;
+                }
+            }
+        }
+    }
+}
