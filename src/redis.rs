@@ -59,6 +59,24 @@ use crate::rate::Rate;
 mod line;
 mod queue;
 
+/// The connection kept in `slot`, made on first use with `timeout` for
+/// connecting and for every answer. The slot's lock is held only to look.
+async fn connect(
+    slot: &tokio::sync::Mutex<Option<ConnectionManager>>,
+    client: &redis::Client,
+    timeout: Duration,
+) -> redis::RedisResult<ConnectionManager> {
+    let mut slot = slot.lock().await;
+    if slot.is_none() {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1);
+        *slot = Some(ConnectionManager::new_with_config(client.clone(), config).await?);
+    }
+    Ok(slot.clone().expect("connected above"))
+}
+
 pub(crate) use self::line::Outcome;
 pub use self::queue::{Job, Jobs, QueueError, WorkQueue};
 
@@ -333,18 +351,12 @@ impl RedisCoordinator {
             }
         }
         let result = tokio::time::timeout(self.inner.op_timeout, async {
-            let mut slot = self.inner.connection.lock().await;
-            if slot.is_none() {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.inner.op_timeout))
-                    .set_response_timeout(Some(self.inner.op_timeout))
-                    .set_number_of_retries(1);
-                *slot = Some(
-                    ConnectionManager::new_with_config(self.inner.client.clone(), config).await?,
-                );
-            }
-            let mut connection = slot.clone().expect("connected above");
-            drop(slot);
+            let mut connection = connect(
+                &self.inner.connection,
+                &self.inner.client,
+                self.inner.op_timeout,
+            )
+            .await?;
             invocation.invoke_async::<T>(&mut connection).await
         })
         .await;

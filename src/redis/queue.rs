@@ -37,7 +37,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::{BoxStream, Stream, StreamExt as _};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::Value;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -207,18 +207,12 @@ impl WorkQueue {
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, QueueError> {
         let result = tokio::time::timeout(self.inner.op_timeout, async {
-            let mut slot = self.inner.connection.lock().await;
-            if slot.is_none() {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(self.inner.op_timeout))
-                    .set_response_timeout(Some(self.inner.op_timeout))
-                    .set_number_of_retries(1);
-                *slot = Some(
-                    ConnectionManager::new_with_config(self.inner.client.clone(), config).await?,
-                );
-            }
-            let mut connection = slot.clone().expect("connected above");
-            drop(slot);
+            let mut connection = super::connect(
+                &self.inner.connection,
+                &self.inner.client,
+                self.inner.op_timeout,
+            )
+            .await?;
             cmd.query_async::<T>(&mut connection).await
         })
         .await;
