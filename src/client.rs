@@ -59,7 +59,10 @@ pub(crate) struct ClientInner {
     pub(crate) transport: Arc<dyn Transport>,
     base: Option<String>,
     headers: HeaderMap,
-    pub(crate) limiter: Option<Limiter>,
+    limiter: Option<Limiter>,
+    /// Without a limiter of the user's, an unpaced one: the quotas a
+    /// server advertises are obeyed by every client, with or without a rate.
+    gate: Limiter,
     pub(crate) pause: PauseHandle,
     pub(crate) timeout: Option<Duration>,
     pub(crate) rules: Rules,
@@ -139,6 +142,13 @@ impl Client {
     /// The shared rate limiter, if the client has one.
     pub fn limiter(&self) -> Option<&Limiter> {
         self.inner.limiter.as_ref()
+    }
+
+    /// What every request of this client takes its token from: the
+    /// client's limiter, or one that paces nothing but obeys advertised
+    /// quotas.
+    pub(crate) fn gate(&self) -> &Limiter {
+        &self.inner.gate
     }
 
     /// The shared pause handle.
@@ -621,6 +631,7 @@ impl ClientBuilder {
                 transport,
                 base,
                 headers,
+                gate: self.limiter.clone().unwrap_or_else(Limiter::unpaced),
                 limiter: self.limiter,
                 pause,
                 timeout: self.timeout.unwrap_or(Some(Client::DEFAULT_TIMEOUT)),

@@ -392,21 +392,15 @@ impl<T> Endpoint<T> {
     /// token free) takes the token here and allocates nothing.
     fn gate(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
         let client = &self.client.inner;
-        if !client.pause.is_paused() {
-            match &client.limiter {
-                None => return None,
-                Some(limiter) if limiter.check().is_ok() => return None,
-                Some(_) => {}
-            }
+        let limiter = self.client.gate();
+        if !client.pause.is_paused() && limiter.check().is_ok() {
+            return None;
         }
         let pause = client.pause.clone();
-        let limiter = client.limiter.clone();
+        let limiter = limiter.clone();
         Some(Box::pin(async move {
             pause.ready().await;
-            match limiter {
-                Some(limiter) => limiter.acquire_owned(Some(pause)).await,
-                None => Ok(()),
-            }
+            limiter.acquire_owned(Some(pause)).await
         }))
     }
 
@@ -533,7 +527,7 @@ impl<T> Endpoint<T> {
     async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
         let client = &self.client.inner;
         tracing::debug!("sending");
-        let sent = InFlight::start(&self.stats, client.limiter.as_ref());
+        let sent = InFlight::start(&self.stats, Some(self.client.gate()));
         let send = client.transport.send(request);
         let outcome = match self.timeout {
             Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {

@@ -303,6 +303,14 @@ impl Limiter {
         limiter
     }
 
+    /// A limiter that paces nothing but still holds requests while a quota
+    /// the server advertised is spent: what a client without a rate uses.
+    pub(crate) fn unpaced() -> Self {
+        let limiter = Self::build(Rate::per_second(1_000_000_000));
+        limiter.lock().pacing = Pacing::Unpaced;
+        limiter
+    }
+
     fn build(rate: Rate) -> Self {
         let epoch = Instant::now();
         Self {

@@ -530,3 +530,46 @@ async fn a_refusal_the_headers_explain_holds_without_cutting_the_pace() {
     assert_eq!(sent_ms(&mock, t0), [0, 0, 0, 0, 2_010, 2_010, 2_010, 2_010]);
     assert_eq!(client.limiter().unwrap().learned_rate(), Some(100.0));
 }
+
+/// A client with no rate of its own still obeys the quota a server
+/// advertises: 10 a second, stated in `X-RateLimit-*` with a Unix reset (as
+/// GitHub does), 50 items at concurrency 8. Before, a client without
+/// `.rate()` ignored the headers and ran into refusals.
+#[tokio::test(start_paused = true)]
+async fn a_client_without_a_rate_obeys_the_advertised_quota() {
+    for style in ["x", "ietf"] {
+        let mock = advertising_server(10, style);
+        let client = Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock")
+            .build()
+            .unwrap();
+        assert!(client.limiter().is_none(), "no limiter was configured");
+        let t0 = Instant::now();
+        let ok = stream::iter(0u32..50)
+            .fetch_concurrent(8, client.get(|id: &u32| format!("/items/{id}")))
+            .filter(|r| futures::future::ready(r.is_ok()))
+            .count()
+            .await;
+        assert_eq!(ok, 50, "{style}");
+        assert_eq!(refusals(&mock), 0, "{style}: the quota is never overrun");
+        // Ten per window, never more. The client holds each window's
+        // last two answers' reset: one second (the server's Date has
+        // one-second granularity) from when the window's second round was
+        // answered (20 ms in), so windows start 1 020 ms apart.
+        let sent = sent_ms(&mock, t0);
+        for window in 0..5 {
+            let start = window * 1_020;
+            let count = sent
+                .iter()
+                .filter(|&&t| (start..start + 1_020).contains(&t))
+                .count();
+            assert_eq!(count, 10, "{style}: window {window}: {sent:?}");
+        }
+        assert_eq!(
+            t0.elapsed(),
+            Duration::from_millis(4_100),
+            "{style}: {sent:?}"
+        );
+    }
+}

@@ -15,6 +15,10 @@ pub(crate) enum Pacing {
         tolerance: u64,
         tat: u64,
     },
+    /// No pacing at all: every event conforms. What a client without a
+    /// rate of its own paces with, so that the quotas a server advertises
+    /// still hold requests until their reset.
+    Unpaced,
     /// Fixed windows `[k * period, (k + 1) * period)` since the epoch.
     Window {
         period: u64,
@@ -56,6 +60,7 @@ impl Pacing {
     /// The earliest instant, not before `t`, at which one event conforms.
     pub(crate) fn earliest(&self, t: u64) -> u64 {
         match self {
+            Self::Unpaced => t,
             Self::Gcra { tolerance, tat, .. } => t.max(tat.saturating_sub(*tolerance)),
             Self::Window {
                 period,
@@ -82,6 +87,7 @@ impl Pacing {
     /// instant, so a late look costs no capacity.
     pub(crate) fn take(&mut self, now: u64) -> Result<(), u64> {
         match self {
+            Self::Unpaced => Ok(()),
             Self::Gcra {
                 interval,
                 tolerance,
@@ -119,6 +125,7 @@ impl Pacing {
     /// forgetting it loses nothing.
     pub(crate) fn is_idle(&self, now: u64) -> bool {
         match self {
+            Self::Unpaced => true,
             Self::Gcra { tat, .. } => *tat <= now,
             Self::Window { period, window, .. } => now / *period > *window,
         }
