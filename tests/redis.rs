@@ -21,9 +21,10 @@ use sluicegate::redis::{FailureMode, Job, RedisCoordinator, WorkQueue};
 use sluicegate::ReqwestTransport;
 use tokio::sync::Notify;
 
-/// Held by each test that measures a rate across processes: on a small
-/// machine, two such tests at once starve each other's processes of CPU,
-/// and a process that runs late measures the machine, not the limiter.
+/// Held by every test here that starts processes or a Redis server, so
+/// each runs alone: on a small machine two of them at once starve each
+/// other's processes of CPU, and a process that runs late measures the
+/// machine, not the limiter.
 static MEASURING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const RATE: u32 = 200;
@@ -205,8 +206,10 @@ async fn four_worker_processes_share_one_rate() {
     // Redis grants by its clock; the server counts arrivals, which a busy
     // machine can bunch by a request or two between the grant and the wire.
     eprintln!("most in 100 ms: {most}");
+    // Plus the 10 ms by which a process's head may be late and still be
+    // given its turn (RATE / 100 tokens).
     assert!(
-        most <= (RATE / 10 + BURST + 2) as usize,
+        most <= (RATE / 10 + BURST + RATE / 100 + 2) as usize,
         "{most} requests in one 100 ms window"
     );
 }
@@ -356,6 +359,7 @@ async fn survive_a_redis_restart(mode: FailureMode) -> Option<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_closed_waits_for_redis_and_loses_nothing() {
+    let _measuring = MEASURING.lock().await;
     let Some(during) = survive_a_redis_restart(FailureMode::FailClosed {
         give_up_after: Duration::from_secs(60),
     })
@@ -372,6 +376,7 @@ async fn failing_closed_waits_for_redis_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn falling_back_keeps_going_at_a_share_and_loses_nothing() {
+    let _measuring = MEASURING.lock().await;
     survive_a_redis_restart(FailureMode::FallbackLocal { share: 0.5 }).await;
 }
 
@@ -510,6 +515,7 @@ fn many_waiting_requests_cost_few_redis_calls() {
 /// is granted to a waiter while its pause holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
+    let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
     let coordinator = RedisCoordinator::new(&redis.url(), "line-order").unwrap();
     let limiter = coordinator.limiter(Rate::per_second(20));
