@@ -206,7 +206,7 @@ impl Rules {
                         (delay, DelayCause::RetryAfter)
                     }
                     None => (
-                        policy.delay(history.attempts, history.previous_delay, rng),
+                        policy.delay(history.attempts, history.previous_delay, rng.u64(..)),
                         DelayCause::Policy,
                     ),
                 };

@@ -23,9 +23,14 @@ use super::RetryBudget;
 ///
 /// let ms = Duration::from_millis;
 /// let policy = Backoff::exponential(ms(100)).max_attempts(6).max_delay(ms(1_000));
-/// let mut rng = fastrand::Rng::with_seed(1);
-/// let delays: Vec<_> = (1..=5).map(|n| policy.delay(n, ms(0), &mut rng)).collect();
+/// // No jitter in this schedule: the random draw (here 0) changes nothing.
+/// let delays: Vec<_> = (1..=5).map(|n| policy.delay(n, ms(0), 0)).collect();
 /// assert_eq!(delays, [ms(100), ms(200), ms(400), ms(800), ms(1_000)]);
+///
+/// // Full jitter: a draw of 0 is the shortest wait, `u64::MAX` the longest.
+/// let jittered = Backoff::full_jitter(ms(100));
+/// assert_eq!(jittered.delay(2, ms(0), 0), ms(0));
+/// assert!(jittered.delay(2, ms(0), u64::MAX) <= ms(200));
 /// ```
 #[derive(Debug, Clone)]
 #[must_use = "a Backoff does nothing until given to a retry rule; its methods return a new one"]
@@ -175,8 +180,12 @@ impl Backoff {
     }
 
     /// The delay before retry number `retry` (1-based), given the previous
-    /// delay (used by decorrelated jitter). Pure: randomness only from `rng`.
-    pub fn delay(&self, retry: u32, previous: Duration, rng: &mut fastrand::Rng) -> Duration {
+    /// delay (used by decorrelated jitter) and `draw`, a uniformly random
+    /// 64-bit number that places a jittered delay within its range (0 the
+    /// shortest, `u64::MAX` the longest; ignored without jitter). Pure: the
+    /// caller owns the randomness, so any generator, or a fixed number in a
+    /// test, will do.
+    pub fn delay(&self, retry: u32, previous: Duration, draw: u64) -> Duration {
         let exp = |base: Duration, factor: f64| {
             let scale = factor.powi(retry.saturating_sub(1).min(1_000) as i32);
             Duration::try_from_secs_f64(base.as_secs_f64() * scale).unwrap_or(Duration::MAX)
@@ -185,14 +194,14 @@ impl Backoff {
             Schedule::Constant(d) => d,
             Schedule::Exponential { base, factor } => exp(base, factor),
             Schedule::FullJitter { base, factor } => {
-                uniform(rng, Duration::ZERO, exp(base, factor).min(self.max_delay))
+                uniform(draw, Duration::ZERO, exp(base, factor).min(self.max_delay))
             }
             Schedule::Decorrelated { base } => {
                 let high = previous
                     .max(base)
                     .saturating_mul(3)
                     .min(self.max_delay.max(base));
-                uniform(rng, base, high)
+                uniform(draw, base, high)
             }
         };
         delay.min(self.max_delay)
@@ -223,12 +232,15 @@ impl Backoff {
     }
 }
 
-fn uniform(rng: &mut fastrand::Rng, low: Duration, high: Duration) -> Duration {
+/// `low..=high`, placed by `draw` (uniform over all 64-bit numbers gives a
+/// uniform result: a 128-bit multiply, no modulo bias).
+fn uniform(draw: u64, low: Duration, high: Duration) -> Duration {
     if high <= low {
         return low;
     }
-    let span = (high - low).as_nanos().min(u128::from(u64::MAX)) as u64;
-    low + Duration::from_nanos(rng.u64(0..=span))
+    let span = (high - low).as_nanos().min(u128::from(u64::MAX - 1)) as u64;
+    let offset = (u128::from(draw) * (u128::from(span) + 1)) >> 64;
+    low + Duration::from_nanos(offset as u64)
 }
 
 #[cfg(test)]
@@ -240,30 +252,38 @@ mod tests {
     }
 
     #[test]
+    fn a_draw_places_the_delay_across_its_whole_range() {
+        assert_eq!(uniform(0, ms(10), ms(20)), ms(10));
+        assert_eq!(uniform(u64::MAX, ms(10), ms(20)), ms(20));
+        assert_eq!(uniform(u64::MAX / 2 + 1, ms(0), ms(2)), ms(1));
+        assert_eq!(uniform(123, ms(5), ms(5)), ms(5));
+    }
+
+    #[test]
     fn schedules() {
         let mut rng = fastrand::Rng::with_seed(7);
         let c = Backoff::constant(ms(50));
-        assert_eq!(c.delay(1, ms(0), &mut rng), ms(50));
-        assert_eq!(c.delay(9, ms(0), &mut rng), ms(50));
+        assert_eq!(c.delay(1, ms(0), rng.u64(..)), ms(50));
+        assert_eq!(c.delay(9, ms(0), rng.u64(..)), ms(50));
 
         let e = Backoff::exponential(ms(10)).factor(3.0);
-        assert_eq!(e.delay(3, ms(0), &mut rng), ms(90));
+        assert_eq!(e.delay(3, ms(0), rng.u64(..)), ms(90));
         // Huge retry numbers saturate at the cap instead of overflowing.
         assert_eq!(
-            e.delay(u32::MAX, ms(0), &mut rng),
+            e.delay(u32::MAX, ms(0), rng.u64(..)),
             Backoff::DEFAULT_MAX_DELAY
         );
 
         let j = Backoff::full_jitter(ms(100)).max_delay(ms(300));
         for n in 1..10 {
-            let d = j.delay(n, ms(0), &mut rng);
+            let d = j.delay(n, ms(0), rng.u64(..));
             assert!(d <= ms(300).min(ms(100) * 2u32.pow(n - 1)));
         }
 
         let dj = Backoff::decorrelated(ms(100)).max_delay(ms(1_000));
         let mut prev = ms(100);
         for n in 1..20 {
-            let d = dj.delay(n, prev, &mut rng);
+            let d = dj.delay(n, prev, rng.u64(..));
             assert!(
                 d >= ms(100) && d <= (prev * 3).min(ms(1_000)),
                 "{d:?} after {prev:?}"
