@@ -328,7 +328,6 @@ where
                 }
             }
             // Take from upstream while there is room.
-            let mut upstream_pending = false;
             while *this.outstanding < *this.limit {
                 match this.stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(input)) => {
@@ -354,10 +353,7 @@ where
                         }
                     }
                     Poll::Ready(None) => break,
-                    Poll::Pending => {
-                        upstream_pending = true;
-                        break;
-                    }
+                    Poll::Pending => break,
                 }
             }
             if *this.ordered && matches!(this.waiting.front(), Some(Some(_))) {
@@ -376,7 +372,6 @@ where
                 Poll::Ready(None) => {
                     // Nothing in flight: the end, or waiting on upstream
                     // (whose waker the fill loop registered).
-                    let _ = upstream_pending;
                     return if *this.outstanding == 0 && this.stream.is_terminated() {
                         Poll::Ready(None)
                     } else {
