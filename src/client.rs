@@ -66,7 +66,7 @@ pub(crate) struct ClientInner {
     pub(crate) pause: PauseHandle,
     pub(crate) timeout: Option<Duration>,
     pub(crate) rules: Rules,
-    pub(crate) wall_clock: fn() -> SystemTime,
+    wall_clock: WallClock,
     pub(crate) stats: Option<Stats>,
     sensitive: Vec<HeaderName>,
     log_query: bool,
@@ -142,6 +142,15 @@ impl Client {
     /// The shared rate limiter, if the client has one.
     pub fn limiter(&self) -> Option<&Limiter> {
         self.inner.limiter.as_ref()
+    }
+
+    /// The date now, to read an absolute time (a `Retry-After` HTTP-date, a
+    /// Unix reset) that came without the server's own `Date`.
+    pub(crate) fn wall_now(&self) -> SystemTime {
+        match self.inner.wall_clock {
+            WallClock::Given(now) => now(),
+            WallClock::Anchored { date, at } => date + at.elapsed(),
+        }
     }
 
     /// What every request of this client takes its token from: the
@@ -310,6 +319,30 @@ impl Client {
             )));
         }
         Ok(url)
+    }
+}
+
+/// The client's idea of the date. Read only to interpret an absolute time
+/// a server gave without its own `Date`.
+#[derive(Debug, Clone, Copy)]
+enum WallClock {
+    /// The system's date, read once when the client is built, then moved on
+    /// by tokio's clock: every later reading goes through tokio, so under a
+    /// paused clock the date moves with virtual time, as a test expects.
+    Anchored {
+        date: SystemTime,
+        at: tokio::time::Instant,
+    },
+    /// A clock the user gave ([`ClientBuilder::wall_clock`]).
+    Given(fn() -> SystemTime),
+}
+
+impl WallClock {
+    fn anchored() -> Self {
+        Self::Anchored {
+            date: SystemTime::now(),
+            at: tokio::time::Instant::now(),
+        }
     }
 }
 
@@ -523,7 +556,8 @@ impl ClientBuilder {
     }
 
     /// The clock against which `Retry-After` dates are read when a response
-    /// has no `Date` header (default: the system clock).
+    /// has no `Date` header (default: the system's date when the client is
+    /// built, moved on by tokio's clock, so it follows virtual time).
     pub fn wall_clock(mut self, now: fn() -> SystemTime) -> Self {
         self.wall_clock = Some(now);
         self
@@ -636,10 +670,10 @@ impl ClientBuilder {
                 pause,
                 timeout: self.timeout.unwrap_or(Some(Client::DEFAULT_TIMEOUT)),
                 rules,
-                // The wall clock is read only to interpret an absolute time
-                // (a Retry-After HTTP-date or a Unix reset) that came without
-                // the server's own Date; tests replace it with `wall_clock`.
-                wall_clock: self.wall_clock.unwrap_or(SystemTime::now),
+                wall_clock: match self.wall_clock {
+                    Some(now) => WallClock::Given(now),
+                    None => WallClock::anchored(),
+                },
                 stats,
                 sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]
                     .into_iter()

@@ -464,7 +464,7 @@ impl<T> Endpoint<T> {
                 let retry_after = outcome
                     .as_ref()
                     .ok()
-                    .and_then(|r| retry::retry_after(r.headers(), client.wall_clock));
+                    .and_then(|r| retry::retry_after(r.headers(), || self.client.wall_now()));
                 let history = Attempted {
                     attempts: attempt,
                     elapsed: started.elapsed(),
@@ -527,7 +527,7 @@ impl<T> Endpoint<T> {
     async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
         let client = &self.client.inner;
         tracing::debug!("sending");
-        let sent = InFlight::start(&self.stats, Some(self.client.gate()));
+        let sent = InFlight::start(&self.stats, self.client.gate());
         let send = client.transport.send(request);
         let outcome = match self.timeout {
             Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
@@ -538,7 +538,7 @@ impl<T> Endpoint<T> {
             }),
             None => send.await,
         };
-        let latency = sent.finish(&outcome, client.wall_clock);
+        let latency = sent.finish(&outcome, || self.client.wall_now());
         match &outcome {
             Ok(response) => tracing::debug!(
                 status = response.status().as_u16(),
@@ -563,13 +563,13 @@ impl<T> Endpoint<T> {
 /// and reports its outcome to the limiter that granted its token.
 struct InFlight<'a> {
     stats: &'a [Stats],
-    limiter: Option<&'a Limiter>,
+    limiter: &'a Limiter,
     sent_at: Option<Instant>,
     open: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn start(stats: &'a [Stats], limiter: Option<&'a Limiter>) -> Self {
+    fn start(stats: &'a [Stats], limiter: &'a Limiter) -> Self {
         for s in stats {
             s.request_sent();
         }
@@ -585,7 +585,7 @@ impl<'a> InFlight<'a> {
     fn finish(
         mut self,
         outcome: &Result<Response<Bytes>, TransportError>,
-        wall_now: fn() -> SystemTime,
+        wall_now: impl FnOnce() -> SystemTime,
     ) -> Duration {
         self.open = false;
         let latency = self.sent_at.map_or(Duration::ZERO, |t| t.elapsed());
@@ -596,14 +596,12 @@ impl<'a> InFlight<'a> {
         for s in self.stats {
             s.request_ended(summary, latency);
         }
-        if let Some(limiter) = self.limiter {
-            let observed = limiter.observe(outcome, wall_now);
-            if let Some(rate) = observed.changed {
-                tracing::info!(rate_per_second = rate, "learned rate changed");
-            }
-            for s in self.stats {
-                s.limiter_seen(observed.learned, observed.malformed);
-            }
+        let observed = self.limiter.observe(outcome, wall_now);
+        if let Some(rate) = observed.changed {
+            tracing::info!(rate_per_second = rate, "learned rate changed");
+        }
+        for s in self.stats {
+            s.limiter_seen(observed.learned, observed.malformed);
         }
         latency
     }
@@ -617,9 +615,7 @@ impl Drop for InFlight<'_> {
                     s.request_abandoned();
                 }
             }
-            if let Some(limiter) = self.limiter {
-                limiter.abandoned();
-            }
+            self.limiter.abandoned();
         }
     }
 }

@@ -390,7 +390,7 @@ impl Limiter {
     pub(crate) fn observe(
         &self,
         outcome: &Result<Response<Bytes>, TransportError>,
-        wall_now: fn() -> SystemTime,
+        wall_now: impl FnOnce() -> SystemTime,
     ) -> Observed {
         let now = Instant::now();
         let reading = outcome
