@@ -225,7 +225,7 @@ impl Client {
             }
         }
         // Default headers carry the client's credentials: only to a home origin.
-        let mut headers = if relative || self.is_home(&origin) {
+        let mut headers = if relative || self.is_trusted(&origin) {
             self.inner.headers.clone()
         } else {
             HeaderMap::new()
@@ -248,12 +248,10 @@ impl Client {
         Ok(request)
     }
 
-    /// Whether default headers may go to `origin`.
-    fn is_home(&self, origin: &str) -> bool {
-        self.inner.home.is_empty() || self.inner.home.iter().any(|h| h == origin)
-    }
-
-    /// Whether `origin` is the base URL's or one the user trusted.
+    /// Whether `origin` is the base URL's or one the user trusted: the only
+    /// places default headers (the client's credentials) may go. A client
+    /// without a base URL has no home, so its credentials go nowhere it was
+    /// not told to trust.
     fn is_trusted(&self, origin: &str) -> bool {
         self.inner.home.iter().any(|h| h == origin)
     }
@@ -485,7 +483,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Sends `name: value` with every request unless the request sets it.
+    /// Sends `name: value` with every request to the base URL's origin (and
+    /// origins given to [`trust_origin`](Self::trust_origin)) unless the
+    /// request sets it. Requests elsewhere, and every request of a client
+    /// without a base URL or a trusted origin, go without it.
     pub fn default_header<K, V>(mut self, name: K, value: V) -> Self
     where
         K: TryInto<HeaderName>,

@@ -989,3 +989,32 @@ async fn bodies_in_many_chunks_come_back_whole_with_or_without_a_length() {
         );
     }
 }
+
+/// A client without a base URL has no home origin: its default credentials
+/// go only where it was told to trust (they used to go to every absolute
+/// target an item named).
+#[tokio::test(start_paused = true)]
+async fn without_a_base_url_credentials_go_only_to_trusted_origins() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/x"));
+    let fetch = |client: Client| async move {
+        client
+            .get(|_: &()| "http://mock/x")
+            .fetch(())
+            .await
+            .unwrap();
+    };
+    let builder = || {
+        Client::builder()
+            .transport(mock.clone())
+            .default_header("authorization", "Bearer SECRET-1")
+    };
+    fetch(builder().build().unwrap()).await;
+    fetch(builder().trust_origin("http://mock").build().unwrap()).await;
+    let sent: Vec<bool> = mock
+        .calls()
+        .iter()
+        .map(|c| c.headers.contains_key("authorization"))
+        .collect();
+    assert_eq!(sent, [false, true]);
+}
