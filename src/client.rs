@@ -1,5 +1,7 @@
 //! [`Client`]: transport, base URL, headers, limits and rules in one cheap
-//! handle, and the [`Endpoint`]s made from it.
+//! handle; it turns a [`RequestSpec`] into the request every transport is
+//! given. (The [`Endpoint`](crate::Endpoint)s made from it are the next
+//! floor up: `Client::get` and `Client::request` live in `endpoint.rs`.)
 
 use std::fmt;
 use std::sync::Arc;
@@ -9,15 +11,14 @@ use bytes::Bytes;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, SET_COOKIE,
 };
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, Request, Uri};
 
-use crate::endpoint::Endpoint;
-use crate::error::{BuildError, FetchError};
+use crate::error::BuildError;
 use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
+use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::rate::Rate;
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher, PausePolicy, Rules};
 use crate::stats::Stats;
 use crate::transport::Transport;
 
@@ -31,7 +32,7 @@ use crate::transport::Transport;
 /// ```
 /// use std::time::Duration;
 /// use sluicegate::mock::{MockResponse, MockTransport, Route};
-/// use sluicegate::{Client, Rate};
+/// use sluicegate::{Client, Rate, WithPolicy};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -52,22 +53,22 @@ use crate::transport::Transport;
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    pub(crate) inner: Arc<ClientInner>,
+    inner: Arc<ClientInner>,
 }
 
-pub(crate) struct ClientInner {
-    pub(crate) transport: Arc<dyn Transport>,
+struct ClientInner {
+    transport: Arc<dyn Transport>,
     base: Option<String>,
     headers: HeaderMap,
     limiter: Option<Limiter>,
     /// Without a limiter of the user's, an unpaced one: the quotas a
     /// server advertises are obeyed by every client, with or without a rate.
     gate: Limiter,
-    pub(crate) pause: PauseHandle,
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) rules: Rules,
+    pause: PauseHandle,
+    /// The defaults every endpoint of the client starts from.
+    policy: Policy,
     wall_clock: WallClock,
-    pub(crate) stats: Option<Stats>,
+    stats: Option<Stats>,
     sensitive: Vec<HeaderName>,
     log_query: bool,
     /// The base URL's path, the prefix every relative target stays under.
@@ -85,58 +86,13 @@ impl Client {
     ///
     /// Every attempt is bounded unless asked otherwise, so a server that
     /// accepts and never answers cannot hang an item: change it with
-    /// [`ClientBuilder::timeout`] (or [`Endpoint::timeout`]), or turn it off
-    /// with [`ClientBuilder::no_timeout`].
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+    /// [`WithPolicy::timeout`] (on the builder, an endpoint or a stage), or
+    /// turn it off with [`WithPolicy::no_timeout`].
+    pub const DEFAULT_TIMEOUT: Duration = Policy::DEFAULT_TIMEOUT;
 
     /// A builder; only the transport is needed (or the `reqwest` feature).
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
-    }
-
-    /// An endpoint sending `GET` to the path (or URL) `path(item)` for each
-    /// item.
-    ///
-    /// A path is joined under the base URL's path. Item data in it is
-    /// checked, not trusted: a dot segment (`..`, `.`, also `%2e`-encoded)
-    /// or a path leaving the base path fails that item with a
-    /// [`Build`](crate::FetchErrorKind::Build) error, and a `#` is data.
-    /// Wrap item data in [`RequestSpec::segment`] so that a `/` or `?` in
-    /// it cannot add a segment or open a query. A full `http(s)://` URL is
-    /// used as given, but gets the client's default headers only at the
-    /// base URL's origin (or a [trusted](ClientBuilder::trust_origin) one).
-    pub fn get<T, P, F>(&self, path: F) -> Endpoint<T>
-    where
-        F: Fn(&T) -> P + Send + Sync + 'static,
-        P: Into<String>,
-    {
-        Endpoint::new(self.clone(), move |item: &T| RequestSpec::get(path(item)))
-    }
-
-    /// An endpoint sending whatever request `build(item)` describes.
-    pub fn request<T, F>(&self, build: F) -> Endpoint<T>
-    where
-        F: Fn(&T) -> RequestSpec + Send + Sync + 'static,
-    {
-        Endpoint::new(self.clone(), build)
-    }
-
-    /// Sends one request with the client's pause, rate, timeout and default
-    /// rules, and returns the response when its status is a success.
-    ///
-    /// # Errors
-    ///
-    /// A [`FetchError`] if the request cannot be built, every attempt
-    /// failed, or the final status is not a success.
-    pub async fn send(
-        &self,
-        spec: impl Into<RequestSpec>,
-    ) -> Result<Response<Bytes>, FetchError<()>> {
-        let spec = spec.into();
-        self.request(move |_: &()| spec.clone())
-            .fetch(())
-            .await
-            .map(|fetched| fetched.response)
     }
 
     /// The shared rate limiter, if the client has one.
@@ -158,6 +114,16 @@ impl Client {
     /// quotas.
     pub(crate) fn gate(&self) -> &Limiter {
         &self.inner.gate
+    }
+
+    /// The transport requests go through.
+    pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    /// The defaults every endpoint of the client starts from.
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.inner.policy
     }
 
     /// The shared pause handle.
@@ -429,7 +395,7 @@ impl fmt::Debug for Client {
             .field("base_url", &self.inner.base)
             .field("limiter", &self.inner.limiter)
             .field("pause", &self.inner.pause)
-            .field("timeout", &self.inner.timeout)
+            .field("policy", &self.inner.policy)
             .finish_non_exhaustive()
     }
 }
@@ -444,9 +410,7 @@ pub struct ClientBuilder {
     limiter: Option<Limiter>,
     pause: Option<PauseHandle>,
     max_pause: Option<Duration>,
-    /// `None`: the default; `Some(None)`: no timeout.
-    timeout: Option<Option<Duration>>,
-    rules: Rules,
+    policy: Policy,
     wall_clock: Option<fn() -> SystemTime>,
     without_stats: bool,
     sensitive: Vec<HeaderName>,
@@ -525,34 +489,6 @@ impl ClientBuilder {
     /// [`pause_handle`](Self::pause_handle) keeps its own cap.
     pub fn max_pause(mut self, max: Duration) -> Self {
         self.max_pause = Some(max);
-        self
-    }
-
-    /// Gives each attempt at most `timeout` (default
-    /// [`Client::DEFAULT_TIMEOUT`]).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(Some(timeout));
-        self
-    }
-
-    /// Lets an attempt wait for ever: no per-attempt timeout. Only for a
-    /// transport that bounds its own waits.
-    pub fn no_timeout(mut self) -> Self {
-        self.timeout = Some(None);
-        self
-    }
-
-    /// A default retry rule for every endpoint of the client; see
-    /// [`Endpoint::retry_on`].
-    pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        self.rules.retry_on(matcher.into(), policy);
-        self
-    }
-
-    /// A default pause rule for every endpoint of the client; see
-    /// [`Endpoint::pause_on`].
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
-        self.rules.pause_on(matcher.into(), policy.into());
         self
     }
 
@@ -658,9 +594,10 @@ impl ClientBuilder {
             (None, None) => PauseHandle::new(),
         };
         let stats = (!self.without_stats).then(|| Stats::new(None));
-        let mut rules = self.rules.inherited();
-        rules.set_pause_cap(pause.max_pause());
-        rules.set_stats(stats.clone());
+        let mut policy = self.policy.inherited();
+        policy.rules.set_pause_cap(pause.max_pause());
+        policy.rules.set_stats(stats.clone());
+        policy.stats.splice(0..0, stats.clone());
         Ok(Client {
             inner: Arc::new(ClientInner {
                 transport,
@@ -669,8 +606,7 @@ impl ClientBuilder {
                 gate: self.limiter.clone().unwrap_or_else(Limiter::unpaced),
                 limiter: self.limiter,
                 pause,
-                timeout: self.timeout.unwrap_or(Some(Client::DEFAULT_TIMEOUT)),
-                rules,
+                policy,
                 wall_clock: match self.wall_clock {
                     Some(now) => WallClock::Given(now),
                     None => WallClock::anchored(),
@@ -687,6 +623,18 @@ impl ClientBuilder {
                 follow_cross_origin_links: self.follow_cross_origin_links,
             }),
         })
+    }
+}
+
+impl Sealed for ClientBuilder {}
+
+/// The rules, timeouts and limits set on the builder are the defaults of
+/// every endpoint of the client: an endpoint's own rules come before them,
+/// its own limits after them.
+impl WithPolicy for ClientBuilder {
+    fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
+        change(&mut self.policy);
+        self
     }
 }
 

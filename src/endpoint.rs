@@ -1,16 +1,19 @@
-//! [`Endpoint`]: how one item becomes a request, with the rules for
-//! retrying it; and the attempt loop every fetch operator runs per item.
+//! [`Endpoint`]: how one item becomes a request, with the policy for
+//! retrying it, and [`Client::get`] / [`Client::request`] that make one.
+//!
+//! What one HTTP attempt is (send with a timeout, count it, report it to
+//! the limiters, decode the body) lives here; the loop around the attempts
+//! is [`crate::attempt`]'s.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
+use crate::attempt::{Attempt, Ended, Gate, Loop};
 use crate::client::Client;
 use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
@@ -18,8 +21,9 @@ use crate::error::{
 use crate::ext::json::{decode_detail, DecodedBody, Undecodable};
 use crate::ext::Decoded;
 use crate::limiter::Limiter;
+use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::request::{BuiltRequest, RequestSpec};
-use crate::retry::{self, Attempted, Backoff, DelayCause, Matcher, PausePolicy, Rules, Verdict};
+use crate::retry::{self, Attempted, Verdict};
 use crate::stats::Stats;
 use tracing::Instrument as _;
 
@@ -40,7 +44,7 @@ type DecodeFn = dyn Fn(&mut Response<Bytes>) + Send + Sync;
 /// use http::StatusCode;
 /// use sluicegate::mock::{MockResponse, MockTransport, Route};
 /// use sluicegate::retry::Backoff;
-/// use sluicegate::Client;
+/// use sluicegate::{Client, WithPolicy};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {
@@ -76,10 +80,7 @@ type DecodeFn = dyn Fn(&mut Response<Bytes>) + Send + Sync;
 pub struct Endpoint<T> {
     client: Client,
     build: Arc<BuildFn<T>>,
-    rules: Rules,
-    timeout: Option<Duration>,
-    item_timeout: Option<Duration>,
-    stats: Vec<Stats>,
+    policy: Policy,
     decode: Option<Arc<DecodeFn>>,
 }
 
@@ -88,10 +89,7 @@ impl<T> Clone for Endpoint<T> {
         Self {
             client: self.client.clone(),
             build: self.build.clone(),
-            rules: self.rules.clone(),
-            timeout: self.timeout,
-            item_timeout: self.item_timeout,
-            stats: self.stats.clone(),
+            policy: self.policy.clone(),
             decode: self.decode.clone(),
         }
     }
@@ -101,10 +99,64 @@ impl<T> fmt::Debug for Endpoint<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Endpoint")
             .field("client", &self.client)
-            .field("rules", &self.rules)
-            .field("timeout", &self.timeout)
-            .field("item_timeout", &self.item_timeout)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
+    }
+}
+
+impl<T> Sealed for Endpoint<T> {}
+
+impl<T> WithPolicy for Endpoint<T> {
+    fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
+        change(&mut self.policy);
+        self
+    }
+}
+
+impl Client {
+    /// An endpoint sending `GET` to the path (or URL) `path(item)` for each
+    /// item.
+    ///
+    /// A path is joined under the base URL's path. Item data in it is
+    /// checked, not trusted: a dot segment (`..`, `.`, also `%2e`-encoded)
+    /// or a path leaving the base path fails that item with a
+    /// [`Build`](crate::FetchErrorKind::Build) error, and a `#` is data.
+    /// Wrap item data in [`RequestSpec::segment`] so that a `/` or `?` in
+    /// it cannot add a segment or open a query. A full `http(s)://` URL is
+    /// used as given, but gets the client's default headers only at the
+    /// base URL's origin (or a [trusted](crate::ClientBuilder::trust_origin) one).
+    pub fn get<T, P, F>(&self, path: F) -> Endpoint<T>
+    where
+        F: Fn(&T) -> P + Send + Sync + 'static,
+        P: Into<String>,
+    {
+        Endpoint::new(self.clone(), move |item: &T| RequestSpec::get(path(item)))
+    }
+
+    /// An endpoint sending whatever request `build(item)` describes.
+    pub fn request<T, F>(&self, build: F) -> Endpoint<T>
+    where
+        F: Fn(&T) -> RequestSpec + Send + Sync + 'static,
+    {
+        Endpoint::new(self.clone(), build)
+    }
+
+    /// Sends one request with the client's pause, rate, timeout and default
+    /// rules, and returns the response when its status is a success.
+    ///
+    /// # Errors
+    ///
+    /// A [`FetchError`] if the request cannot be built, every attempt
+    /// failed, or the final status is not a success.
+    pub async fn send(
+        &self,
+        spec: impl Into<RequestSpec>,
+    ) -> Result<Response<Bytes>, FetchError<()>> {
+        let spec = spec.into();
+        self.request(move |_: &()| spec.clone())
+            .fetch(())
+            .await
+            .map(|fetched| fetched.response)
     }
 }
 
@@ -154,16 +206,11 @@ impl<T> Endpoint<T> {
     where
         F: Fn(&T) -> RequestSpec + Send + Sync + 'static,
     {
-        let rules = client.inner.rules.inherited();
-        let timeout = client.inner.timeout;
-        let stats = client.inner.stats.iter().cloned().collect();
+        let policy = client.policy().inherited();
         Self {
             client,
             build: Arc::new(build),
-            rules,
-            timeout,
-            item_timeout: None,
-            stats,
+            policy,
             decode: None,
         }
     }
@@ -234,45 +281,6 @@ impl<T> Endpoint<T> {
         self
     }
 
-    /// Retries outcomes that `matcher` matches, waiting as `policy` says
-    /// (or as the server's `Retry-After` says, capped by the policy), up to
-    /// the policy's [`max_attempts`](Backoff::max_attempts) (default 3):
-    /// the only cap on attempts when this rule matches.
-    pub fn retry_on(mut self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        self.rules.retry_on(matcher.into(), policy);
-        self
-    }
-
-    /// On outcomes that `matcher` matches, pauses the client's shared
-    /// [`PauseHandle`](crate::PauseHandle) for the server's `Retry-After`
-    /// (else the policy's fallback: a bare `Duration` is one), then retries
-    /// the item once the pause ends, up to the policy's
-    /// [`max_attempts`](PausePolicy::max_attempts) (default 10).
-    pub fn pause_on(mut self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
-        self.rules.pause_on(matcher.into(), policy.into());
-        self
-    }
-
-    /// Gives each attempt at most `timeout` (overrides the client's).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(timeout);
-        self
-    }
-
-    /// Gives each item at most `timeout` for all its attempts together,
-    /// waits and pauses included.
-    pub fn item_timeout(mut self, timeout: Duration) -> Self {
-        self.item_timeout = Some(timeout);
-        self
-    }
-
-    /// Also counts this endpoint's requests in `stats`, for example a
-    /// stage's own [`Stats`] beside the client's.
-    pub fn with_stats(mut self, stats: Stats) -> Self {
-        self.stats.push(stats);
-        self
-    }
-
     /// The client this endpoint sends through.
     pub fn client(&self) -> &Client {
         &self.client
@@ -305,11 +313,11 @@ impl<T> Endpoint<T> {
         item: T,
         index: u64,
     ) -> Result<Fetched<T>, FetchError<T>> {
-        for stats in &self.stats {
+        for stats in &self.policy.stats {
             stats.item_started();
         }
         let result = self.fetch_item(item, index).await;
-        for stats in &self.stats {
+        for stats in &self.policy.stats {
             stats.item_finished(result.is_ok());
         }
         if let Err(e) = &result {
@@ -319,7 +327,6 @@ impl<T> Endpoint<T> {
     }
 
     async fn fetch_item(&self, item: T, index: u64) -> Result<Fetched<T>, FetchError<T>> {
-        let started = Instant::now();
         let request = match self.build_request(&item) {
             Ok(request) => request.into_request(),
             Err(e) => {
@@ -328,18 +335,28 @@ impl<T> Endpoint<T> {
                     .with_source(e))
             }
         };
-        let attempts = AtomicU32::new(0);
-        let attempt_loop = self.attempt_loop(request, &attempts, started, index);
-        let end = match self.item_timeout {
-            Some(limit) => tokio::time::timeout(limit, attempt_loop)
-                .await
-                .unwrap_or(End::ItemTimeout),
-            None => attempt_loop.await,
-        };
-        let attempts = attempts.load(Ordering::Relaxed);
-        let elapsed = started.elapsed();
-        let (kind, response, error) = match end {
-            End::Response(mut response) if response.extensions().get::<Undecodable>().is_some() => {
+        let gate = self.gate_for(&request);
+        let run = Loop {
+            gate: &gate,
+            stats: &self.policy.stats,
+            item_timeout: self.policy.item_timeout,
+            seed: self.policy.rules.seed(),
+        }
+        .run(
+            HttpAttempt {
+                endpoint: self,
+                limiters: &gate.limiters,
+                spare: Some(request),
+                index,
+            },
+            index,
+        )
+        .await;
+        let (attempts, elapsed) = (run.attempts, run.elapsed);
+        let (kind, response, error) = match run.ended {
+            Ended::Outcome(Ok(mut response))
+                if response.extensions().get::<Undecodable>().is_some() =>
+            {
                 let Some(Undecodable(detail)) = response.extensions_mut().remove::<Undecodable>()
                 else {
                     unreachable!("checked above")
@@ -349,7 +366,7 @@ impl<T> Endpoint<T> {
                     .with_detail(detail)
                     .with_response(response));
             }
-            End::Response(response) if response.status().is_success() => {
+            Ended::Outcome(Ok(response)) if response.status().is_success() => {
                 return Ok(Fetched {
                     item,
                     response,
@@ -357,19 +374,19 @@ impl<T> Endpoint<T> {
                     elapsed,
                 })
             }
-            End::Response(response) => (
+            Ended::Outcome(Ok(response)) => (
                 FetchErrorKind::Status(response.status()),
                 Some(response),
                 None,
             ),
-            End::Transport(e) if e.is_timeout() => (
+            Ended::Outcome(Err(e)) if e.is_timeout() => (
                 FetchErrorKind::Timeout(TimeoutScope::Attempt),
                 None,
                 Some(e),
             ),
-            End::Transport(e) => (FetchErrorKind::Transport(e.kind()), None, Some(e)),
-            End::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None, None),
-            End::LimiterUnavailable(reason) => (
+            Ended::Outcome(Err(e)) => (FetchErrorKind::Transport(e.kind()), None, Some(e)),
+            Ended::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None, None),
+            Ended::LimiterUnavailable(reason) => (
                 FetchErrorKind::LimiterUnavailable,
                 None,
                 Some(TransportError::new(TransportErrorKind::Other, reason)),
@@ -385,151 +402,30 @@ impl<T> Endpoint<T> {
         Err(error_out)
     }
 
-    /// What to wait for before the next attempt, or `None` to send now.
-    ///
-    /// Pause first, then the token: a token taken before a pause would be
-    /// spent at the pause's end, all at once. The common case (no pause, a
-    /// token free) takes the token here and allocates nothing.
-    fn gate(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
-        let client = &self.client.inner;
-        let limiter = self.client.gate();
-        if !client.pause.is_paused() && limiter.check().is_ok() {
-            return None;
-        }
-        let pause = client.pause.clone();
-        let limiter = limiter.clone();
-        Some(Box::pin(async move {
-            pause.ready().await;
-            limiter.acquire_owned(Some(pause)).await
-        }))
-    }
-
-    async fn attempt_loop(
-        &self,
-        request: Request<Bytes>,
-        attempts: &AtomicU32,
-        started: Instant,
-        index: u64,
-    ) -> End {
-        let client = &self.client.inner;
-        let seed = self.rules.seed().unwrap_or_else(|| fastrand::u64(..));
-        let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut previous_delay = Duration::ZERO;
-        let mut spare = Some(request);
-        let mut paused_by_us = false;
-        loop {
-            let attempt = attempts.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(wait) = self.gate() {
-                if let Err(reason) = wait.await {
-                    return End::LimiterUnavailable(reason);
-                }
-            }
-            if std::mem::take(&mut paused_by_us) {
-                tracing::info!(item = index, "pause over, resuming");
-            }
-            if attempt == 1 {
-                self.rules.deposit();
-            }
-            // With no rules there is no second attempt: send the original.
-            let this_attempt = if self.rules.is_empty() {
-                spare.take().expect("one attempt without rules")
-            } else {
-                clone_request(spare.as_ref().expect("kept for retries"))
-            };
-            let span = tracing::debug_span!(
-                "sluicegate::fetch",
-                method = %this_attempt.method(),
-                url = tracing::field::Empty,
-                item = index,
-                attempt,
-            );
-            if !span.is_disabled() {
-                span.record(
-                    "url",
-                    tracing::field::display(self.client.loggable_url(this_attempt.uri())),
-                );
-            }
-            // Entering a disabled span on every poll still costs: skip it.
-            let mut outcome = if span.is_disabled() {
-                self.send(this_attempt).await
-            } else {
-                self.send(this_attempt).instrument(span.clone()).await
-            };
-            if let (Some(decode), Ok(response)) = (&self.decode, &mut outcome) {
-                decode(response);
-            }
-            let verdict = if self.rules.is_empty() {
-                Verdict::Finish
-            } else {
-                let retry_after = outcome
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| retry::retry_after(r.headers(), || self.client.wall_now()));
-                let history = Attempted {
-                    attempts: attempt,
-                    elapsed: started.elapsed(),
-                    previous_delay,
-                };
-                let now = Instant::now();
-                self.rules
-                    .decide(&outcome, history, retry_after, now, &mut rng)
-            };
-            match verdict {
-                Verdict::Finish => {
-                    return match outcome {
-                        Ok(response) => End::Response(response),
-                        Err(e) => End::Transport(e),
-                    }
-                }
-                Verdict::Retry { delay, cause } => {
-                    span.in_scope(|| {
-                        tracing::debug!(
-                            delay_ms = delay.as_millis() as u64,
-                            cause = cause.as_str(),
-                            "retrying"
-                        )
-                    });
-                    for stats in &self.stats {
-                        stats.retried();
-                    }
-                    if cause == DelayCause::Policy {
-                        previous_delay = delay;
-                    }
-                    // Boxed: a retry is the slow path; the common path keeps a small future.
-                    Box::pin(tokio::time::sleep(delay)).await;
-                }
-                Verdict::Pause { delay, cause } => {
-                    let now = Instant::now();
-                    let before = client.pause.paused_until().unwrap_or(now);
-                    let until = client.pause.pause_for(delay);
-                    let added = until.saturating_duration_since(before);
-                    // The item is sent again once the pause ends: a retry
-                    // like any other, besides the pause it asked for.
-                    for stats in &self.stats {
-                        stats.paused(added);
-                        stats.retried();
-                    }
-                    paused_by_us = true;
-                    span.in_scope(|| {
-                        tracing::info!(
-                            status = outcome.as_ref().ok().map(|r| r.status().as_u16()),
-                            pause_ms = until.saturating_duration_since(now).as_millis() as u64,
-                            cause = cause.as_str(),
-                            "pausing every request sharing this pause handle"
-                        )
-                    });
-                }
-            }
+    /// What the requests of an item wait for: the client's pause, the
+    /// client's limiter, then the policy's own limits in the order added
+    /// (a per-host one for the request's host).
+    fn gate_for(&self, request: &Request<Bytes>) -> Gate {
+        let client = self.client.gate();
+        let host = request.uri().host().unwrap_or_default();
+        Gate {
+            pause: self.client.pause_handle().clone(),
+            limiters: std::iter::once(client.clone())
+                .chain(self.policy.limits.iter().map(|limit| limit.for_host(host)))
+                .collect(),
         }
     }
 
     /// One attempt: send with the attempt timeout, count it, log it.
-    async fn send(&self, request: Request<Bytes>) -> Result<Response<Bytes>, TransportError> {
-        let client = &self.client.inner;
+    async fn send(
+        &self,
+        request: Request<Bytes>,
+        limiters: &[Limiter],
+    ) -> Result<Response<Bytes>, TransportError> {
         tracing::debug!("sending");
-        let sent = InFlight::start(&self.stats, self.client.gate());
-        let send = client.transport.send(request);
-        let outcome = match self.timeout {
+        let sent = InFlight::start(&self.policy.stats, limiters);
+        let send = self.client.transport().send(request);
+        let outcome = match self.policy.timeout {
             Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
                 Err(TransportError::new(
                     TransportErrorKind::Timeout,
@@ -559,24 +455,97 @@ impl<T> Endpoint<T> {
     }
 }
 
+/// One item's HTTP attempts: the request (cloned per attempt when rules
+/// may ask for another), sent through the endpoint and judged by its rules.
+struct HttpAttempt<'a, T> {
+    endpoint: &'a Endpoint<T>,
+    limiters: &'a [Limiter],
+    /// The request, kept for retries (taken by the only attempt when there
+    /// are no rules).
+    spare: Option<Request<Bytes>>,
+    index: u64,
+}
+
+impl<T> Attempt for HttpAttempt<'_, T> {
+    type Outcome = Result<Response<Bytes>, TransportError>;
+
+    async fn attempt(&mut self, attempt: u32) -> Self::Outcome {
+        let endpoint = self.endpoint;
+        let rules = &endpoint.policy.rules;
+        if attempt == 1 {
+            rules.deposit();
+        }
+        // With no rules there is no second attempt: send the original.
+        let request = if rules.is_empty() {
+            self.spare.take().expect("one attempt without rules")
+        } else {
+            clone_request(self.spare.as_ref().expect("kept for retries"))
+        };
+        let span = tracing::debug_span!(
+            "sluicegate::fetch",
+            method = %request.method(),
+            url = tracing::field::Empty,
+            item = self.index,
+            attempt,
+        );
+        // Entering a disabled span on every poll still costs: skip it.
+        let mut outcome = if span.is_disabled() {
+            endpoint.send(request, self.limiters).await
+        } else {
+            span.record(
+                "url",
+                tracing::field::display(endpoint.client.loggable_url(request.uri())),
+            );
+            endpoint.send(request, self.limiters).instrument(span).await
+        };
+        if let (Some(decode), Ok(response)) = (&endpoint.decode, &mut outcome) {
+            decode(response);
+        }
+        outcome
+    }
+
+    fn decide(
+        &self,
+        outcome: &Self::Outcome,
+        history: Attempted,
+        now: Instant,
+        draw: u64,
+    ) -> Verdict {
+        let rules = &self.endpoint.policy.rules;
+        if rules.is_empty() {
+            return Verdict::Finish;
+        }
+        let client = &self.endpoint.client;
+        let retry_after = outcome
+            .as_ref()
+            .ok()
+            .and_then(|r| retry::retry_after(r.headers(), || client.wall_now()));
+        rules.decide(outcome, history, retry_after, now, draw)
+    }
+
+    fn status(outcome: &Self::Outcome) -> Option<u16> {
+        outcome.as_ref().ok().map(|r| r.status().as_u16())
+    }
+}
+
 /// Counts a request in flight until it ends, or is abandoned when dropped,
 /// and reports its outcome to the limiter that granted its token.
 struct InFlight<'a> {
     stats: &'a [Stats],
-    limiter: &'a Limiter,
+    limiters: &'a [Limiter],
     sent_at: Option<Instant>,
     open: bool,
 }
 
 impl<'a> InFlight<'a> {
-    fn start(stats: &'a [Stats], limiter: &'a Limiter) -> Self {
+    fn start(stats: &'a [Stats], limiters: &'a [Limiter]) -> Self {
         for s in stats {
             s.request_sent();
         }
         let sent_at = (!stats.is_empty()).then(Instant::now);
         Self {
             stats,
-            limiter,
+            limiters,
             sent_at,
             open: true,
         }
@@ -585,7 +554,7 @@ impl<'a> InFlight<'a> {
     fn finish(
         mut self,
         outcome: &Result<Response<Bytes>, TransportError>,
-        wall_now: impl FnOnce() -> SystemTime,
+        wall_now: impl Fn() -> SystemTime,
     ) -> Duration {
         self.open = false;
         let latency = self.sent_at.map_or(Duration::ZERO, |t| t.elapsed());
@@ -596,12 +565,18 @@ impl<'a> InFlight<'a> {
         for s in self.stats {
             s.request_ended(summary, latency);
         }
-        let observed = self.limiter.observe(outcome, wall_now);
-        if let Some(rate) = observed.changed {
-            tracing::info!(rate_per_second = rate, "learned rate changed");
-        }
-        for s in self.stats {
-            s.limiter_seen(observed.learned, observed.malformed);
+        // Every limiter that granted a token hears how it went: its count
+        // of requests in flight ends, and it learns what the server said.
+        for (i, limiter) in self.limiters.iter().enumerate() {
+            let observed = limiter.observe(outcome, &wall_now);
+            if let Some(rate) = observed.changed {
+                tracing::info!(rate_per_second = rate, "learned rate changed");
+            }
+            if i == 0 {
+                for s in self.stats {
+                    s.limiter_seen(observed.learned, observed.malformed);
+                }
+            }
         }
         latency
     }
@@ -615,18 +590,11 @@ impl Drop for InFlight<'_> {
                     s.request_abandoned();
                 }
             }
-            self.limiter.abandoned();
+            for limiter in self.limiters {
+                limiter.abandoned();
+            }
         }
     }
-}
-
-/// How the attempts of one item ended.
-enum End {
-    Response(Response<Bytes>),
-    Transport(TransportError),
-    ItemTimeout,
-    /// A remote rate limiter stayed unreachable (failing closed).
-    LimiterUnavailable(String),
 }
 
 fn clone_request(request: &Request<Bytes>) -> Request<Bytes> {

@@ -192,7 +192,7 @@ impl fmt::Display for FetchErrorKind {
 /// use std::time::Duration;
 /// use sluicegate::mock::{MockResponse, MockTransport, Route};
 /// use sluicegate::retry::Backoff;
-/// use sluicegate::{Client, FetchErrorKind};
+/// use sluicegate::{Client, FetchErrorKind, WithPolicy};
 ///
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
 /// # async fn main() {

@@ -105,6 +105,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod attempt;
 mod client;
 #[cfg(feature = "demo")]
 pub mod demo;
@@ -114,6 +115,7 @@ pub mod etl;
 mod ext;
 mod limiter;
 mod pause;
+mod policy;
 mod rate;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -137,6 +139,7 @@ pub use crate::ext::{
 pub use crate::ext::{Progress, WithProgress};
 pub use crate::limiter::{Adaptive, KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;
+pub use crate::policy::{Policy, WithPolicy};
 pub use crate::rate::{Mode, Rate};
 pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
@@ -184,8 +187,8 @@ pub mod prelude {
     #[cfg(feature = "reqwest")]
     pub use crate::ReqwestTransport;
     pub use crate::{
-        Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, Limiter,
-        PauseHandle, Rate, RequestSpec, SluiceExt, Stats,
+        Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, KeyedLimiter,
+        Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, WithPolicy,
     };
     pub use futures::{stream, StreamExt, TryStreamExt};
     pub use http::StatusCode;

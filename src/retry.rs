@@ -43,21 +43,28 @@ pub use self::retry_after::parse_retry_after;
 pub(crate) use self::retry_after::retry_after;
 
 #[derive(Debug, Clone)]
-enum Rule {
-    Retry {
-        matcher: Matcher,
-        policy: Backoff,
-    },
-    Pause {
-        matcher: Matcher,
-        policy: PausePolicy,
-    },
+enum Rule<M> {
+    Retry { matcher: M, policy: Backoff },
+    Pause { matcher: M, policy: PausePolicy },
+}
+
+/// Which outcomes of type `O` a rule's matcher applies to: a [`Matcher`]
+/// reads HTTP outcomes; [`map_concurrent`](crate::SluiceExt::map_concurrent)
+/// rules read a step's error.
+pub(crate) trait Matches<O> {
+    fn matches(&self, outcome: &O) -> bool;
+}
+
+impl Matches<Result<Response<Bytes>, TransportError>> for Matcher {
+    fn matches(&self, outcome: &Result<Response<Bytes>, TransportError>) -> bool {
+        Matcher::matches(self, outcome)
+    }
 }
 
 /// An ordered list of rules, shared by every item of one fetch operator.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Rules {
-    rules: Vec<Rule>,
+#[derive(Debug, Clone)]
+pub(crate) struct Rules<M = Matcher> {
+    rules: Vec<Rule<M>>,
     /// How many rules at the front were added on the operator (they come
     /// before the client's defaults, so they win).
     own: usize,
@@ -106,18 +113,29 @@ pub(crate) struct Attempted {
     pub(crate) previous_delay: Duration,
 }
 
-impl Rules {
+impl<M> Default for Rules<M> {
+    fn default() -> Self {
+        Self {
+            rules: Vec::new(),
+            own: 0,
+            pause_cap: None,
+            stats: None,
+        }
+    }
+}
+
+impl<M: Clone> Rules<M> {
     /// Adds a retry rule ahead of inherited defaults, after earlier own rules.
-    pub(crate) fn retry_on(&mut self, matcher: Matcher, policy: Backoff) {
+    pub(crate) fn retry_on(&mut self, matcher: M, policy: Backoff) {
         self.insert(Rule::Retry { matcher, policy });
     }
 
     /// Adds a pause rule ahead of inherited defaults, after earlier own rules.
-    pub(crate) fn pause_on(&mut self, matcher: Matcher, policy: PausePolicy) {
+    pub(crate) fn pause_on(&mut self, matcher: M, policy: PausePolicy) {
         self.insert(Rule::Pause { matcher, policy });
     }
 
-    fn insert(&mut self, rule: Rule) {
+    fn insert(&mut self, rule: Rule<M>) {
         self.rules.insert(self.own, rule);
         self.own += 1;
     }
@@ -166,14 +184,17 @@ impl Rules {
 
     /// Decides what follows an attempt. Pure but for spending from a retry
     /// budget, which is itself decided from the given `now`.
-    pub(crate) fn decide(
+    pub(crate) fn decide<O>(
         &self,
-        outcome: &Result<Response<Bytes>, TransportError>,
+        outcome: &O,
         history: Attempted,
         retry_after: Option<Duration>,
         now: Instant,
-        rng: &mut fastrand::Rng,
-    ) -> Verdict {
+        draw: u64,
+    ) -> Verdict
+    where
+        M: Matches<O>,
+    {
         let Some(rule) = self.rules.iter().find(|rule| match rule {
             Rule::Retry { matcher, .. } | Rule::Pause { matcher, .. } => matcher.matches(outcome),
         }) else {
@@ -206,7 +227,7 @@ impl Rules {
                         (delay, DelayCause::RetryAfter)
                     }
                     None => (
-                        policy.delay(history.attempts, history.previous_delay, rng.u64(..)),
+                        policy.delay(history.attempts, history.previous_delay, draw),
                         DelayCause::Policy,
                     ),
                 };
@@ -225,7 +246,7 @@ impl Rules {
     }
 }
 
-impl Rules {
+impl<M> Rules<M> {
     /// `asked` within `cap`, with a warning when the server asked for more:
     /// a capped `Retry-After` is a server misbehaving (or a hostile one),
     /// and the run should say so rather than quietly wait less.
@@ -281,7 +302,7 @@ mod tests {
         rules.pause_on(Matcher::server_errors(), ms(500).into());
         rules.retry_on(Matcher::transport_errors(), Backoff::constant(ms(1)));
         let now = Instant::now();
-        let rng = &mut fastrand::Rng::with_seed(0);
+        let rng = 0;
 
         let retry = Verdict::Retry {
             delay: ms(10),
@@ -343,7 +364,7 @@ mod tests {
         defaults.retry_on(Matcher::server_errors(), Backoff::constant(ms(1)));
         let mut own = defaults.inherited();
         own.pause_on(StatusCode::SERVICE_UNAVAILABLE.into(), ms(7).into());
-        let rng = &mut fastrand::Rng::with_seed(0);
+        let rng = 0;
         assert_eq!(
             own.decide(&status(503), at(1, 0), None, Instant::now(), rng),
             Verdict::Pause {

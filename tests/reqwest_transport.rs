@@ -10,7 +10,7 @@ use http::{Request, StatusCode};
 use sluicegate::demo::{email, DemoConfig, DemoServer};
 use sluicegate::{
     Client, FetchErrorKind, Rate, ReqwestTransport, SluiceExt, TimeoutScope, Transport,
-    TransportErrorKind,
+    TransportErrorKind, WithPolicy,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;

@@ -17,7 +17,9 @@ use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
 use sluicegate::retry::Backoff;
 #[cfg(feature = "reqwest")]
 use sluicegate::ReqwestTransport;
-use sluicegate::{Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope};
+use sluicegate::{
+    Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope, WithPolicy,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -15,8 +15,8 @@ use crate::client::Client;
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{FetchError, FetchErrorKind};
 use crate::ext::flat_unpack::locate;
+use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::request::RequestSpec;
-use crate::retry::{Backoff, Matcher, PausePolicy};
 use crate::task::Task;
 
 /// Which page to fetch: its number (from 1) and what identifies it.
@@ -144,41 +144,29 @@ pub fn paginate(client: &Client, first: impl Into<RequestSpec>, how: Pagination)
     }
 }
 
-impl Paginate {
+impl Sealed for Paginate {}
+
+/// Rules, timeouts and limits for the page requests, before the client's
+/// (see [`WithPolicy`]).
+///
+/// # Panics
+///
+/// Each method panics if called after the stream has started: a rule added
+/// once pages are being fetched would apply to some of them only.
+impl WithPolicy for Paginate {
     #[track_caller]
-    fn configure(mut self, f: impl FnOnce(Endpoint<PageRef>) -> Endpoint<PageRef>) -> Self {
+    fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
         assert!(
             self.pages.is_none(),
             "configure a paginator before polling it: a rule added once pages are being \
              fetched would apply to some of them only"
         );
-        self.endpoint = self.endpoint.take().map(f);
+        self.endpoint = self.endpoint.take().map(|e| e.map_policy(change));
         self
     }
+}
 
-    /// Retries a page on outcomes that `matcher` matches.
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream has started.
-    #[track_caller]
-    pub fn retry_on(self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        let matcher = matcher.into();
-        self.configure(|e| e.retry_on(matcher, policy))
-    }
-
-    /// Pauses the client's handle on outcomes that `matcher` matches.
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream has started.
-    #[track_caller]
-    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
-        let matcher = matcher.into();
-        let policy = policy.into();
-        self.configure(|e| e.pause_on(matcher, policy))
-    }
-
+impl Paginate {
     /// Stops after `n` pages.
     ///
     /// # Panics

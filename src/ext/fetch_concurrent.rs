@@ -36,7 +36,6 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -46,7 +45,7 @@ use pin_project_lite::pin_project;
 
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{Failure, FetchError};
-use crate::retry::{Backoff, Matcher, PausePolicy};
+use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::task::Task;
 
 /// How a fetch operator takes its input: plain items, or the `Ok`s of a
@@ -226,58 +225,6 @@ where
         self
     }
 
-    /// Retries outcomes that `matcher` matches with `policy`; see
-    /// [`Endpoint::retry_on`].
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream was first polled.
-    #[track_caller]
-    pub fn retry_on(self, matcher: impl Into<Matcher>, policy: Backoff) -> Self {
-        self.configure("retry_on", |e| e.retry_on(matcher, policy))
-    }
-
-    /// Pauses the shared handle on outcomes that `matcher` matches; see
-    /// [`Endpoint::pause_on`].
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream was first polled.
-    #[track_caller]
-    pub fn pause_on(self, matcher: impl Into<Matcher>, policy: impl Into<PausePolicy>) -> Self {
-        self.configure("pause_on", |e| e.pause_on(matcher, policy))
-    }
-
-    /// Also counts this stage in `stats`; see [`Endpoint::with_stats`].
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream was first polled.
-    #[track_caller]
-    pub fn with_stats(self, stats: crate::Stats) -> Self {
-        self.configure("with_stats", |e| e.with_stats(stats))
-    }
-
-    /// Per-attempt timeout; see [`Endpoint::timeout`].
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream was first polled.
-    #[track_caller]
-    pub fn timeout(self, timeout: Duration) -> Self {
-        self.configure("timeout", |e| e.timeout(timeout))
-    }
-
-    /// Per-item timeout; see [`Endpoint::item_timeout`].
-    ///
-    /// # Panics
-    ///
-    /// If called after the stream was first polled.
-    #[track_caller]
-    pub fn item_timeout(self, timeout: Duration) -> Self {
-        self.configure("item_timeout", |e| e.item_timeout(timeout))
-    }
-
     #[track_caller]
     fn assert_not_started(&self, method: &str) {
         assert!(
@@ -287,23 +234,38 @@ where
         );
     }
 
-    /// Reconfigures the endpoint (before the first poll, when nothing else
-    /// holds it yet).
-    #[track_caller]
-    fn configure(
-        mut self,
-        method: &str,
-        f: impl FnOnce(Endpoint<A::Item>) -> Endpoint<A::Item>,
-    ) -> Self {
-        self.assert_not_started(method);
-        self.endpoint = Arc::new(f(Arc::unwrap_or_clone(self.endpoint)));
-        self
-    }
-
     /// How many items are outstanding: taken from upstream, output not yet
     /// yielded.
     pub fn outstanding(&self) -> usize {
         self.outstanding
+    }
+}
+
+impl<S, A> Sealed for FetchConcurrent<S, A>
+where
+    S: Stream,
+    A: Intake<S::Item>,
+{
+}
+
+/// Rules, timeouts and limits for this stage's requests, before the
+/// endpoint's own rules (see [`WithPolicy`]).
+///
+/// # Panics
+///
+/// Each method panics if called after the stream was first polled: a rule
+/// added then would apply to some items only.
+impl<S, A> WithPolicy for FetchConcurrent<S, A>
+where
+    S: Stream,
+    A: Intake<S::Item>,
+{
+    #[track_caller]
+    fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
+        self.assert_not_started("a policy method (retry_on, pause_on, timeout, limit, ...)");
+        let endpoint = Arc::unwrap_or_clone(self.endpoint).map_policy(change);
+        self.endpoint = Arc::new(endpoint);
+        self
     }
 }
 

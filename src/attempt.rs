@@ -1,0 +1,235 @@
+//! The attempt loop every operator runs per item: wait at the gate (the
+//! pause, then each rate limiter in order), attempt, let the rules decide,
+//! wait as they say, again.
+//!
+//! What an attempt is — an HTTP request ([`Endpoint`](crate::Endpoint)) or
+//! any async step ([`Step`](crate::Step)) — and what its rules read are
+//! the [`Attempt`]'s; the waiting, the counting and the logging are here,
+//! once. The decision is pure (the rules see the outcome, the history and
+//! `now`, and return a [`Verdict`]); only this loop sleeps.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+
+use crate::limiter::Limiter;
+use crate::pause::PauseHandle;
+use crate::retry::{Attempted, DelayCause, Verdict};
+use crate::stats::Stats;
+
+/// What is attempted for one item, and how its outcomes are judged.
+pub(crate) trait Attempt: Send {
+    /// What one attempt gives.
+    type Outcome: Send;
+
+    /// Attempt number `attempt` (from 1), once the gate let it through.
+    fn attempt(&mut self, attempt: u32) -> impl Future<Output = Self::Outcome> + Send;
+
+    /// What follows `outcome`: finish, retry after a delay, or pause.
+    fn decide(
+        &self,
+        outcome: &Self::Outcome,
+        history: Attempted,
+        now: Instant,
+        draw: u64,
+    ) -> Verdict;
+
+    /// The status to log when an outcome pauses everything, if it has one.
+    fn status(_outcome: &Self::Outcome) -> Option<u16> {
+        None
+    }
+}
+
+/// The pause and the limiters every attempt of an item waits for, in the
+/// order it waits for them.
+pub(crate) struct Gate {
+    pub(crate) pause: PauseHandle,
+    pub(crate) limiters: Vec<Limiter>,
+}
+
+impl Gate {
+    /// What to wait for before the next attempt, or `None` to go now.
+    ///
+    /// Pause first, then the tokens in order: a token taken before a pause
+    /// would be spent at the pause's end, all at once. The common case (no
+    /// pause, every token free) takes the tokens here and allocates
+    /// nothing. A token taken here while a later limiter makes the request
+    /// wait is spent, not held: nothing another request waits for is held,
+    /// so no order of waits can deadlock.
+    fn wait(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
+        let free = if self.pause.is_paused() {
+            0
+        } else {
+            self.limiters
+                .iter()
+                .take_while(|limiter| limiter.check().is_ok())
+                .count()
+        };
+        if free == self.limiters.len() {
+            return None;
+        }
+        let pause = self.pause.clone();
+        let mut taken = Taken {
+            limiters: self.limiters[..free].to_vec(),
+            kept: false,
+        };
+        let rest: Vec<Limiter> = self.limiters[free..].to_vec();
+        Some(Box::pin(async move {
+            pause.ready().await;
+            for limiter in rest {
+                limiter.clone().acquire_owned(Some(pause.clone())).await?;
+                taken.limiters.push(limiter);
+            }
+            // The request is sent at once: its in-flight count takes over.
+            taken.keep();
+            Ok(())
+        }))
+    }
+}
+
+/// Tokens taken for a request that may never be sent (a later limiter
+/// failed, or the item's time ran out while it waited): each limiter
+/// counts its token's request as in flight until told it was abandoned.
+struct Taken {
+    limiters: Vec<Limiter>,
+    kept: bool,
+}
+
+impl Taken {
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if !self.kept {
+            for limiter in &self.limiters {
+                limiter.abandoned();
+            }
+        }
+    }
+}
+
+/// How the attempts of one item ended.
+pub(crate) enum Ended<O> {
+    /// The rules took this outcome as final.
+    Outcome(O),
+    /// The item's own time ran out.
+    ItemTimeout,
+    /// A remote rate limiter stayed unreachable (failing closed).
+    LimiterUnavailable(String),
+}
+
+/// The attempts of one item, and how they ended.
+pub(crate) struct Run<O> {
+    pub(crate) ended: Ended<O>,
+    pub(crate) attempts: u32,
+    pub(crate) elapsed: Duration,
+}
+
+/// What every item of an operator shares in its attempt loop.
+pub(crate) struct Loop<'a> {
+    pub(crate) gate: &'a Gate,
+    pub(crate) stats: &'a [Stats],
+    pub(crate) item_timeout: Option<Duration>,
+    /// A seed for the rules' random draws, if they set one (else random).
+    pub(crate) seed: Option<u64>,
+}
+
+impl Loop<'_> {
+    /// Runs the attempts of item number `index` to their end.
+    pub(crate) async fn run<A: Attempt>(&self, attempt: A, index: u64) -> Run<A::Outcome> {
+        let started = Instant::now();
+        let mut attempts = 0;
+        let attempts_ref = &mut attempts;
+        let run = self.attempts(attempt, index, started, attempts_ref);
+        let ended = match self.item_timeout {
+            Some(limit) => tokio::time::timeout(limit, run)
+                .await
+                .unwrap_or(Ended::ItemTimeout),
+            None => run.await,
+        };
+        Run {
+            ended,
+            attempts,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn attempts<A: Attempt>(
+        &self,
+        mut what: A,
+        index: u64,
+        started: Instant,
+        attempts: &mut u32,
+    ) -> Ended<A::Outcome> {
+        let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
+        let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut previous_delay = Duration::ZERO;
+        let mut paused_by_us = false;
+        loop {
+            *attempts += 1;
+            let attempt = *attempts;
+            if let Some(wait) = self.gate.wait() {
+                if let Err(reason) = wait.await {
+                    return Ended::LimiterUnavailable(reason);
+                }
+            }
+            if std::mem::take(&mut paused_by_us) {
+                tracing::info!(item = index, "pause over, resuming");
+            }
+            let outcome = what.attempt(attempt).await;
+            let history = Attempted {
+                attempts: attempt,
+                elapsed: started.elapsed(),
+                previous_delay,
+            };
+            match what.decide(&outcome, history, Instant::now(), rng.u64(..)) {
+                Verdict::Finish => return Ended::Outcome(outcome),
+                Verdict::Retry { delay, cause } => {
+                    tracing::debug!(
+                        item = index,
+                        attempt,
+                        delay_ms = delay.as_millis() as u64,
+                        cause = cause.as_str(),
+                        "retrying"
+                    );
+                    for stats in self.stats {
+                        stats.retried();
+                    }
+                    if cause == DelayCause::Policy {
+                        previous_delay = delay;
+                    }
+                    drop(outcome);
+                    // Boxed: a retry is the slow path; the common path keeps a small future.
+                    Box::pin(tokio::time::sleep(delay)).await;
+                }
+                Verdict::Pause { delay, cause } => {
+                    let now = Instant::now();
+                    let pause = &self.gate.pause;
+                    let before = pause.paused_until().unwrap_or(now);
+                    let until = pause.pause_for(delay);
+                    let added = until.saturating_duration_since(before);
+                    // The item is tried again once the pause ends: a retry
+                    // like any other, besides the pause it asked for.
+                    for stats in self.stats {
+                        stats.paused(added);
+                        stats.retried();
+                    }
+                    paused_by_us = true;
+                    tracing::info!(
+                        item = index,
+                        attempt,
+                        status = A::status(&outcome),
+                        pause_ms = until.saturating_duration_since(now).as_millis() as u64,
+                        cause = cause.as_str(),
+                        "pausing every request sharing this pause handle"
+                    );
+                }
+            }
+        }
+    }
+}
