@@ -59,7 +59,8 @@ impl Gate {
     /// wait is spent, not held: nothing another request waits for is held,
     /// so no order of waits can deadlock.
     fn wait(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
-        let free = if self.pause.is_paused() {
+        let paused = self.pause.is_paused();
+        let free = if paused {
             0
         } else {
             self.limiters
@@ -67,7 +68,7 @@ impl Gate {
                 .take_while(|limiter| limiter.check().is_ok())
                 .count()
         };
-        if free == self.limiters.len() {
+        if !paused && free == self.limiters.len() {
             return None;
         }
         let pause = self.pause.clone();

@@ -407,7 +407,7 @@ impl<T> Endpoint<T> {
     /// (a per-host one for the request's host).
     fn gate_for(&self, request: &Request<Bytes>) -> Gate {
         let client = self.client.gate();
-        let host = request.uri().host().unwrap_or_default();
+        let host = request.uri().authority().map_or("", |a| a.as_str());
         Gate {
             pause: self.client.pause_handle().clone(),
             limiters: std::iter::once(client.clone())

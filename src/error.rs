@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
-type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
 /// What went wrong while sending one request.
 #[non_exhaustive]
@@ -163,6 +163,9 @@ pub enum FetchErrorKind {
     /// An input record could not be read, such as a bad line of a JSONL
     /// file ([`read_jsonl`](crate::etl::read_jsonl)): nothing was sent.
     InvalidInput,
+    /// A [`Step`](crate::Step)'s last attempt failed; its error is the
+    /// [`source`](std::error::Error::source).
+    Step,
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -177,6 +180,7 @@ impl fmt::Display for FetchErrorKind {
             Self::PaginationLoop => f.write_str("pagination loop"),
             Self::LimiterUnavailable => f.write_str("rate limiter unavailable"),
             Self::InvalidInput => f.write_str("invalid input"),
+            Self::Step => f.write_str("step failed"),
         }
     }
 }

@@ -4,18 +4,24 @@ use futures::Stream;
 use serde::de::DeserializeOwned;
 
 use crate::endpoint::Endpoint;
+use crate::error::BoxError;
 use crate::etl::WriteJsonl;
+use crate::step::Step;
 
+pub(crate) mod concurrent;
 mod fetch_concurrent;
 pub(crate) mod flat_unpack;
 pub(crate) mod json;
+mod map_concurrent;
 #[cfg(feature = "progress")]
 mod progress;
 mod throttle;
 
-pub use self::fetch_concurrent::{Fallible, FetchConcurrent, Intake, Plain, StageError};
+pub use self::concurrent::{Fallible, Intake, Plain, StageError};
+pub use self::fetch_concurrent::FetchConcurrent;
 pub use self::flat_unpack::{Element, FlatUnpack};
 pub use self::json::{Decoded, FetchResult, Json};
+pub use self::map_concurrent::MapConcurrent;
 #[cfg(feature = "progress")]
 pub use self::progress::{Progress, WithProgress};
 pub use self::throttle::{Pacer, Throttle};
@@ -211,6 +217,84 @@ pub trait SluiceExt: Stream {
     {
         assert!(n > 0, "try_fetch_concurrent: n must be at least 1");
         FetchConcurrent::new(self, n, endpoint)
+    }
+
+    /// Runs an async [`Step`] per item (a database write, a call through
+    /// another SDK) with at most `n` outstanding, under the step's limits,
+    /// pause and retry rules: the flow control of a fetch stage for work
+    /// that is not HTTP.
+    ///
+    /// Yields `Ok(`[`Decoded`]`)` (the item and the step's value) or an
+    /// `Err(`[`FetchError`](crate::FetchError)`)` carrying the item:
+    /// exactly one output per input. As with
+    /// [`fetch_concurrent`](Self::fetch_concurrent), each item runs as its
+    /// own task, so the step's attempts, retries and waits go on while the
+    /// consumer is busy; no new item is taken while `n` are outstanding;
+    /// dropping the stream cancels every step in flight.
+    ///
+    /// ```
+    /// use sluicegate::prelude::*;
+    /// use sluicegate::Step;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// // A pipeline's pause, shared with a write that is not HTTP.
+    /// let pause = PauseHandle::new();
+    /// let save = Step::new(|row: u32| async move {
+    ///     if row == 3 { Err(std::io::Error::other("disk full")) } else { Ok(()) }
+    /// })
+    /// .pause_with(&pause)
+    /// .retry_if(|e: &std::io::Error| e.kind() == std::io::ErrorKind::Interrupted, Backoff::constant(Duration::from_millis(10)));
+    ///
+    /// let out: Vec<_> = stream::iter(1..=4u32).map_concurrent(2, save).collect().await;
+    /// assert_eq!(out.iter().filter(|r| r.is_ok()).count(), 3);
+    /// let failed = out.into_iter().find_map(Result::err).unwrap();
+    /// assert_eq!((*failed.item(), failed.kind()), (3, FetchErrorKind::Step));
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    #[track_caller]
+    fn map_concurrent<T, U, E>(
+        self,
+        n: usize,
+        step: Step<T, U, E>,
+    ) -> MapConcurrent<Self, Plain, U, E>
+    where
+        Self: Stream<Item = T> + Sized,
+        T: Clone + Send + Sync + 'static,
+        U: Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        assert!(n > 0, "map_concurrent: n must be at least 1");
+        MapConcurrent::new(self, n, step)
+    }
+
+    /// [`map_concurrent`](Self::map_concurrent) over a stream of
+    /// `Result`s: each `Ok` item runs the step, each `Err` passes through
+    /// (as [`try_fetch_concurrent`](Self::try_fetch_concurrent) does, with
+    /// the same [`StageError`] rule for the error type).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    #[track_caller]
+    fn try_map_concurrent<T, Er, U, E>(
+        self,
+        n: usize,
+        step: Step<T, U, E>,
+    ) -> MapConcurrent<Self, Fallible, U, E>
+    where
+        Self: Stream<Item = Result<T, Er>> + Sized,
+        T: Clone + Send + Sync + 'static,
+        Er: StageError<T>,
+        U: Send + 'static,
+        E: Into<BoxError> + Send + 'static,
+    {
+        assert!(n > 0, "try_map_concurrent: n must be at least 1");
+        MapConcurrent::new(self, n, step)
     }
 
     /// Turns each fetched body holding a JSON array into its elements,

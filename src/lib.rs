@@ -122,6 +122,7 @@ pub mod redis;
 mod request;
 pub mod retry;
 mod stats;
+mod step;
 mod task;
 mod transport;
 
@@ -132,8 +133,8 @@ pub use crate::error::{
     TransportErrorKind,
 };
 pub use crate::ext::{
-    Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json, Pacer,
-    Plain, SluiceExt, StageError, Throttle,
+    Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json,
+    MapConcurrent, Pacer, Plain, SluiceExt, StageError, Throttle,
 };
 #[cfg(feature = "progress")]
 pub use crate::ext::{Progress, WithProgress};
@@ -143,6 +144,7 @@ pub use crate::policy::{Policy, WithPolicy};
 pub use crate::rate::{Mode, Rate};
 pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
+pub use crate::step::Step;
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;
 pub use crate::transport::Transport;
@@ -188,7 +190,7 @@ pub mod prelude {
     pub use crate::ReqwestTransport;
     pub use crate::{
         Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, KeyedLimiter,
-        Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, WithPolicy,
+        Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, Step, WithPolicy,
     };
     pub use futures::{stream, StreamExt, TryStreamExt};
     pub use http::StatusCode;

@@ -47,7 +47,8 @@ pub(crate) enum Limit {
 }
 
 impl Limit {
-    /// The limiter a request to `host` waits on.
+    /// The limiter a request to `host` (`host:port` when the URL has a
+    /// port) waits on.
     pub(crate) fn for_host(&self, host: &str) -> Limiter {
         match self {
             Self::Shared(limiter) => limiter.clone(),
@@ -207,9 +208,10 @@ pub trait WithPolicy: Sized + Sealed {
         self.map_policy(|p| p.limits.push(Limit::Shared(limiter)))
     }
 
-    /// Also waits on the limiter of the request's host in `limiters` (one
-    /// budget per host, made at the keyed limiter's rate), in the same
-    /// order as [`limit`](Self::limit).
+    /// Also waits on the limiter of the request's host (with its port) in
+    /// `limiters`: one budget per host, made at the keyed limiter's rate,
+    /// waited on in the same order as [`limit`](Self::limit). For a
+    /// politeness limit per site when items name absolute URLs.
     #[track_caller]
     fn limit_per_host(self, limiters: KeyedLimiter<String>) -> Self {
         self.map_policy(|p| p.limits.push(Limit::PerHost(limiters)))

@@ -274,15 +274,84 @@ impl std::io::Write for Captured {
     }
 }
 
-fn capture_warnings() -> (Captured, tracing::subscriber::DefaultGuard) {
+/// A log capture in force, for the thread that asked for it.
+///
+/// One global subscriber routes each event to the capture of the thread
+/// it happened on (tests here run on current-thread runtimes). Scoped
+/// per-thread subscribers were flaky: tracing caches per call site whether
+/// anyone listens, across every thread's subscriber, and a test running in
+/// parallel without one could leave a call site marked as unwanted.
+struct Capturing;
+
+type Route_ = (std::thread::ThreadId, tracing::Level, Captured);
+
+static CAPTURES: Mutex<Vec<Route_>> = Mutex::new(Vec::new());
+
+impl Drop for Capturing {
+    fn drop(&mut self) {
+        let me = std::thread::current().id();
+        CAPTURES
+            .lock()
+            .unwrap()
+            .retain(|(thread, _, _)| *thread != me);
+    }
+}
+
+/// Where an event goes: the capture of its thread, if its level is wanted.
+struct Router;
+
+/// Bytes for one event: appended to a capture, or dropped.
+struct Sink(Option<Captured>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(captured) = &mut self.0 {
+            captured.write(buf)?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Router {
+    type Writer = Sink;
+    fn make_writer(&'a self) -> Sink {
+        Sink(None)
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Sink {
+        let me = std::thread::current().id();
+        let captures = CAPTURES.lock().unwrap();
+        Sink(
+            captures
+                .iter()
+                .find(|(thread, level, _)| *thread == me && meta.level() <= level)
+                .map(|(_, _, captured)| captured.clone()),
+        )
+    }
+}
+
+fn capture(level: tracing::Level) -> (Captured, Capturing) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(Router)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+    });
     let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+    CAPTURES
+        .lock()
+        .unwrap()
+        .push((std::thread::current().id(), level, captured.clone()));
+    (captured, Capturing)
+}
+
+fn capture_warnings() -> (Captured, Capturing) {
+    capture(tracing::Level::WARN)
 }
 
 fn hostile_mock() -> MockTransport {
@@ -719,15 +788,8 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
 // 4. Secrets never reach a log, Debug, Display or error.
 // ---------------------------------------------------------------------------
 
-fn capture_debug() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
+fn capture_debug() -> (Captured, Capturing) {
+    capture(tracing::Level::DEBUG)
 }
 
 #[cfg(feature = "reqwest")]
