@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use crate::endpoint::Endpoint;
 use crate::error::BoxError;
 use crate::etl::WriteJsonl;
+use crate::limiter::Limiter;
 use crate::step::Step;
 
 pub(crate) mod concurrent;
@@ -17,14 +18,14 @@ mod map_concurrent;
 mod progress;
 mod throttle;
 
-pub use self::concurrent::{Fallible, Intake, Plain, StageError};
+pub use self::concurrent::{Items, Results, StageError, StageInput};
 pub use self::fetch_concurrent::FetchConcurrent;
 pub use self::flat_unpack::{Element, FlatUnpack};
 pub use self::json::{Decoded, FetchResult, Json};
 pub use self::map_concurrent::MapConcurrent;
 #[cfg(feature = "progress")]
 pub use self::progress::{Progress, WithProgress};
-pub use self::throttle::{Pacer, Throttle};
+pub use self::throttle::Throttle;
 
 /// Pipeline combinators for any [`Stream`].
 ///
@@ -62,11 +63,11 @@ pub trait SluiceExt: Stream {
     /// assert_eq!(t0.elapsed(), Duration::from_millis(300));
     /// # }
     /// ```
-    fn throttle(self, pacer: impl Into<Pacer>) -> Throttle<Self>
+    fn throttle(self, limiter: impl Into<Limiter>) -> Throttle<Self>
     where
         Self: Sized,
     {
-        Throttle::new(self, pacer.into())
+        Throttle::new(self, limiter.into())
     }
 
     /// Fetches one request per item, with at most `n` in flight, each
@@ -115,7 +116,7 @@ pub trait SluiceExt: Stream {
     /// # }
     /// ```
     #[track_caller]
-    fn fetch_concurrent<T>(self, n: usize, endpoint: Endpoint<T>) -> FetchConcurrent<Self, Plain>
+    fn fetch_concurrent<T>(self, n: usize, endpoint: Endpoint<T>) -> FetchConcurrent<Self, Items>
     where
         Self: Stream<Item = T> + Sized,
         T: Send + 'static,
@@ -209,7 +210,7 @@ pub trait SluiceExt: Stream {
         self,
         n: usize,
         endpoint: Endpoint<T>,
-    ) -> FetchConcurrent<Self, Fallible>
+    ) -> FetchConcurrent<Self, Results>
     where
         Self: Stream<Item = Result<T, E>> + Sized,
         T: Send + 'static,
@@ -261,7 +262,7 @@ pub trait SluiceExt: Stream {
         self,
         n: usize,
         step: Step<T, U, E>,
-    ) -> MapConcurrent<Self, Plain, U, E>
+    ) -> MapConcurrent<Self, Items, U, E>
     where
         Self: Stream<Item = T> + Sized,
         T: Clone + Send + Sync + 'static,
@@ -285,7 +286,7 @@ pub trait SluiceExt: Stream {
         self,
         n: usize,
         step: Step<T, U, E>,
-    ) -> MapConcurrent<Self, Fallible, U, E>
+    ) -> MapConcurrent<Self, Results, U, E>
     where
         Self: Stream<Item = Result<T, Er>> + Sized,
         T: Clone + Send + Sync + 'static,

@@ -133,15 +133,15 @@ pub use crate::error::{
     TransportErrorKind,
 };
 pub use crate::ext::{
-    Decoded, Element, Fallible, FetchConcurrent, FetchResult, FlatUnpack, Intake, Json,
-    MapConcurrent, Pacer, Plain, SluiceExt, StageError, Throttle,
+    Decoded, Element, FetchConcurrent, FetchResult, FlatUnpack, Items, Json, MapConcurrent,
+    Results, SluiceExt, StageError, StageInput, Throttle,
 };
 #[cfg(feature = "progress")]
 pub use crate::ext::{Progress, WithProgress};
 pub use crate::limiter::{Adaptive, KeyedLimiter, Limiter, NotUntil};
 pub use crate::pause::PauseHandle;
 pub use crate::policy::{Policy, WithPolicy};
-pub use crate::rate::{Mode, Rate};
+pub use crate::rate::{Rate, RateMode};
 pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 pub use crate::step::Step;

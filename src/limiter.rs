@@ -286,6 +286,20 @@ impl NotUntil {
     }
 }
 
+/// A private budget at `rate`: what `.throttle(Rate::per_second(5))` paces by.
+impl From<Rate> for Limiter {
+    fn from(rate: Rate) -> Self {
+        Self::new(rate)
+    }
+}
+
+/// The same shared budget: what `.throttle(&limiter)` paces by.
+impl From<&Limiter> for Limiter {
+    fn from(limiter: &Limiter) -> Self {
+        limiter.clone()
+    }
+}
+
 impl Limiter {
     /// A limiter enforcing `rate`, starting now.
     pub fn new(rate: Rate) -> Self {

@@ -29,13 +29,13 @@ pub struct Rate {
     count: u32,
     period: Duration,
     burst: u32,
-    mode: Mode,
+    mode: RateMode,
     start_empty: bool,
 }
 
 /// How a [`Rate`] is enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
+pub enum RateMode {
     /// GCRA: even spacing, bursts up to `burst`, no window edges.
     Gcra,
     /// Fixed windows of one `period`, aligned to when the limiter was made:
@@ -81,7 +81,7 @@ impl Rate {
             count,
             period,
             burst: 1,
-            mode: Mode::Gcra,
+            mode: RateMode::Gcra,
             start_empty: false,
         })
     }
@@ -120,7 +120,7 @@ impl Rate {
 
     /// Enforces the rate in fixed windows instead of with GCRA.
     pub fn fixed_window(mut self) -> Self {
-        self.mode = Mode::FixedWindow;
+        self.mode = RateMode::FixedWindow;
         self
     }
 
@@ -147,7 +147,7 @@ impl Rate {
     }
 
     /// The enforcement mode.
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> RateMode {
         self.mode
     }
 
@@ -190,9 +190,9 @@ impl fmt::Display for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} per {:?}", self.count, self.period)?;
         match self.mode {
-            Mode::Gcra if self.burst > 1 => write!(f, ", burst {}", self.burst),
-            Mode::Gcra => Ok(()),
-            Mode::FixedWindow => f.write_str(", fixed window"),
+            RateMode::Gcra if self.burst > 1 => write!(f, ", burst {}", self.burst),
+            RateMode::Gcra => Ok(()),
+            RateMode::FixedWindow => f.write_str(", fixed window"),
         }
     }
 }

@@ -23,7 +23,7 @@ use proptest::prelude::*;
 use sluicegate::etl::{paginate, Pagination};
 use sluicegate::mock::{Call, Latency, MockResponse, MockTransport, Route};
 use sluicegate::prelude::*;
-use sluicegate::{FetchConcurrent, Intake, TransportErrorKind};
+use sluicegate::{FetchConcurrent, StageInput, TransportErrorKind};
 use tokio::time::{sleep, Instant};
 
 const fn ms(n: u64) -> Duration {
@@ -471,7 +471,7 @@ fn clients(shape: &Shape, mock: &MockTransport) -> Vec<Client> {
 fn configure<S, A>(stage: FetchConcurrent<S, A>, shape: &Shape, k: usize) -> FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     let backoff = Backoff::constant(ms(shape.backoff_ms));
     let stage = stage

@@ -53,7 +53,7 @@ use crate::task::Task;
 ///
 /// Sealed; chosen by [`fetch_concurrent`](crate::SluiceExt::fetch_concurrent)
 /// and [`try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent).
-pub trait Intake<I>: sealed::Sealed {
+pub trait StageInput<I>: sealed::Sealed {
     /// The item a request is built from.
     type Item: Send + 'static;
     /// The error side of the output.
@@ -66,17 +66,17 @@ pub trait Intake<I>: sealed::Sealed {
 
 mod sealed {
     pub trait Sealed {}
-    impl Sealed for super::Plain {}
-    impl Sealed for super::Fallible {}
+    impl Sealed for super::Items {}
+    impl Sealed for super::Results {}
 }
 
-/// [`Intake`] of plain items.
+/// [`StageInput`] of plain items.
 #[derive(Debug)]
-pub enum Plain {}
+pub enum Items {}
 
-/// [`Intake`] of `Result`s: `Ok` items are fetched, `Err`s pass through.
+/// [`StageInput`] of `Result`s: `Ok` items are fetched, `Err`s pass through.
 #[derive(Debug)]
-pub enum Fallible {}
+pub enum Results {}
 
 /// An upstream error type that a later fetch stage (of items `T`) can pass
 /// through, and the one error type the stage then yields.
@@ -129,7 +129,7 @@ where
     }
 }
 
-impl<T: Send + 'static> Intake<T> for Plain {
+impl<T: Send + 'static> StageInput<T> for Items {
     type Item = T;
     type Error = FetchError<T>;
     fn intake(input: T) -> Result<T, FetchError<T>> {
@@ -140,7 +140,7 @@ impl<T: Send + 'static> Intake<T> for Plain {
     }
 }
 
-impl<T, E> Intake<Result<T, E>> for Fallible
+impl<T, E> StageInput<Result<T, E>> for Results
 where
     T: Send + 'static,
     E: StageError<T>,
@@ -168,7 +168,8 @@ pub(crate) trait Work<T>: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Output, FetchError<T>>> + Send + 'static;
 }
 
-type Output<W, A, I> = Result<<W as Work<<A as Intake<I>>::Item>>::Output, <A as Intake<I>>::Error>;
+type Output<W, A, I> =
+    Result<<W as Work<<A as StageInput<I>>::Item>>::Output, <A as StageInput<I>>::Error>;
 
 pin_project! {
     /// Admission, one task per item, and collection, for a stage whose
@@ -176,7 +177,7 @@ pin_project! {
     pub(crate) struct Concurrent<S, A, W>
     where
         S: Stream,
-        A: Intake<S::Item>,
+        A: StageInput<S::Item>,
         W: Work<A::Item>,
     {
         #[pin]
@@ -203,7 +204,7 @@ pin_project! {
 impl<S, A, W> Concurrent<S, A, W>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     W: Work<A::Item>,
 {
     pub(crate) fn new(stream: S, limit: usize, work: W) -> Self {
@@ -328,7 +329,7 @@ where
 impl<S, A, W> fmt::Debug for Concurrent<S, A, W>
 where
     S: Stream + fmt::Debug,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     W: Work<A::Item> + fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

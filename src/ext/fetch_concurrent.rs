@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 
-use super::concurrent::{Concurrent, Intake, Work};
+use super::concurrent::{Concurrent, StageInput, Work};
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::FetchError;
 use crate::policy::{Policy, Sealed, WithPolicy};
@@ -35,7 +35,7 @@ pin_project! {
     pub struct FetchConcurrent<S, A>
     where
         S: Stream,
-        A: Intake<S::Item>,
+        A: StageInput<S::Item>,
     {
         #[pin]
         inner: Concurrent<S, A, Endpoint<A::Item>>,
@@ -45,7 +45,7 @@ pin_project! {
 impl<S, A> FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     pub(crate) fn new(stream: S, limit: usize, endpoint: Endpoint<A::Item>) -> Self {
         Self {
@@ -92,7 +92,7 @@ where
 impl<S, A> Sealed for FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
 }
 
@@ -106,7 +106,7 @@ where
 impl<S, A> WithPolicy for FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     #[track_caller]
     fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
@@ -123,7 +123,7 @@ where
 impl<S, A> Stream for FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     type Item = Result<Fetched<A::Item>, A::Error>;
 
@@ -139,7 +139,7 @@ where
 impl<S, A> FusedStream for FetchConcurrent<S, A>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     fn is_terminated(&self) -> bool {
         self.inner.is_terminated()
@@ -149,7 +149,7 @@ where
 impl<S, A> fmt::Debug for FetchConcurrent<S, A>
 where
     S: Stream + fmt::Debug,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FetchConcurrent")

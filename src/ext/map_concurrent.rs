@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 
-use super::concurrent::{Concurrent, Intake, Work};
+use super::concurrent::{Concurrent, StageInput, Work};
 use crate::error::{BoxError, FetchError};
 use crate::ext::Decoded;
 use crate::step::Step;
@@ -35,7 +35,7 @@ pin_project! {
     pub struct MapConcurrent<S, A, U, E>
     where
         S: Stream,
-        A: Intake<S::Item>,
+        A: StageInput<S::Item>,
         A::Item: Clone,
         A::Item: Sync,
         U: Send,
@@ -52,7 +52,7 @@ pin_project! {
 impl<S, A, U, E> MapConcurrent<S, A, U, E>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     A::Item: Clone + Sync,
     U: Send + 'static,
     E: Into<BoxError> + Send + 'static,
@@ -97,7 +97,7 @@ where
 impl<S, A, U, E> Stream for MapConcurrent<S, A, U, E>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     A::Item: Clone + Sync,
     U: Send + 'static,
     E: Into<BoxError> + Send + 'static,
@@ -116,7 +116,7 @@ where
 impl<S, A, U, E> FusedStream for MapConcurrent<S, A, U, E>
 where
     S: Stream,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     A::Item: Clone + Sync,
     U: Send + 'static,
     E: Into<BoxError> + Send + 'static,
@@ -129,7 +129,7 @@ where
 impl<S, A, U, E> fmt::Debug for MapConcurrent<S, A, U, E>
 where
     S: Stream + fmt::Debug,
-    A: Intake<S::Item>,
+    A: StageInput<S::Item>,
     A::Item: Clone + Sync,
     U: Send + 'static,
     E: Into<BoxError> + Send + 'static,

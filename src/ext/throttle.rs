@@ -10,36 +10,6 @@ use pin_project_lite::pin_project;
 
 use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
-use crate::rate::Rate;
-
-/// What paces a [`Throttle`]: a private budget from a [`Rate`], or a shared
-/// [`Limiter`].
-#[derive(Debug, Clone)]
-pub struct Pacer {
-    limiter: Limiter,
-}
-
-impl From<Rate> for Pacer {
-    fn from(rate: Rate) -> Self {
-        Self {
-            limiter: Limiter::new(rate),
-        }
-    }
-}
-
-impl From<Limiter> for Pacer {
-    fn from(limiter: Limiter) -> Self {
-        Self { limiter }
-    }
-}
-
-impl From<&Limiter> for Pacer {
-    fn from(limiter: &Limiter) -> Self {
-        Self {
-            limiter: limiter.clone(),
-        }
-    }
-}
 
 type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -56,10 +26,10 @@ pin_project! {
 }
 
 impl<S: Stream> Throttle<S> {
-    pub(crate) fn new(stream: S, pacer: Pacer) -> Self {
+    pub(crate) fn new(stream: S, limiter: Limiter) -> Self {
         Self {
             stream: stream.fuse(),
-            limiter: pacer.limiter,
+            limiter,
             pause: None,
             pending: None,
         }

@@ -4,7 +4,7 @@
 //! Times are nanoseconds since the limiter's epoch, so the state is a couple
 //! of integers and the arithmetic is exact.
 
-use crate::rate::{Mode, Rate};
+use crate::rate::{Rate, RateMode};
 
 #[derive(Debug, Clone)]
 pub(crate) enum Pacing {
@@ -31,7 +31,7 @@ pub(crate) enum Pacing {
 impl Pacing {
     pub(crate) fn new(rate: &Rate, now: u64) -> Self {
         match rate.mode() {
-            Mode::Gcra => {
+            RateMode::Gcra => {
                 let interval = rate.interval_nanos();
                 let tolerance = interval.saturating_mul(u64::from(rate.burst_size() - 1));
                 let tat = if rate.starts_empty() {
@@ -45,7 +45,7 @@ impl Pacing {
                     tat,
                 }
             }
-            Mode::FixedWindow => {
+            RateMode::FixedWindow => {
                 let period = rate.period().as_nanos().min(u128::from(u64::MAX)) as u64;
                 Self::Window {
                     period,
