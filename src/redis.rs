@@ -112,10 +112,13 @@ pub use self::queue::{DeadEntry, Job, Jobs, QueueError, WorkQueue};
 ///
 /// A head is forgiven lateness up to `ARGV[3]` (its round trip and a timer
 /// tick, capped): its token is dated no earlier than that, so the rate
-/// stays exact. A head later than that has missed its turn and asks as a
-/// newcomer: were it granted a token dated at its late arrival, every turn
-/// behind it would fall before its token was due, and each of those heads
-/// would arrive early.
+/// stays exact. A head later than that takes a token only if one was due
+/// longer ago than that (left by a head that missed its turn, or its own:
+/// no head still on time can be coming for it), and, when that token must
+/// be dated later than it was due, only if the burst lets the next token
+/// be due at once too. Otherwise it has missed its turn and asks as a
+/// newcomer: granted a token dated at its late arrival, it would push the
+/// next token past the next head's turn, and that head would arrive early.
 const TAKE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -134,10 +137,17 @@ if turn > now then
 end
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local has_turn = turn > 0 and now - turn <= grace
-local floor = now
-if has_turn then floor = now - grace end
-if tat < floor then tat = floor end
+local has_turn = false
+if turn > 0 then
+  if now - turn <= grace then
+    has_turn = true
+    if tat < now - grace then tat = now - grace end
+  elseif tat - tolerance <= now - grace and (tat >= now - grace or tolerance >= interval) then
+    has_turn = true
+    if tat < now - grace then tat = now - grace end
+  end
+end
+if not has_turn and tat < now then tat = now end
 if has_turn and tat - tolerance > now then
   local due = tat - tolerance
   if due > last then

@@ -806,9 +806,7 @@ async fn rate_limited_server(items: u64) -> DemoServer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_drain_a_shared_queue_exactly_once_through_a_kill() {
     let _measuring = MEASURING.lock().await;
-    let Some(redis) = Redis::start_persistent() else {
-        return;
-    };
+    let Some(redis) = Redis::start() else { return };
     let server = rate_limited_server(QUEUE_ITEMS).await;
     let dir = redis.dir.join("outputs");
     std::fs::create_dir_all(&dir).unwrap();

@@ -19,10 +19,12 @@
 //! Redis can tell a head on time from one that is early or late. One that
 //! comes back before its token is due keeps its turn (it is told to come
 //! back at it, or when its token is due, ahead of the turns handed out
-//! after its own), instead of being sent behind every other process. Only
-//! a head late by more than Redis forgives has missed its turn and queues
-//! again: granting it a token dated at its late arrival would push every
-//! token behind it back, so that each head after it would arrive early.
+//! after its own), instead of being sent behind every other process. A
+//! head late by more than Redis forgives takes only a token nobody on time
+//! can still be coming for; failing that, it has missed its turn and
+//! queues again. Were it granted a token dated at its late arrival, every
+//! token behind it would move back, and each head after it would arrive
+//! early.
 //! Its waiters keep their order here either way.
 //!
 //! The head is a spawned task, not one of the waiters: a waiter that

@@ -382,37 +382,45 @@ impl WorkQueue {
         }
     }
 
-    /// Runs `call` on the queue's connection, within the time allowed.
-    async fn timed<T, F>(&self, call: F) -> Result<T, QueueError>
-    where
-        F: AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
-    {
-        let result = tokio::time::timeout(self.inner.op_timeout, async {
-            let mut connection = super::connect(
-                &self.inner.connection,
-                &self.inner.client,
-                self.inner.op_timeout,
-            )
-            .await?;
-            call(&mut connection).await
-        })
-        .await;
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.redis_error(&e)),
-            Err(_) => Err(QueueError {
-                transient: true,
-                ..self.error(format!(
-                    "no answer from Redis within {:?}",
-                    self.inner.op_timeout
-                ))
-            }),
+    /// Runs `call` on the queue's connection, within the time allowed. A
+    /// connection found broken (Redis restarted, say) is made again and
+    /// the call tried once more at once.
+    async fn timed<T: redis::FromRedisValue>(&self, call: Call<'_>) -> Result<T, QueueError> {
+        for attempt in 0.. {
+            let result = tokio::time::timeout(self.inner.op_timeout, async {
+                let mut connection = super::connect(
+                    &self.inner.connection,
+                    &self.inner.client,
+                    self.inner.op_timeout,
+                )
+                .await?;
+                match call {
+                    Call::Cmd(cmd) => cmd.query_async::<T>(&mut connection).await,
+                    Call::Pipe(pipe) => pipe.query_async::<T>(&mut connection).await,
+                    Call::Script(script) => script.invoke_async::<T>(&mut connection).await,
+                }
+            })
+            .await;
+            return match result {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(e)) if attempt == 0 && (e.is_connection_dropped() || e.is_io_error()) => {
+                    continue;
+                }
+                Ok(Err(e)) => Err(self.redis_error(&e)),
+                Err(_) => Err(QueueError {
+                    transient: true,
+                    ..self.error(format!(
+                        "no answer from Redis within {:?}",
+                        self.inner.op_timeout
+                    ))
+                }),
+            };
         }
+        unreachable!("the loop returns")
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, QueueError> {
-        self.timed(async |c: &mut ConnectionManager| cmd.query_async::<T>(c).await)
-            .await
+        self.timed(Call::Cmd(cmd)).await
     }
 
     /// Runs `op` until it succeeds or fails for good: while Redis cannot
@@ -662,9 +670,7 @@ impl WorkQueue {
                 .ignore();
         }
         let acked = self
-            .persist("acknowledge", || {
-                self.timed(async |c: &mut ConnectionManager| pipe.query_async::<()>(c).await)
-            })
+            .persist("acknowledge", || self.timed::<()>(Call::Pipe(&pipe)))
             .await;
         if let Err(e) = acked {
             tracing::warn!(error = %e, id, "could not acknowledge; the item will come again");
@@ -693,12 +699,7 @@ impl WorkQueue {
                     .arg(&entry.id)
                     .arg(error)
                     .arg(self.inner.dedupe_window.as_millis().max(1) as u64);
-                async move {
-                    self.timed(async |c: &mut ConnectionManager| {
-                        invocation.invoke_async::<u8>(c).await
-                    })
-                    .await
-                }
+                async move { self.timed::<u8>(Call::Script(&invocation)).await }
             })
             .await;
         match moved {
@@ -821,6 +822,14 @@ impl WorkQueue {
         };
         Ok((entries, deleted))
     }
+}
+
+/// One call to Redis, as [`WorkQueue::timed`] runs it.
+#[derive(Clone, Copy)]
+enum Call<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipe(&'a redis::Pipeline),
+    Script(&'a redis::ScriptInvocation<'a>),
 }
 
 /// An entry as read: its id, and its raw fields when it still exists.
