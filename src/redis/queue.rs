@@ -744,7 +744,7 @@ impl WorkQueue {
             return false;
         }
         held.insert(id.to_owned(), Arc::downgrade(reader));
-        if held.len() % 1024 == 0 {
+        if held.len().is_multiple_of(1024) {
             // Entries of readers dropped without acknowledging them.
             held.retain(|_, r| r.strong_count() > 0);
         }
