@@ -7,13 +7,18 @@
 //! items as a consumer of one group, fetches them through the shared
 //! limit, and writes them to its own journaled JSONL file. Worker 0 is
 //! killed with SIGKILL mid-run and restarted with its journal; the items
-//! it held are taken over by the others or by its restart. At the end the
-//! server says what rate it saw, Redis how often it was asked, and the
-//! union of the outputs is checked to hold every item exactly once.
+//! it held are taken over by the others or by its restart. With
+//! `--restart-redis`, Redis itself is then killed with SIGKILL and started
+//! again on the same port and data: it persists every write before
+//! answering (`appendonly yes`, `appendfsync always`), and the workers
+//! wait for it and go on. At the end the server says what rate it saw,
+//! Redis how often it was asked, and the union of the outputs is checked
+//! to hold every item exactly once.
 //!
 //! ```text
 //! cargo run --features redis --example distributed
 //! cargo run --features redis --example distributed -- --workers 8 --rate 300
+//! cargo run --features redis --example distributed -- --restart-redis
 //! cargo run --features redis --example distributed -- --redis redis://127.0.0.1:6379/
 //! ```
 
@@ -47,6 +52,9 @@ struct Args {
     /// Use this Redis instead of starting one.
     #[arg(long)]
     redis: Option<String>,
+    /// Kill the Redis this starts mid-run, and start it again.
+    #[arg(long, conflicts_with = "redis")]
+    restart_redis: bool,
     /// Where the workers' outputs go.
     #[arg(long, default_value = "target/distributed")]
     dir: PathBuf,
@@ -68,8 +76,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (redis_url, mut own_redis) = match &args.redis {
         Some(url) => (url.clone(), None),
         None => {
-            let (url, child) = start_redis()?;
-            (url, Some(child))
+            let redis = OwnRedis::start(&args.dir.with_extension("redis"))?;
+            (redis.url(), Some(redis))
         }
     };
     // A name of this run's own: a Redis used before still holds the keys
@@ -130,6 +138,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     workers[0] = spawn(0)?;
 
+    if args.restart_redis {
+        if let Some(redis) = own_redis.as_mut() {
+            let done = || {
+                (0..args.workers)
+                    .map(|w| lines(&args.dir.join(format!("w{w}.jsonl"))).len())
+                    .sum::<usize>()
+            };
+            while done() < (args.items / 2) as usize && started.elapsed() < Duration::from_secs(120)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            redis.kill()?; // SIGKILL: Redis has no chance to save anything
+            println!(
+                "killed Redis after {} items; starting it again on the same data",
+                done()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            redis.spawn()?;
+        }
+    }
+
     let mut failed = 0;
     for mut worker in workers {
         let status = tokio::task::spawn_blocking(move || worker.wait()).await??;
@@ -137,7 +166,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed();
     let after = command_calls(&redis_url).await?;
-    let calls = |n: &str| after.get(n).copied().unwrap_or(0) - before.get(n).copied().unwrap_or(0);
+    // A Redis started again counts from zero.
+    let calls = |n: &str| {
+        let after = after.get(n).copied().unwrap_or(0);
+        if args.restart_redis {
+            after
+        } else {
+            after - before.get(n).copied().unwrap_or(0)
+        }
+    };
 
     let mut arrivals = server.arrivals();
     arrivals.sort_by_key(|a| a.at);
@@ -153,10 +190,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.rate
     );
     let requests = arrivals.len().max(1) as f64;
+    // An acknowledgement is one transaction (`exec`).
+    let restarted = if args.restart_redis {
+        " (since Redis restarted)"
+    } else {
+        ""
+    };
     println!(
-        "Redis was asked {:.2} times per request by the limiters, {:.2} by the queue",
+        "Redis was asked {:.2} times per request by the limiters, {:.2} by the queue{restarted}",
         (calls("evalsha") + calls("eval")) as f64 / requests,
-        (calls("xreadgroup") + calls("xack") + calls("xautoclaim") + calls("xpending")) as f64
+        (calls("xreadgroup") + calls("exec") + calls("xautoclaim") + calls("xpending")) as f64
             / requests
     );
 
@@ -170,16 +213,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         twice.len()
     );
     let pending = queue.pending().await?;
-    if let Some(child) = own_redis.as_mut() {
-        child.kill()?;
-        child.wait()?;
+    let dead = queue.dead_letters(100).await?.len();
+    if let Some(redis) = own_redis.as_mut() {
+        redis.kill()?;
     }
     if failed > 0 || missing > 0 || pending > 0 {
-        return Err(
-            format!("{failed} workers failed, {missing} items missing, {pending} pending").into(),
-        );
+        return Err(format!(
+            "{failed} workers failed, {missing} items missing, {pending} pending, {dead} dead letters"
+        )
+        .into());
     }
-    println!("every item exactly once, nothing pending");
+    println!("every item exactly once, nothing pending, {dead} undecodable entries");
     Ok(())
 }
 
@@ -288,21 +332,73 @@ async fn command_calls(url: &str) -> Result<HashMap<String, u64>, Box<dyn std::e
         .collect())
 }
 
-/// Starts a redis-server on a free loopback port, without persistence.
-fn start_redis() -> Result<(String, Child), Box<dyn std::error::Error>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start redis-server ({e}): install the Debian package `redis-server`, or pass --redis"))?;
-    let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    for line in stdout.lines() {
-        if line?.contains("Ready to accept connections") {
-            break;
+/// A redis-server of this run's own on a free loopback port, persisting
+/// every write in its directory before answering, so that a restart loses
+/// nothing it acknowledged.
+struct OwnRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl OwnRedis {
+    fn start(dir: &Path) -> Result<Self, Box<dyn std::error::Error>> {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir)?;
         }
+        std::fs::create_dir_all(dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut redis = Self {
+            child: None,
+            port,
+            dir: dir.to_owned(),
+        };
+        redis.spawn()?;
+        Ok(redis)
     }
-    Ok((format!("redis://127.0.0.1:{port}/"), child))
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Starts the server (again), and waits until it has loaded its data.
+    fn spawn(&mut self) -> Result<(), Box<dyn std::error::Error>> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start redis-server ({e}): install the Debian package `redis-server`, or pass --redis"
+                )
+            })?;
+        let stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+        for line in stdout.lines() {
+            if line?.contains("Ready to accept connections") {
+                break;
+            }
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) -> std::io::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
 }

@@ -12,6 +12,21 @@
 //! head sleeps exactly that long and its next call is a grant: about one
 //! call per token, whatever the number of waiters or processes.
 //!
+//! # Keeping a turn
+//!
+//! The heads of all processes form a line of their own, in Redis: the
+//! turns it handed out. The head hands its turn back with each call, so
+//! Redis can tell a head on time from one that is early or late. One that
+//! comes back before its token is due keeps its turn (it is told to come
+//! back at it, or when its token is due, ahead of the turns handed out
+//! after its own), instead of being sent behind every other process. A
+//! head late by more than Redis forgives takes only a token nobody on time
+//! can still be coming for; failing that, it has missed its turn and
+//! queues again. Were it granted a token dated at its late arrival, every
+//! token behind it would move back, and each head after it would arrive
+//! early.
+//! Its waiters keep their order here either way.
+//!
 //! The head is a spawned task, not one of the waiters: a waiter that
 //! nobody polls must not hold up those behind it. A token granted is
 //! handed to the first waiter not held by its pause, and the owner takes
@@ -27,7 +42,7 @@ use std::task::{Poll, Waker};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{FailureMode, RemoteLimit, Reply};
+use super::{FailureMode, RemoteLimit, Reply, Turn};
 use crate::pause::PauseHandle;
 
 /// How a waiter's turn ended.
@@ -212,9 +227,9 @@ enum Next {
 async fn head(limit: Arc<RemoteLimit>) {
     let line = &limit.line;
     let mut running = Running { line, armed: true };
-    // Whether Redis gave this process a turn to come back at: returning
-    // for it is not queueing behind others again.
-    let mut has_turn = false;
+    // The turn Redis gave this process to come back at: handed back, it
+    // keeps the process's place among the heads of other processes.
+    let mut turn: Option<Turn> = None;
     loop {
         let next = {
             let mut state = line.lock();
@@ -248,7 +263,7 @@ async fn head(limit: Arc<RemoteLimit>) {
             Next::Ask { more } => more,
         };
         let rate = limit.rate();
-        match limit.take(&rate, has_turn, more).await {
+        match limit.take(&rate, turn, more).await {
             Reply::Granted { next } => {
                 let (woken, spent) = {
                     let mut state = line.lock();
@@ -271,17 +286,17 @@ async fn head(limit: Arc<RemoteLimit>) {
                 if let Some(waker) = woken {
                     waker.wake();
                 }
-                has_turn = next.is_some();
-                if let Some(wait) = next {
-                    tokio::time::sleep(wait).await;
+                turn = next;
+                if let Some(next) = next {
+                    tokio::time::sleep(next.wait).await;
                 }
             }
-            Reply::NotYet(wait) => {
-                has_turn = true;
-                tokio::time::sleep(wait).await;
+            Reply::NotYet(next) => {
+                turn = Some(next);
+                tokio::time::sleep(next.wait).await;
             }
             Reply::Paused(left) => {
-                has_turn = false;
+                turn = None;
                 let pause = line.lock().queue.iter().find_map(|w| w.pause.clone());
                 match pause {
                     Some(pause) => {
@@ -292,7 +307,7 @@ async fn head(limit: Arc<RemoteLimit>) {
                 }
             }
             Reply::Unavailable(error) => {
-                has_turn = false;
+                turn = None;
                 let now = Instant::now();
                 let woken: Vec<Waker> = {
                     let mut state = line.lock();
