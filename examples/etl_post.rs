@@ -15,12 +15,15 @@
 //! cargo run --example etl_post
 //! cargo run --example etl_post -- --orders 1000 --stop-after 300 --dir /tmp/orders
 //! ```
+//!
+//! `run_pass` is the whole pipeline; `tests/newcomer_tasks.rs` runs it too.
 
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use sluicegate::demo::{DemoConfig, DemoServer, OrderFaults};
 use sluicegate::prelude::*;
+use sluicegate::Transport;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -36,25 +39,78 @@ struct Args {
     dir: Option<PathBuf>,
 }
 
+/// One input line.
 #[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-struct Order {
-    id: u64,
-    customer: String,
-    amount_cents: u64,
+pub struct Order {
+    pub id: u64,
+    pub customer: String,
+    pub amount_cents: u64,
 }
 
+/// What the API answers for a stored order.
 #[derive(serde::Deserialize, serde::Serialize, Debug)]
-struct Receipt {
-    id: u64,
-    receipt: String,
+pub struct Receipt {
+    pub id: u64,
+    pub receipt: String,
 }
 
 /// Every 9th POST is throttled; orders 0, 40, 80... fail 4 times with 500.
-const FAULTS: OrderFaults = OrderFaults {
+pub const FAULTS: OrderFaults = OrderFaults {
     throttle_every: 9,
     broken_every: 40,
     broken_for: 4,
 };
+
+/// The client: retries 429s (as the server's `Retry-After` says) and 500s
+/// (three attempts, then the order is a dead letter); `transport`:
+/// `ReqwestTransport` here, `MockTransport` in tests.
+pub fn client(transport: impl Transport, api: &str) -> Result<Client, sluicegate::BuildError> {
+    Client::builder()
+        .transport(transport)
+        .base_url(api)
+        // The server's Retry-After wins over the 100 ms.
+        .retry_on(
+            429,
+            Backoff::constant(Duration::from_millis(100)).max_attempts(10),
+        )
+        .retry_on(500, Backoff::exponential(Duration::from_millis(100))) // 3 attempts
+        .build()
+}
+
+/// One pass: every order of `input` not yet done is POSTed, and its
+/// receipt (or dead letter) committed to `output`'s journal. Stops after
+/// `stop_after` results when given, as a crash would. With `retry_failed`,
+/// the dead letters of earlier passes are sent again.
+pub async fn run_pass(
+    client: &Client,
+    input: &Path,
+    output: &Path,
+    retry_failed: bool,
+    stop_after: Option<usize>,
+) -> std::io::Result<Report> {
+    let key = |order: &Order| order.id.to_string();
+    let journal = if retry_failed {
+        Journal::open_retrying_failed(output, key)?
+    } else {
+        Journal::open(output, key)?
+    };
+    let post = client.request(|order: &Order| {
+        RequestSpec::post("/orders")
+            .json(order)
+            // A POST that reached the server before a crash is sent
+            // again on resume: the key lets the server store it once.
+            .header("idempotency-key", order.id.to_string())
+    });
+    // A bad input line is dead-lettered in its place, with its number.
+    let results = journal
+        .try_skip_done(read_jsonl::<Order>(input))
+        .try_fetch_concurrent(8, post)
+        .json::<Receipt>();
+    match stop_after {
+        Some(n) => journal.write_jsonl(results.take(n)).await,
+        None => journal.write_jsonl(results).await,
+    }
+}
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -69,23 +125,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let output = dir.join("receipts.jsonl");
 
     let server = DemoServer::start(DemoConfig::default().flaky_orders(FAULTS)).await?;
-    let client = Client::builder()
-        .transport(ReqwestTransport::default())
-        .base_url(server.url())
-        // The server's Retry-After wins over the 100 ms.
-        .retry_on(429, Backoff::constant(Duration::from_millis(100)).max_attempts(10))
-        .retry_on(500, Backoff::exponential(Duration::from_millis(100))) // 3 attempts
-        .build()?;
-    let post = client
-        .request(|order: &Order| {
-            RequestSpec::post("/orders")
-                .json(order)
-                // A POST that reached the server before a crash is sent
-                // again on resume: the key lets the server store it once.
-                .header("idempotency-key", order.id.to_string())
-        });
-
-    let key = |order: &Order| order.id.to_string();
+    let client = client(ReqwestTransport::default(), &server.url())?;
     let passes: [(&str, bool, Option<usize>); 4] = [
         ("1. first pass, stopped early", false, Some(args.stop_after)),
         ("2. resumed", false, None),
@@ -93,21 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("4. run again, retrying dead letters", true, None),
     ];
     for (name, retry_failed, stop_after) in passes {
-        let journal = if retry_failed {
-            Journal::open_retrying_failed(&output, key)?
-        } else {
-            Journal::open(&output, key)?
-        };
         let before = server.counts();
-        // A bad input line is dead-lettered in its place, with its number.
-        let results = journal
-            .try_skip_done(read_jsonl::<Order>(&input))
-            .try_fetch_concurrent(8, post.clone())
-            .json::<Receipt>();
-        let report = match stop_after {
-            Some(n) => journal.write_jsonl(results.take(n)).await?,
-            None => journal.write_jsonl(results).await?,
-        };
+        let report = run_pass(&client, &input, &output, retry_failed, stop_after).await?;
         let after = server.counts();
         println!("{name}: {report}");
         println!(
@@ -137,14 +164,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         dead.lines().count(),
         counts.duplicate_orders,
     );
-    assert_eq!(ids, (0..args.orders).collect::<Vec<_>>(), "every order once");
+    assert_eq!(
+        ids,
+        (0..args.orders).collect::<Vec<_>>(),
+        "every order once"
+    );
     assert_eq!(dead.lines().count(), 1, "only the bad line");
     assert_eq!(counts.duplicate_orders, 0);
     Ok(())
 }
 
 /// `n` orders, one per line, with one line that is not an order.
-fn write_orders(path: &Path, n: u64) -> std::io::Result<()> {
+pub fn write_orders(path: &Path, n: u64) -> std::io::Result<()> {
     let mut lines: Vec<String> = (0..n)
         .map(|id| {
             let order = Order {

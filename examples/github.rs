@@ -12,12 +12,15 @@
 //! cargo run --example github
 //! GITHUB_TOKEN=demo-token cargo run --example github -- --repos 500 --out repos.jsonl
 //! ```
+//!
+//! `crawl` is the whole pipeline; `tests/newcomer_tasks.rs` runs it too.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use sluicegate::demo::{DemoConfig, DemoServer, DEMO_TOKEN};
 use sluicegate::prelude::*;
+use sluicegate::Transport;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -25,48 +28,110 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     repos: u64,
     /// Where the repos go, one JSON line each (failures beside it).
-    #[arg(long, default_value = "repos.jsonl")]
-    out: PathBuf,
+    /// Default: a file in the system's temp dir.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// A repo as the listing shows it.
 #[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-struct RepoRef {
-    full_name: String,
-    url: String,
+pub struct RepoRef {
+    pub full_name: String,
+    pub url: String,
 }
 
 /// A repo's details.
 #[derive(serde::Deserialize, serde::Serialize, Debug, Clone)]
-struct Repo {
-    id: u64,
-    full_name: String,
-    language: String,
-    stargazers_count: u64,
-    contributors_url: String,
+pub struct Repo {
+    pub id: u64,
+    pub full_name: String,
+    pub language: String,
+    pub stargazers_count: u64,
+    pub contributors_url: String,
 }
 
 #[derive(serde::Deserialize, serde::Serialize, Debug)]
-struct Contributor {
-    login: String,
-    contributions: u64,
+pub struct Contributor {
+    pub login: String,
+    pub contributions: u64,
 }
 
 /// One output line: the repo and who contributed to it.
-#[derive(serde::Serialize)]
-struct Row {
+#[derive(serde::Deserialize, serde::Serialize, Debug)]
+pub struct Row {
     #[serde(flatten)]
-    repo: Repo,
-    contributors: Vec<Contributor>,
+    pub repo: Repo,
+    pub contributors: Vec<Contributor>,
 }
 
 /// The API's quota in this demo: 120 requests per 2-second window.
 const QUOTA: u64 = 120;
 const WINDOW: Duration = Duration::from_secs(2);
 
+/// Repos per page asked of the listing.
+const PER_PAGE: u64 = 50;
+
+/// The client: the API's base URL and a bearer token, no rate of its own
+/// (`transport`: `ReqwestTransport` here, `MockTransport` in tests).
+pub fn client(
+    transport: impl Transport,
+    api: &str,
+    token: &str,
+) -> Result<Client, sluicegate::BuildError> {
+    Client::builder()
+        .transport(transport)
+        .base_url(api) // https://api.github.com for the real one
+        // Sent only to the base URL's origin; redacted in logs and errors.
+        .default_header("authorization", format!("Bearer {token}"))
+        .default_header("accept", "application/vnd.github+json")
+        .retry_on(
+            Matcher::server_errors(),
+            Backoff::exponential(Duration::from_millis(200)),
+        )
+        .build()
+}
+
+/// The crawl: every page of `org`'s repos (`per_page` a page), each
+/// repo's details, then its contributors, one line per repo to `out`
+/// (failures beside it).
+pub async fn crawl(
+    client: &Client,
+    org: &str,
+    per_page: u64,
+    out: &Path,
+) -> std::io::Result<Report> {
+    let first_page = format!("/orgs/{org}/repos?per_page={per_page}");
+    paginate(client, first_page, Pagination::link_header())
+        .flat_unpack::<RepoRef>() // each page's array -> repos
+        .try_fetch_concurrent(8, client.get(|r: &RepoRef| r.url.clone()))
+        .json::<Repo>()
+        .map_ok(|decoded| decoded.value)
+        .try_fetch_concurrent(8, client.get(|r: &Repo| r.contributors_url.clone()))
+        .map(|fetched| -> Result<Row, Failure> {
+            let fetched = fetched?;
+            // GitHub answers 204 with no body for a repo without contributors.
+            if fetched.status() == StatusCode::NO_CONTENT {
+                return Ok(Row {
+                    repo: fetched.item,
+                    contributors: Vec::new(),
+                });
+            }
+            let decoded = fetched.json::<Vec<Contributor>>()?;
+            Ok(Row {
+                repo: decoded.item,
+                contributors: decoded.value,
+            })
+        })
+        .write_jsonl(out)
+        .await
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let out = args
+        .out
+        .unwrap_or_else(|| std::env::temp_dir().join("sluicegate-repos.jsonl"));
     let token = std::env::var("GITHUB_TOKEN").unwrap_or_else(|_| DEMO_TOKEN.to_owned());
     let server = DemoServer::start(
         DemoConfig::default()
@@ -75,45 +140,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .record_arrivals(true),
     )
     .await?;
-
-    let client = Client::builder()
-        .transport(ReqwestTransport::default())
-        .base_url(server.url()) // https://api.github.com for the real one
-        // Sent only to the base URL's origin; redacted in logs and errors.
-        .default_header("authorization", format!("Bearer {token}"))
-        .default_header("accept", "application/vnd.github+json")
-        .retry_on(
-            Matcher::server_errors(),
-            Backoff::exponential(Duration::from_millis(200)),
-        )
-        .build()?;
-
-    let rows = paginate(
-        &client,
-        "/orgs/demo/repos?per_page=50",
-        Pagination::link_header(),
-    )
-    .flat_unpack::<RepoRef>() // each page's array -> repos
-    .try_fetch_concurrent(8, client.get(|r: &RepoRef| r.url.clone()))
-    .json::<Repo>()
-    .map_ok(|decoded| decoded.value)
-    .try_fetch_concurrent(8, client.get(|r: &Repo| r.contributors_url.clone()))
-    .map(|fetched| -> Result<Row, Failure> {
-        let fetched = fetched?;
-        // GitHub answers 204 with no body for a repo without contributors.
-        if fetched.status() == StatusCode::NO_CONTENT {
-            return Ok(Row {
-                repo: fetched.item,
-                contributors: Vec::new(),
-            });
-        }
-        let decoded = fetched.json::<Vec<Contributor>>()?;
-        Ok(Row {
-            repo: decoded.item,
-            contributors: decoded.value,
-        })
-    });
-    let report = rows.write_jsonl(&args.out).await?;
+    let client = client(ReqwestTransport::default(), &server.url(), &token)?;
+    let report = crawl(&client, "demo", PER_PAGE, &out).await?;
     println!("{report}");
 
     // What the server saw: every page and every repo asked for once, and
@@ -144,7 +172,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(stats) = client.stats() {
         println!("{}", stats.snapshot());
     }
-    let expected_pages = args.repos.div_ceil(50).max(1);
+    let expected_pages = args.repos.div_ceil(PER_PAGE).max(1);
     assert_eq!(
         (report.ok, report.failed),
         (args.repos, 0),

@@ -81,8 +81,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, DATE, LINK, RETRY_AFTER};
-use http_body_util::BodyExt as _;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -745,9 +745,7 @@ fn api_answer(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes
             .filter(|i| *i < state.config.repos && !org.is_empty())
     };
     match segments[..] {
-        ["orgs", org, "repos"] if !org.is_empty() => {
-            repos_page(state, org, request.uri().query())
-        }
+        ["orgs", org, "repos"] if !org.is_empty() => repos_page(state, org, request.uri().query()),
         ["repos", org, name] => match repo(org, name) {
             Some(i) => json(repo_details(state, org, i).to_string()),
             None => not_found(),
@@ -779,7 +777,10 @@ fn repo_details(state: &State, org: &str, i: u64) -> serde_json::Value {
     let z = mix(i);
     let mut repo = repo_summary(state, org, i);
     let fields = [
-        ("description", serde_json::json!(format!("Demo repository {i}"))),
+        (
+            "description",
+            serde_json::json!(format!("Demo repository {i}")),
+        ),
         ("language", serde_json::json!(LANGUAGES[(z % 4) as usize])),
         ("stargazers_count", serde_json::json!((z >> 8) % 5_000)),
         ("forks_count", serde_json::json!((z >> 24) % 300)),
@@ -831,9 +832,7 @@ fn repos_page(state: &State, org: &str, query: Option<&str>) -> Response<Full<By
     let last = n.div_ceil(per_page).max(1);
     let start = (page - 1).saturating_mul(per_page).min(n);
     let end = (start + per_page).min(n);
-    let repos: Vec<serde_json::Value> = (start..end)
-        .map(|i| repo_summary(state, org, i))
-        .collect();
+    let repos: Vec<serde_json::Value> = (start..end).map(|i| repo_summary(state, org, i)).collect();
     let mut response = json(serde_json::Value::from(repos).to_string());
     let link = |p: u64, rel: &str| {
         format!(
@@ -903,7 +902,8 @@ async fn order(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
     }
     drop(orders);
     counters.ok.fetch_add(1, Ordering::Relaxed);
-    let mut response = json(serde_json::json!({ "id": id, "receipt": format!("r-{id}") }).to_string());
+    let mut response =
+        json(serde_json::json!({ "id": id, "receipt": format!("r-{id}") }).to_string());
     *response.status_mut() = StatusCode::CREATED;
     response
 }
