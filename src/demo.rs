@@ -42,6 +42,35 @@
 //! [`DemoServer::counts`] has the refusals, so a test can assert that a
 //! client obeyed the quota.
 //!
+//! ```
+//! use sluicegate::demo::{DemoConfig, DemoServer, DEMO_TOKEN};
+//! use sluicegate::prelude::*;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let server = DemoServer::start(
+//!     DemoConfig::default().repos(3).api_quota(2, Duration::from_secs(60), StatusCode::FORBIDDEN),
+//! )
+//! .await?;
+//! let client = Client::builder()
+//!     .base_url(server.url())
+//!     .default_header("authorization", format!("Bearer {DEMO_TOKEN}"))
+//!     .build()?;
+//! let page = client.send("/orgs/demo/repos?per_page=2").await?;
+//! assert_eq!(page.headers()["x-ratelimit-remaining"], "1");
+//! assert!(page.headers()["link"].to_str()?.contains(r#"page=2&per_page=2>; rel="next""#));
+//! // The second request of the window spends the quota, and the client
+//! // holds the third until the reset it was told (up to a minute here).
+//! client.send("/repos/demo/repo-0").await?;
+//! assert_eq!(server.counts().forbidden, 0);
+//! // Without the token: 401, not counted against the quota.
+//! let anonymous = Client::builder().base_url(server.url()).build()?;
+//! let err = anonymous.send("/repos/demo/repo-0").await.unwrap_err();
+//! assert_eq!(err.status(), Some(StatusCode::UNAUTHORIZED));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # An ingest endpoint
 //!
 //! - `POST /orders` with a JSON object holding a numeric `"id"` → `201`
@@ -106,10 +135,20 @@ pub struct DemoConfig {
     outage: Option<Outage>,
     record: bool,
     repos: u64,
-    token: String,
+    token: Token,
     quota: ApiQuota,
     date: Option<SystemTime>,
     orders: Option<OrderFaults>,
+}
+
+/// The API token, kept out of `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+struct Token(String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sensitive")
+    }
 }
 
 /// The token the GitHub-style routes accept unless told otherwise.
@@ -167,7 +206,7 @@ impl Default for DemoConfig {
             outage: None,
             record: false,
             repos: 100,
-            token: DEMO_TOKEN.to_owned(),
+            token: Token(DEMO_TOKEN.to_owned()),
             quota: ApiQuota {
                 limit: 5_000,
                 window: Duration::from_secs(3_600),
@@ -227,7 +266,7 @@ impl DemoConfig {
     /// The bearer token the GitHub-style routes want (default
     /// [`DEMO_TOKEN`]).
     pub fn api_token(mut self, token: impl Into<String>) -> Self {
-        self.token = token.into();
+        self.token = Token(token.into());
         self
     }
 
@@ -662,7 +701,7 @@ fn items_body(n: u64) -> String {
 /// headers on every authenticated answer.
 fn api(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let counters = &state.counters;
-    let expected = &state.config.token;
+    let expected = &state.config.token.0;
     let given = request
         .headers()
         .get(AUTHORIZATION)
@@ -884,11 +923,11 @@ async fn order(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
     let mut orders = state.orders.lock().expect("orders lock");
     orders.posts += 1;
     if let Some(faults) = faults {
-        if faults.throttle_every > 0 && orders.posts % faults.throttle_every == 0 {
+        if faults.throttle_every > 0 && orders.posts.is_multiple_of(faults.throttle_every) {
             counters.too_many_requests.fetch_add(1, Ordering::Relaxed);
             return refusal(StatusCode::TOO_MANY_REQUESTS, Duration::from_secs(1));
         }
-        if faults.broken_every > 0 && id % faults.broken_every == 0 {
+        if faults.broken_every > 0 && id.is_multiple_of(faults.broken_every) {
             let failed = orders.failures.entry(id).or_default();
             if *failed < faults.broken_for {
                 *failed += 1;

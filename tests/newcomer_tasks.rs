@@ -470,6 +470,7 @@ async fn the_examples_pipelines_run_against_the_demo_server() {
     .await
     .unwrap();
     let dir = scratch("demo");
+    assert!(!format!("{server:?}").contains(DEMO_TOKEN), "{server:?}");
 
     // The crawl: 3 pages of 10, 25 repos, 25 contributor lists; the quota
     // of 30 per 2 s runs out at least once.
