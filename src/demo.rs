@@ -77,9 +77,10 @@
 //!   with `{"id", "receipt"}`; `422` when the body is not such an object.
 //!
 //! With [`DemoConfig::flaky_orders`] it misbehaves on a fixed schedule:
-//! every `throttle_every`-th POST is answered `429` with `Retry-After: 1`,
-//! and an order whose id is a multiple of `broken_every` is answered `500`
-//! for its first `broken_for` attempts. An order stored twice is counted
+//! an order whose id is a multiple of `broken_every` is answered `500`
+//! for its first `broken_for` attempts, and every `throttle_every`-th POST
+//! of the others is answered `429` with `Retry-After: 1` (so a broken
+//! order's attempts are all 500s, and how many it takes is known). An order stored twice is counted
 //! in [`DemoCounts::duplicate_orders`], unless the repeat carries an
 //! `Idempotency-Key` header (then it is answered as the first time, and
 //! stored once).
@@ -175,8 +176,8 @@ pub struct ApiQuota {
 /// How `POST /orders` misbehaves; see [`DemoConfig::flaky_orders`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OrderFaults {
-    /// Every `throttle_every`-th POST (counting from 1) is answered `429`
-    /// with `Retry-After: 1`; 0 for never.
+    /// Every `throttle_every`-th POST (counting from 1) of an order that is
+    /// not broken is answered `429` with `Retry-After: 1`; 0 for never.
     pub throttle_every: u64,
     /// Orders whose id is a multiple of this fail...; 0 for none.
     pub broken_every: u64,
@@ -307,10 +308,10 @@ impl DemoConfig {
         self
     }
 
-    /// Makes `POST /orders` misbehave on a fixed schedule: every
-    /// `throttle_every`-th POST gets a 429 with `Retry-After: 1`, and an
-    /// order whose id is a multiple of `broken_every` gets a 500 for its
-    /// first `broken_for` attempts (0 turns either off).
+    /// Makes `POST /orders` misbehave on a fixed schedule: an order whose
+    /// id is a multiple of `broken_every` gets a 500 for its first
+    /// `broken_for` attempts, and every `throttle_every`-th POST of the
+    /// others gets a 429 with `Retry-After: 1` (0 turns either off).
     pub fn flaky_orders(mut self, faults: OrderFaults) -> Self {
         self.orders = Some(faults);
         self
@@ -923,10 +924,6 @@ async fn order(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
     let mut orders = state.orders.lock().expect("orders lock");
     orders.posts += 1;
     if let Some(faults) = faults {
-        if faults.throttle_every > 0 && orders.posts.is_multiple_of(faults.throttle_every) {
-            counters.too_many_requests.fetch_add(1, Ordering::Relaxed);
-            return refusal(StatusCode::TOO_MANY_REQUESTS, Duration::from_secs(1));
-        }
         if faults.broken_every > 0 && id.is_multiple_of(faults.broken_every) {
             let failed = orders.failures.entry(id).or_default();
             if *failed < faults.broken_for {
@@ -934,6 +931,9 @@ async fn order(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
                 counters.server_errors.fetch_add(1, Ordering::Relaxed);
                 return message_json(StatusCode::INTERNAL_SERVER_ERROR, "order store unavailable");
             }
+        } else if faults.throttle_every > 0 && orders.posts.is_multiple_of(faults.throttle_every) {
+            counters.too_many_requests.fetch_add(1, Ordering::Relaxed);
+            return refusal(StatusCode::TOO_MANY_REQUESTS, Duration::from_secs(1));
         }
     }
     if !orders.stored.insert(id) && !idempotent {
