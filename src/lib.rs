@@ -85,7 +85,8 @@
 //!   the shared, fair [`Limiter`] and [`KeyedLimiter`].
 //! - `pause` — [`PauseHandle`], a shared deadline.
 //! - [`retry`] — matchers, backoff policies, retry budgets, `Retry-After`.
-//! - `transport` — the [`Transport`] trait, reqwest and [`mock`] transports.
+//! - `transport` — the [`Transport`] trait, reqwest, tower and [`mock`]
+//!   transports.
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
 //! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
@@ -142,6 +143,8 @@ pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;
+#[cfg(feature = "tower")]
+pub use crate::transport::TowerTransport;
 pub use crate::transport::Transport;
 
 pub use crate::transport::mock;
