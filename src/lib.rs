@@ -153,8 +153,9 @@ pub use crate::transport::mock;
 /// `http::Method` and the request and response types need no dependency of
 /// their own (and can never be a second, mismatched version).
 pub use http;
-/// The `reqwest` crate [`ReqwestTransport`] wraps (feature `reqwest`), for
-/// building a `reqwest::Client` to hand to it.
+/// The `reqwest` crate (0.13) [`ReqwestTransport`] wraps (feature
+/// `reqwest`), for building a `reqwest::Client` to hand to it; see
+/// [`ReqwestTransport::client_builder`].
 #[cfg(feature = "reqwest")]
 pub use reqwest;
 
