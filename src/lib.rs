@@ -96,7 +96,7 @@
 //! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
 //! - `redis` — a `Limiter` and `PauseHandle` shared by many processes through
 //!   Redis (feature `redis`).
-//! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
+//! - `demo` — an in-process server of the `/items` API (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

@@ -102,7 +102,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// let start = tokio::time::Instant::now();
 /// let mut ids: Vec<u64> = stream::iter(0..6u64)
 ///     .fetch_concurrent(6, client.get(|id: &u64| format!("/items/{id}")))
-///     .map_ok(|fetched| String::from_utf8_lossy(fetched.response.body()).parse().unwrap())
+///     .map_ok(|fetched| String::from_utf8_lossy(fetched.response.body()).parse::<u64>().unwrap())
 ///     .try_collect()
 ///     .await?;
 /// ids.sort();
