@@ -187,6 +187,8 @@ pub mod prelude {
     pub use crate::retry::{Backoff, Matcher, PausePolicy, RetryBudget};
     #[cfg(feature = "reqwest")]
     pub use crate::ReqwestTransport;
+    #[cfg(feature = "tower")]
+    pub use crate::TowerTransport;
     pub use crate::{
         Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, Limiter,
         PauseHandle, Rate, RequestSpec, SluiceExt, Stats,
