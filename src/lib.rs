@@ -85,7 +85,8 @@
 //!   the shared, fair [`Limiter`] and [`KeyedLimiter`].
 //! - `pause` — [`PauseHandle`], a shared deadline.
 //! - [`retry`] — matchers, backoff policies, retry budgets, `Retry-After`.
-//! - `transport` — the [`Transport`] trait, reqwest and [`mock`] transports.
+//! - `transport` — the [`Transport`] trait, reqwest, tower and [`mock`]
+//!   transports.
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
 //! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
@@ -95,7 +96,7 @@
 //! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
 //! - `redis` — a `Limiter` and `PauseHandle` shared by many processes through
 //!   Redis (feature `redis`).
-//! - [`demo`] — an in-process server of the `/items` API (feature `demo`).
+//! - `demo` — an in-process server of the `/items` API (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -147,6 +148,8 @@ pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 pub use crate::step::Step;
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;
+#[cfg(feature = "tower")]
+pub use crate::transport::TowerTransport;
 pub use crate::transport::Transport;
 
 pub use crate::transport::mock;
@@ -155,8 +158,9 @@ pub use crate::transport::mock;
 /// `http::Method` and the request and response types need no dependency of
 /// their own (and can never be a second, mismatched version).
 pub use http;
-/// The `reqwest` crate [`ReqwestTransport`] wraps (feature `reqwest`), for
-/// building a `reqwest::Client` to hand to it.
+/// The `reqwest` crate (0.13) [`ReqwestTransport`] wraps (feature
+/// `reqwest`), for building a `reqwest::Client` to hand to it; see
+/// [`ReqwestTransport::client_builder`].
 #[cfg(feature = "reqwest")]
 pub use reqwest;
 
@@ -188,6 +192,8 @@ pub mod prelude {
     pub use crate::retry::{Backoff, Matcher, PausePolicy, RetryBudget};
     #[cfg(feature = "reqwest")]
     pub use crate::ReqwestTransport;
+    #[cfg(feature = "tower")]
+    pub use crate::TowerTransport;
     pub use crate::{
         Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, KeyedLimiter,
         Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, Step, WithPolicy,

@@ -10,12 +10,18 @@ use http::{Request, Response};
 
 use crate::error::TransportError;
 
+#[cfg(any(feature = "reqwest", feature = "tower"))]
+mod body;
 pub mod mock;
 #[cfg(feature = "reqwest")]
 mod reqwest;
+#[cfg(feature = "tower")]
+mod tower;
 
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::ReqwestTransport;
+#[cfg(feature = "tower")]
+pub use self::tower::TowerTransport;
 
 /// Sends one request and returns its whole response.
 ///

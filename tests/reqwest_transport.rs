@@ -111,7 +111,7 @@ async fn a_server_that_does_not_answer_times_out() {
     assert_eq!(err.kind(), FetchErrorKind::Timeout(TimeoutScope::Attempt));
 
     // reqwest's own timeout is classified as a timeout too.
-    let http = reqwest::Client::builder()
+    let http = ReqwestTransport::client_builder()
         .timeout(Duration::from_millis(200))
         .build()
         .unwrap();
@@ -198,4 +198,74 @@ async fn the_demo_server_refuses_above_its_rate_with_retry_after() {
     }
     assert_eq!(statuses, [200, 200, 429]);
     assert_eq!(server.counts().too_many_requests, 1);
+}
+
+#[tokio::test]
+async fn a_reqwest_client_that_follows_redirects_itself_is_refused() {
+    let server = DemoServer::start(DemoConfig::default().items(1))
+        .await
+        .unwrap();
+    let elsewhere = raw_server(
+        format!(
+            "HTTP/1.1 302 Found\r\nlocation: {}/items/0\r\ncontent-length: 0\r\n\r\n",
+            server.url()
+        )
+        .into_bytes(),
+    )
+    .await;
+    // The mistake: a client with reqwest's own redirect policy back on.
+    let http = ReqwestTransport::client_builder()
+        .redirect(reqwest::redirect::Policy::limited(5))
+        .build()
+        .unwrap();
+    let err = ReqwestTransport::new(http)
+        .send(get(format!("http://{elsewhere}/start?key=hush123")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::InvalidRequest, "{err}");
+    let shown = err.to_string();
+    assert!(shown.contains("Policy::none()"), "{shown}");
+    assert!(!shown.contains("hush123"), "{shown}");
+
+    // Built as documented, the transport follows the same redirect itself.
+    let response = ReqwestTransport::new(ReqwestTransport::client_builder().build().unwrap())
+        .send(get(format!("http://{elsewhere}/start")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    assert_eq!(body["email"], email(0));
+}
+
+#[tokio::test]
+async fn an_own_client_keeps_its_settings() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.unwrap();
+            head.extend_from_slice(&buf[..n]);
+        }
+        *record.lock().unwrap() = String::from_utf8_lossy(&head).to_lowercase();
+        let _ = socket
+            .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+            .await;
+    });
+    let http = ReqwestTransport::client_builder()
+        .user_agent("my-etl/1.0")
+        .no_proxy()
+        .http1_only()
+        .build()
+        .unwrap();
+    let response = ReqwestTransport::new(http)
+        .send(get(format!("http://{addr}/")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert!(seen.lock().unwrap().contains("user-agent: my-etl/1.0"));
 }

@@ -24,7 +24,8 @@ pub(crate) fn bench(c: &mut Criterion) {
             let server = DemoServer::start(DemoConfig::default().items(REQUESTS))
                 .await
                 .unwrap();
-            let http = reqwest::Client::new();
+            // One pool for both; built where a rustls provider is ensured.
+            let http = ReqwestTransport::client_builder().build().unwrap();
             let client = Client::builder()
                 .transport(ReqwestTransport::new(http.clone()))
                 .base_url(server.url())

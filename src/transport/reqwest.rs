@@ -1,10 +1,12 @@
-//! [`ReqwestTransport`]: real HTTP over reqwest (rustls, no OpenSSL).
+//! [`ReqwestTransport`]: real HTTP over reqwest 0.13, with rustls and its
+//! `ring` crypto provider.
+//!
+//! Why reqwest is built with `rustls-no-provider` and rustls with `ring`:
+//! see "TLS" in [`ReqwestTransport`]'s docs.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
-
-use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -13,13 +15,46 @@ use http::header::{
     PROXY_AUTHORIZATION, TRANSFER_ENCODING, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::body::{self, read_capped, without_query, BodyBudget};
 use super::Transport;
 use crate::client::CredentialScope;
 use crate::error::{TransportError, TransportErrorKind};
 
 /// Sends requests with a [`reqwest::Client`] and reads bodies up to a cap.
+///
+/// [`ReqwestTransport::default()`] is a ready transport: rustls with the
+/// system's roots, connection pooling, HTTP/1.1 and HTTP/2 (negotiated over
+/// TLS), no redirects left to reqwest. For proxies, your own TLS roots,
+/// cookies or pool settings, configure a
+/// [`client_builder`](Self::client_builder) and hand the client to
+/// [`new`](Self::new).
+///
+/// # TLS: rustls with `ring`, no cmake
+///
+/// reqwest 0.13's default TLS is rustls with the aws-lc-rs provider, whose
+/// `aws-lc-sys` needs cmake and a C toolchain to build. This crate asks
+/// reqwest for `rustls-no-provider` (rustls, with certificates checked by
+/// `rustls-platform-verifier` against the system's roots, and no crypto
+/// built in) and depends on rustls with its `ring` provider, which builds
+/// with Rust and the C compiler `cc` finds, no cmake. So `cargo build`
+/// works on a fresh machine, and `cargo tree -i aws-lc-sys` finds nothing.
+///
+/// With `rustls-no-provider`, reqwest panics when a client is built while
+/// no rustls provider is installed for the process. So
+/// [`ReqwestTransport::default`] and [`ReqwestTransport::client_builder`]
+/// install `ring` as the process's default provider, once, **if no
+/// provider is installed yet**: an application that installs its own first
+/// (aws-lc-rs, say, or a FIPS one) keeps it. A reqwest client built some
+/// other way, before either is called, needs a provider installed by its
+/// application (`rustls::crypto::ring::default_provider().install_default()`).
+///
+/// An application that depends on reqwest with reqwest's default features
+/// (a plain `cargo add reqwest`) turns reqwest's `rustls` feature on for the
+/// whole build, aws-lc-rs included. That works too (it is the same reqwest
+/// 0.13, so the same `reqwest::Client`) but needs cmake again; with
+/// `default-features = false` and `http2` it does not. `sluicegate::reqwest`
+/// is this crate's reqwest, so no dependency of your own is needed.
 ///
 /// # Memory
 ///
@@ -49,24 +84,19 @@ use crate::error::{TransportError, TransportErrorKind};
 /// [`ClientBuilder::redact_header`](crate::ClientBuilder::redact_header)
 /// names) and every default header of the client is dropped, unless the
 /// client [trusts](crate::ClientBuilder::trust_origin) that origin. reqwest
-/// itself would only drop its own short list. A reqwest client given to
-/// [`new`](Self::new) should therefore be built with
-/// `redirect(reqwest::redirect::Policy::none())`, as below; one that
-/// follows redirects itself forwards custom secret headers across origins.
+/// itself would only drop its own short list, so the reqwest client must
+/// not follow redirects: see [`new`](Self::new).
 ///
-/// Clones share the reqwest client and so its connection pool.
+/// # Errors
 ///
-/// ```no_run
-/// use std::time::Duration;
-/// use sluicegate::ReqwestTransport;
+/// A [`TransportError`]: `Connect`, `Reset` and `Timeout` from reqwest's
+/// own failures, `BodyTooLarge` from the cap, `InvalidRequest` for a
+/// request reqwest cannot send or a reqwest client that followed a
+/// redirect itself. Messages name the URL without its query; reqwest's
+/// error, without its URL, is the [`source`](std::error::Error::source).
 ///
-/// let http = reqwest::Client::builder()
-///     .connect_timeout(Duration::from_secs(5))
-///     .redirect(reqwest::redirect::Policy::none())
-///     .build()
-///     .unwrap();
-/// let transport = ReqwestTransport::new(http).max_body_bytes(1 << 20);
-/// ```
+/// Clones share the reqwest client (and so its connection pool) and the
+/// body budget.
 #[derive(Clone)]
 pub struct ReqwestTransport {
     client: reqwest::Client,
@@ -81,12 +111,106 @@ impl ReqwestTransport {
 
     /// The default budget for body bytes being read at once, all requests
     /// of the transport together: 64 MiB, four bodies at the default cap.
-    pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
+    pub const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = body::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT;
 
     /// The default body cap: 16 MiB.
-    pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+    pub const DEFAULT_MAX_BODY_BYTES: usize = body::DEFAULT_MAX_BODY_BYTES;
 
-    /// Wraps a configured reqwest client, with the default body cap.
+    /// A reqwest client builder to configure and hand to [`new`](Self::new):
+    /// redirects off (the transport follows them, see below), and rustls
+    /// ready with its `ring` provider.
+    ///
+    /// Installs `ring` as the process's default rustls provider if none is
+    /// installed yet (see [TLS](Self#tls-rustls-with-ring-no-cmake)),
+    /// so the builder's `build()` cannot panic for want of one. Everything
+    /// else is reqwest's own [`ClientBuilder`](reqwest::ClientBuilder):
+    /// proxies (`proxy`, `no_proxy`; `HTTP_PROXY`/`HTTPS_PROXY` are read by
+    /// default), TLS roots (`tls_certs_merge`, `tls_certs_only`), HTTP/2
+    /// (`http2_prior_knowledge`, or negotiated over TLS by default),
+    /// cookies (`cookie_provider` with a store of your own; the `cookies`
+    /// feature of reqwest for `cookie_store`), timeouts and pool settings.
+    ///
+    /// Keep `redirect` as it is: a reqwest client that follows redirects
+    /// itself forwards custom secret headers (an `X-Api-Key`, say) across
+    /// origins. The transport refuses a response it sees reqwest got
+    /// through a redirect.
+    ///
+    /// # Example
+    ///
+    /// A client through a proxy, with a 5 s connect timeout, against a
+    /// server on `127.0.0.1`:
+    ///
+    /// ```
+    /// # #[cfg(feature = "demo")]
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluicegate::demo::{DemoConfig, DemoServer};
+    /// use sluicegate::prelude::*;
+    /// use sluicegate::reqwest; // this crate's reqwest: no second version to match
+    ///
+    /// let server = DemoServer::start(DemoConfig::default().items(3)).await?;
+    /// let http = ReqwestTransport::client_builder()
+    ///     .connect_timeout(Duration::from_secs(5))
+    ///     .no_proxy() // or .proxy(reqwest::Proxy::https("http://proxy.internal:3128")?)
+    ///     .user_agent("my-etl/1.0")
+    ///     .build()?;
+    /// let client = Client::builder()
+    ///     .transport(ReqwestTransport::new(http).max_body_bytes(1 << 20))
+    ///     .base_url(server.url())
+    ///     .build()?;
+    /// let ids: Vec<u64> = stream::iter([()])
+    ///     .fetch_concurrent(1, client.get(|_: &()| "/items"))
+    ///     .flat_unpack::<u64>()
+    ///     .try_collect()
+    ///     .await?;
+    /// assert_eq!(ids, [0, 1, 2]);
+    /// # let _ = reqwest::redirect::Policy::none();
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "demo"))]
+    /// # fn main() {}
+    /// ```
+    pub fn client_builder() -> reqwest::ClientBuilder {
+        install_ring_if_none();
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())
+    }
+
+    /// Wraps a configured reqwest client, with the default body cap, budget
+    /// and redirect limit.
+    ///
+    /// Build the client from [`client_builder`](Self::client_builder), or
+    /// at least with `redirect(reqwest::redirect::Policy::none())`: the
+    /// transport follows redirects itself so that secrets stay at their
+    /// origin, and a client that follows them first would send custom
+    /// secret headers to wherever a server points. A response that reqwest
+    /// reached through a redirect is refused with an `InvalidRequest` error
+    /// that says so.
+    ///
+    /// ```
+    /// # #[cfg(feature = "demo")]
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use sluicegate::demo::{DemoConfig, DemoServer};
+    /// use sluicegate::prelude::*;
+    /// use sluicegate::reqwest::{self, redirect};
+    ///
+    /// let server = DemoServer::start(DemoConfig::default().items(1)).await?;
+    /// // An existing client: redirects must be off, and a rustls provider
+    /// // installed (client_builder() does both).
+    /// let http = ReqwestTransport::client_builder()
+    ///     .redirect(redirect::Policy::none())
+    ///     .http1_only()
+    ///     .build()?;
+    /// let transport = ReqwestTransport::new(http);
+    /// let client = Client::builder().transport(transport).base_url(server.url()).build()?;
+    /// let fetched = client.get(|id: &u64| format!("/items/{id}")).fetch(0).await?;
+    /// assert_eq!(fetched.response.status(), StatusCode::OK);
+    /// # let _: reqwest::Client;
+    /// # Ok(())
+    /// # }
+    /// # #[cfg(not(feature = "demo"))]
+    /// # fn main() {}
+    /// ```
     pub fn new(client: reqwest::Client) -> Self {
         Self {
             client,
@@ -126,18 +250,29 @@ impl ReqwestTransport {
 }
 
 impl Default for ReqwestTransport {
-    /// A transport over a default reqwest client that leaves redirects to
-    /// the transport (see [`ReqwestTransport::new`]).
+    /// A transport over a reqwest client from
+    /// [`client_builder`](ReqwestTransport::client_builder), unchanged.
     ///
     /// # Panics
     ///
-    /// As `reqwest::Client::new()` does, if the TLS backend cannot start.
+    /// As `reqwest::Client::new()` does, if the TLS backend cannot start
+    /// (for example, no system roots can be read).
     fn default() -> Self {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
+        let client = Self::client_builder()
             .build()
             .expect("the TLS backend starts");
         Self::new(client)
+    }
+}
+
+/// Installs rustls' `ring` provider as the process default unless one is
+/// installed already, so that a reqwest client built with
+/// `rustls-no-provider` has one and an application's own choice stands.
+fn install_ring_if_none() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: either way one
+        // provider is installed, which is all reqwest needs.
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -146,7 +281,7 @@ impl fmt::Debug for ReqwestTransport {
         f.debug_struct("ReqwestTransport")
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_redirects", &self.max_redirects)
-            .field("max_body_bytes_in_flight", &self.budget.bytes)
+            .field("max_body_bytes_in_flight", &self.budget.bytes())
             .finish_non_exhaustive()
     }
 }
@@ -178,10 +313,16 @@ impl Transport for ReqwestTransport {
                     TransportError::new(TransportErrorKind::InvalidRequest, target())
                         .with_source(e.without_url())
                 })?;
+                let sent = request.url().clone();
                 let response = client
                     .execute(request)
                     .await
                     .map_err(|e| classify(e, &target()))?;
+                if *response.url() != sent {
+                    // The reqwest client followed a redirect itself, past the
+                    // credential checks below: say so rather than carry on.
+                    return Err(followed_by_the_client(&target()));
+                }
                 let Some(next) = redirect_target(&response, &uri) else {
                     return read_whole(response, max, &budget, &target()).await;
                 };
@@ -231,16 +372,8 @@ impl Transport for ReqwestTransport {
     }
 }
 
-/// Reads the whole body of `response`, refusing one over `max` bytes,
-/// with the bytes it holds counted against `budget`.
-///
-/// Never over-allocates past the cap: a body with a `Content-Length` gets
-/// exactly that much, reserved from the budget before it is read; one
-/// without is kept as the chunks that came (checked against the cap as
-/// they come) and joined once at the end, after reserving the cap (its
-/// worst case) from the budget, so concurrent reads never deadlock on a
-/// budget each holds a part of. A body that arrives whole in its first
-/// chunk (most small ones) is neither copied nor counted.
+/// Reads the whole body of `response` under the cap and the budget (see
+/// [`read_capped`]), keeping its status, version and headers.
 async fn read_whole(
     mut response: reqwest::Response,
     max: usize,
@@ -248,124 +381,19 @@ async fn read_whole(
     target: &str,
 ) -> Result<Response<Bytes>, TransportError> {
     let announced = response.content_length();
-    if announced.is_some_and(|len| len > max as u64) {
-        return Err(too_large(target, max));
-    }
     let status = response.status();
     let version = response.version();
     let headers = std::mem::take(response.headers_mut());
-    // Known length: reserve it before reading any of it.
-    let mut permit = match announced {
-        Some(len) if len > 0 => Some(budget.reserve(len as usize).await),
-        _ => None,
-    };
-    let first = next_chunk(&mut response, target).await?.unwrap_or_default();
-    if first.len() > max {
-        return Err(too_large(target, max));
-    }
-    let body = match next_chunk(&mut response, target).await? {
-        None => first,
-        Some(second) => match announced {
-            // Known length: one exact allocation, filled as chunks come.
-            Some(len) => {
-                let mut all = Vec::with_capacity(len as usize);
-                for chunk in [first, second] {
-                    append(&mut all, &chunk, max, target)?;
-                }
-                while let Some(chunk) = next_chunk(&mut response, target).await? {
-                    append(&mut all, &chunk, max, target)?;
-                }
-                Bytes::from(all)
-            }
-            // Unknown length: keep the chunks as they came (no buffer that
-            // doubles, no copy while reading), then join them once.
-            None => {
-                permit = Some(budget.reserve(max).await);
-                let mut chunks = vec![first, second];
-                let mut total = chunks.iter().map(Bytes::len).sum::<usize>();
-                while let Some(chunk) = next_chunk(&mut response, target).await? {
-                    total += chunk.len();
-                    if total > max {
-                        return Err(too_large(target, max));
-                    }
-                    chunks.push(chunk);
-                }
-                if total > max {
-                    return Err(too_large(target, max));
-                }
-                join(chunks, total)
-            }
-        },
-    };
-    drop(permit);
+    let chunks = futures::stream::try_unfold(response, |mut response| async move {
+        let chunk = response.chunk().await.map_err(|e| classify(e, target))?;
+        Ok(chunk.map(|chunk| (chunk, response)))
+    });
+    let body = read_capped(announced, chunks, max, budget, target).await?;
     let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.version_mut() = version;
     *out.headers_mut() = headers;
     Ok(out)
-}
-
-async fn next_chunk(
-    response: &mut reqwest::Response,
-    target: &str,
-) -> Result<Option<Bytes>, TransportError> {
-    response.chunk().await.map_err(|e| classify(e, target))
-}
-
-/// Appends `chunk` to a buffer allocated for the announced length; a body
-/// longer than announced (hyper refuses those) still stops at `max`.
-fn append(all: &mut Vec<u8>, chunk: &[u8], max: usize, target: &str) -> Result<(), TransportError> {
-    if all.len() + chunk.len() > max {
-        return Err(too_large(target, max));
-    }
-    all.extend_from_slice(chunk);
-    Ok(())
-}
-
-/// Joins `chunks` (`total` bytes) into one exact buffer, dropping each
-/// chunk once copied so the two copies never both exist in full.
-fn join(chunks: Vec<Bytes>, total: usize) -> Bytes {
-    let mut all = Vec::with_capacity(total);
-    for chunk in chunks {
-        all.extend_from_slice(&chunk);
-    }
-    Bytes::from(all)
-}
-
-/// The bytes of response bodies one transport (and its clones) may hold
-/// while reading them, counted in KiB so any size fits one reservation.
-#[derive(Clone)]
-struct BodyBudget {
-    permits: Arc<Semaphore>,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    fn new(bytes: usize) -> Self {
-        let kib = bytes.div_ceil(1024).clamp(1, Semaphore::MAX_PERMITS);
-        Self {
-            permits: Arc::new(Semaphore::new(kib)),
-            bytes,
-        }
-    }
-
-    /// Waits until `bytes` (at most the whole budget) are free and holds
-    /// them until the permit is dropped.
-    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let kib = bytes
-            .div_ceil(1024)
-            .min(self.permits_total())
-            .min(u32::MAX as usize) as u32;
-        self.permits
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the budget's semaphore is never closed")
-    }
-
-    fn permits_total(&self) -> usize {
-        self.bytes.div_ceil(1024).max(1)
-    }
 }
 
 /// Where a redirect response points, if it is one to follow: `None` for
@@ -419,17 +447,14 @@ fn strip_credentials(headers: &mut HeaderMap, scope: Option<&CredentialScope>) {
     }
 }
 
-fn without_query(uri: &http::Uri) -> String {
-    match (uri.scheme_str(), uri.authority()) {
-        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
-        _ => uri.path().to_owned(),
-    }
-}
-
-fn too_large(target: &str, max: usize) -> TransportError {
+fn followed_by_the_client(target: &str) -> TransportError {
     TransportError::new(
-        TransportErrorKind::BodyTooLarge,
-        format!("response from {target} exceeds {max} bytes"),
+        TransportErrorKind::InvalidRequest,
+        format!(
+            "the reqwest client followed a redirect from {target} itself, where secret headers \
+             are not checked; build it with `redirect(reqwest::redirect::Policy::none())` \
+             (ReqwestTransport::client_builder does) and let the transport follow redirects"
+        ),
     )
 }
 
@@ -478,48 +503,4 @@ fn is_reset(error: &reqwest::Error) -> bool {
         source = e.source();
     }
     false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use futures::FutureExt as _;
-
-    #[tokio::test]
-    async fn the_budget_holds_reads_back_until_bytes_are_free() {
-        let budget = BodyBudget::new(1024 * 1024);
-        let first = budget.reserve(800 * 1024).await;
-        let mut second = Box::pin(budget.reserve(800 * 1024));
-        assert!(
-            (&mut second).now_or_never().is_none(),
-            "over the budget: waits"
-        );
-        // A small one behind it waits too: the queue is fair.
-        assert!(budget.reserve(100 * 1024).now_or_never().is_none());
-        drop(first);
-        let second = second.now_or_never().expect("free again");
-        // A reservation over the whole budget takes the whole budget.
-        drop(second);
-        let whole = budget
-            .reserve(64 * 1024 * 1024)
-            .now_or_never()
-            .expect("all of it");
-        assert_eq!(budget.permits.available_permits(), 0);
-        drop(whole);
-        assert_eq!(budget.permits.available_permits(), 1024);
-    }
-
-    #[test]
-    fn an_announced_buffer_never_grows_past_the_cap() {
-        let max = 1000;
-        let mut all = Vec::with_capacity(max);
-        for _ in 0..9 {
-            append(&mut all, &[7; 111], max, "t").unwrap();
-        }
-        assert_eq!((all.len(), all.capacity()), (999, max));
-        let err = append(&mut all, &[7; 2], max, "t").unwrap_err();
-        assert_eq!(err.kind(), TransportErrorKind::BodyTooLarge);
-        let joined = join(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")], 3);
-        assert_eq!(joined.as_ref(), b"abc");
-    }
 }
