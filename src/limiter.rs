@@ -132,7 +132,7 @@ fn take(pacing: &mut Pacing, advert: Option<&mut Advert>, t: u64) {
     let taken = pacing.take(t);
     debug_assert_eq!(taken, Ok(()), "a token taken before its instant");
     if let Some(advert) = advert {
-        advert.take();
+        advert.take(t);
     }
 }
 

@@ -573,3 +573,42 @@ async fn a_client_without_a_rate_obeys_the_advertised_quota() {
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn after_a_reset_the_waiting_line_goes_a_quota_at_a_time() {
+    // More requests waiting than a window holds: at each reset only the new
+    // window's quota may go before an answer of that window says more.
+    // (Before the first answer nothing is known: the opening burst may be
+    // refused, and is retried.)
+    for style in ["x", "ietf"] {
+        for concurrency in [16, 32] {
+            let mock = advertising_server(10, style);
+            let client = Client::builder()
+                .transport(mock.clone())
+                .base_url("http://mock")
+                .retry_on(429, Backoff::constant(ms(10)).max_attempts(10))
+                .build()
+                .unwrap();
+            let t0 = Instant::now();
+            let ok = stream::iter(0u32..60)
+                .fetch_concurrent(concurrency, client.get(|id: &u32| format!("/items/{id}")))
+                .filter(|r| futures::future::ready(r.is_ok()))
+                .count()
+                .await;
+            assert_eq!(ok, 60, "{style} at {concurrency}");
+            let first_answer = t0 + ms(10);
+            let late_refusals = mock
+                .calls()
+                .iter()
+                .filter(|c| c.sent_at >= first_answer)
+                .filter(|c| c.status() == Some(StatusCode::TOO_MANY_REQUESTS))
+                .count();
+            assert_eq!(
+                late_refusals,
+                0,
+                "{style} at {concurrency}: a fresh window was overrun: {:?}",
+                sent_ms(&mock, t0)
+            );
+        }
+    }
+}

@@ -65,6 +65,9 @@ pub(crate) struct Limit {
     pub(crate) remaining: u64,
     /// Time until the window resets.
     pub(crate) reset: Duration,
+    /// The policy's whole quota per window, when the server said it: what
+    /// the next window will hold.
+    pub(crate) quota: Option<u64>,
 }
 
 /// Requests allowed per window.
@@ -157,7 +160,7 @@ pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -
     for policy in closed {
         let window = policy.window.map(Duration::from_secs);
         if let Some(reset) = window.filter(|w| !w.is_zero() && *w <= MAX_RESET) {
-            add(&mut ad.limits, policy.name, 0, reset, &mut malformed);
+            add(&mut ad.limits, policy.name, 0, reset, None, &mut malformed);
         }
     }
     ad.quota = policies
@@ -244,7 +247,14 @@ fn service_limits(
         }
         // Never more left than the whole quota: `q=0` holds like `r=0`.
         let remaining = policy.map_or(remaining, |p| remaining.min(p.quota));
-        add(limits, name, remaining, reset, malformed);
+        add(
+            limits,
+            name,
+            remaining,
+            reset,
+            policy.map(|p| p.quota),
+            malformed,
+        );
     }
 }
 
@@ -254,11 +264,16 @@ fn add(
     policy: &str,
     remaining: u64,
     reset: Duration,
+    quota: Option<u64>,
     malformed: &mut u32,
 ) {
     if let Some(limit) = limits.iter_mut().find(|l| l.policy == policy) {
         limit.remaining = limit.remaining.min(remaining);
         limit.reset = limit.reset.max(reset);
+        limit.quota = match (limit.quota, quota) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
     } else if limits.len() == MAX_POLICIES {
         *malformed += 1;
     } else {
@@ -266,6 +281,7 @@ fn add(
             policy: policy.to_owned(),
             remaining,
             reset,
+            quota,
         });
     }
 }
@@ -357,7 +373,7 @@ fn legacy(
     // A remaining count without a reset cannot be waited out: ignore it.
     if let (Some(remaining), Some(reset)) = (remaining, reset) {
         let remaining = limit.map_or(remaining, |l| remaining.min(l));
-        add(&mut ad.limits, "", remaining, reset, malformed);
+        add(&mut ad.limits, "", remaining, reset, limit, malformed);
     }
 }
 
@@ -454,6 +470,37 @@ struct Window {
     policy: String,
     remaining: u64,
     reset: u64,
+    /// The whole quota, if the server said it: a window that has reset
+    /// holds this much, and no more, until an answer says otherwise.
+    quota: Option<u64>,
+    /// The longest time to reset seen for this policy: how far the next
+    /// reset is guessed to be, until an answer of the new window says.
+    span: u64,
+}
+
+impl Window {
+    /// This window as it stands at `t`: once its reset has passed, a window
+    /// whose quota is known starts a new one with the whole quota (so the
+    /// line waiting for the reset goes out at most a quota's worth at a
+    /// time, not all at once); one whose quota is unknown says nothing.
+    fn at(&self, t: u64) -> Option<(u64, u64)> {
+        if t < self.reset {
+            return Some((self.remaining, self.reset));
+        }
+        let quota = self.quota?;
+        let span = self.span.max(1);
+        let periods = (t - self.reset) / span + 1;
+        Some((
+            quota,
+            self.reset.saturating_add(periods.saturating_mul(span)),
+        ))
+    }
+
+    fn roll(&mut self, t: u64) {
+        if let (true, Some((remaining, reset))) = (t >= self.reset, self.at(t)) {
+            (self.remaining, self.reset) = (remaining, reset);
+        }
+    }
 }
 
 impl Held {
@@ -463,16 +510,17 @@ impl Held {
     pub(crate) fn earliest(&self, now: u64) -> Option<u64> {
         self.windows
             .iter()
-            .filter(|w| w.remaining == 0 && now < w.reset)
-            .map(|w| w.reset)
+            .filter_map(|w| w.at(now))
+            .filter(|&(remaining, _)| remaining == 0)
+            .map(|(_, reset)| reset)
             .max()
     }
 
-    /// A token was granted: it counts against every policy's window. (A
-    /// window whose reset has passed is ignored by `earliest`, so counting
-    /// against it too is harmless.)
-    pub(crate) fn take(&mut self) {
+    /// A token was granted at `t`: it counts against every policy's window
+    /// as it stands then.
+    pub(crate) fn take(&mut self, t: u64) {
         for window in &mut self.windows {
+            window.roll(t);
             window.remaining = window.remaining.saturating_sub(1);
         }
     }
@@ -482,6 +530,9 @@ impl Held {
     /// they do, so no quota is overrun. A policy the answer does not
     /// mention keeps what was known of it until its reset.
     pub(crate) fn update(&mut self, limits: &[Limit], now: u64, in_flight: u64) {
+        for window in &mut self.windows {
+            window.roll(now);
+        }
         self.windows.retain(|w| now < w.reset);
         for limit in limits {
             let left = limit.remaining.saturating_sub(in_flight);
@@ -491,8 +542,14 @@ impl Held {
                 Some(old) if old.reset.abs_diff(reset) < SAME_WINDOW_NANOS => {
                     old.remaining = old.remaining.min(left);
                     old.reset = old.reset.max(reset);
+                    old.quota = limit.quota.or(old.quota);
+                    old.span = old.span.max(nanos);
                 }
-                Some(old) => (old.remaining, old.reset) = (left, reset),
+                Some(old) => {
+                    (old.remaining, old.reset) = (left, reset);
+                    old.quota = limit.quota.or(old.quota);
+                    old.span = old.span.max(nanos);
+                }
                 None => {
                     if self.windows.len() == MAX_POLICIES {
                         // Bounded memory: the window ending first goes.
@@ -505,6 +562,8 @@ impl Held {
                         policy: limit.policy.clone(),
                         remaining: left,
                         reset,
+                        quota: limit.quota,
+                        span: nanos,
                     });
                 }
             }
@@ -547,7 +606,16 @@ mod tests {
             policy: policy.to_owned(),
             remaining,
             reset: secs(reset),
+            quota: None,
         }
+    }
+
+    /// Parsed limits without the quota each carries (checked on its own).
+    fn plain(mut limits: Vec<Limit>) -> Vec<Limit> {
+        for limit in &mut limits {
+            limit.quota = None;
+        }
+        limits
     }
 
     fn quota(count: u64, window: u64) -> Option<Quota> {
@@ -572,7 +640,10 @@ mod tests {
             || at(0),
         );
         assert_eq!(
-            r.advertised,
+            r.advertised.map(|mut a| {
+                a.limits = plain(a.limits);
+                a
+            }),
             Some(Advertised {
                 limits: vec![limit("default", 7, 30)],
                 quota: quota(100, 60),
@@ -592,7 +663,7 @@ mod tests {
         ]);
         assert_eq!(malformed, 0);
         assert_eq!(
-            ad.limits,
+            plain(ad.limits.clone()),
             [limit("permin", 40, 30), limit("perhr", 5, 1800)]
         );
         // 50 a minute is 0.83/s, 1000 an hour 0.28/s: the hour binds.
@@ -612,7 +683,10 @@ mod tests {
             ("ratelimit", "\"hour\";r=0;t=600;comment=\"x,y\""),
         ]);
         assert_eq!(malformed, 0);
-        assert_eq!(ad.limits, [limit("a, b;c", 3, 1), limit("hour", 0, 600)]);
+        assert_eq!(
+            plain(ad.limits.clone()),
+            [limit("a, b;c", 3, 1), limit("hour", 0, 600)]
+        );
         assert_eq!(ad.quota, quota(100, 3600));
         assert!(ad.exhausted());
     }
@@ -624,22 +698,22 @@ mod tests {
             ("ratelimit-policy", "\"closed\";q=0;w=60"),
             ("ratelimit", "\"closed\";r=10;t=20"),
         ]);
-        assert_eq!(ad1.limits, [limit("closed", 0, 20)]);
+        assert_eq!(plain(ad1.limits.clone()), [limit("closed", 0, 20)]);
         assert_eq!(ad1.quota, None, "no rate stated");
         // Without one: closed for at most the window.
         let (ad2, _) = ad(&[("ratelimit-policy", "\"closed\";q=0;w=5")]);
-        assert_eq!(ad2.limits, [limit("closed", 0, 5)]);
+        assert_eq!(plain(ad2.limits), [limit("closed", 0, 5)]);
         assert_eq!(ad2.quota, None);
         // `r=0` alone holds too; without a reset or window, nothing can.
         let (ad3, _) = ad(&[("ratelimit", "\"d\";r=0;t=9,\"e\";r=0")]);
-        assert_eq!(ad3.limits, [limit("d", 0, 9)]);
+        assert_eq!(plain(ad3.limits), [limit("d", 0, 9)]);
         // The older families: a limit of zero empties what remains.
         let (ad4, _) = ad(&[
             ("x-ratelimit-limit", "0"),
             ("x-ratelimit-remaining", "5"),
             ("x-ratelimit-reset", "7"),
         ]);
-        assert_eq!(ad4.limits, [limit("", 0, 7)]);
+        assert_eq!(plain(ad4.limits), [limit("", 0, 7)]);
         assert_eq!(ad4.quota, None);
     }
 
@@ -654,7 +728,7 @@ mod tests {
         ]);
         assert_eq!(malformed, 0);
         // The day's window is too long to wait on, but still a quota.
-        assert_eq!(ad.limits, [limit("min", 4, 60)]);
+        assert_eq!(plain(ad.limits.clone()), [limit("min", 4, 60)]);
         assert_eq!(ad.quota, quota(9, 86_400));
     }
 
@@ -666,14 +740,14 @@ mod tests {
             ("ratelimit-reset", "20"),
         ]);
         assert_eq!(malformed, 0);
-        assert_eq!(ad.limits, [limit("", 3, 20)]);
+        assert_eq!(plain(ad.limits.clone()), [limit("", 3, 20)]);
         assert_eq!(ad.quota, quota(50, 60));
     }
 
     #[test]
     fn x_family_with_seconds_or_unix_reset() {
         let (secs_ad, _) = ad(&[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "12")]);
-        assert_eq!(secs_ad.limits, [limit("", 0, 12)]);
+        assert_eq!(plain(secs_ad.limits), [limit("", 0, 12)]);
         let unix = read(
             &headers(&[
                 ("x-ratelimit-limit", "5000"),
@@ -685,7 +759,10 @@ mod tests {
         );
         let ad = unix.advertised.unwrap();
         // A limit without a window states no rate.
-        assert_eq!((ad.limits, ad.quota), (vec![limit("", 3, 60)], None));
+        assert_eq!(
+            (plain(ad.limits.clone()), ad.quota),
+            (vec![limit("", 3, 60)], None)
+        );
     }
 
     #[test]
@@ -743,11 +820,11 @@ mod tests {
         let mut held = Held::default();
         held.update(&[limit("min", 1, 60), limit("hour", 2, 3_600)], 0, 0);
         assert_eq!(held.earliest(0), None);
-        held.take();
+        held.take(0);
         // The minute is spent: hold until its reset.
         assert_eq!(held.earliest(S), Some(60 * S));
         assert_eq!(held.earliest(60 * S), None);
-        held.take();
+        held.take(60 * S);
         // The hour is spent too: its reset, the later one, decides.
         assert_eq!(held.earliest(61 * S), Some(3_600 * S));
         // A new minute window says 10 left; the hour still holds.
@@ -764,7 +841,7 @@ mod tests {
         held.update(&[limit("d", 9, 10)], S / 2, 0);
         for _ in 0..3 {
             assert_eq!(held.earliest(S), None);
-            held.take();
+            held.take(S);
         }
         assert_eq!(held.earliest(S), Some(10 * S + S / 2));
         assert!(held.binds(S, 1.0));
@@ -773,6 +850,31 @@ mod tests {
         assert_eq!(held.earliest(11 * S), None);
         assert!(!held.binds(11 * S, 0.5), "9 left for 10 s at 0.5/s");
         assert!(held.binds(11 * S, 1.0));
+    }
+
+    #[test]
+    fn a_window_that_resets_holds_its_quota_and_no_more_until_an_answer() {
+        let mut held = Held::default();
+        let mut ten = limit("", 0, 2);
+        ten.quota = Some(10);
+        held.update(&[ten], 0, 0);
+        assert_eq!(held.earliest(S), Some(2 * S));
+        // At the reset, a new window of 10: ten go, the eleventh waits for
+        // the next reset (2 s on), though no answer has come yet.
+        for _ in 0..10 {
+            assert_eq!(held.earliest(2 * S), None);
+            held.take(2 * S);
+        }
+        assert_eq!(held.earliest(2 * S), Some(4 * S));
+        // An answer of the new window says fewer are left: it wins.
+        let mut seven = limit("", 0, 2);
+        seven.quota = Some(10);
+        held.update(&[seven], 2 * S, 3);
+        assert_eq!(held.earliest(3 * S), Some(4 * S));
+        // Windows with no stated quota still say nothing once reset.
+        let mut bare = Held::default();
+        bare.update(&[limit("", 0, 2)], 0, 0);
+        assert_eq!(bare.earliest(2 * S), None);
     }
 
     #[test]
