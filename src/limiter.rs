@@ -91,12 +91,28 @@ struct Shared {
     state: Mutex<State>,
     /// A limit decided elsewhere (Redis); the local state then serves as
     /// the fallback.
-    #[cfg(feature = "redis")]
     remote: Option<Remote>,
 }
 
-#[cfg(feature = "redis")]
-type Remote = Arc<crate::redis::RemoteLimit>;
+type Remote = Arc<dyn RemoteBudget>;
+
+/// A budget kept outside this process (the `redis` module's is one): a
+/// limiter built on one asks it for every token instead of its own line.
+/// The limiter's floor defines the seam; the backend implements it, so the
+/// limiter names no backend.
+pub(crate) trait RemoteBudget: Send + Sync {
+    /// Waits for a token, granting none while `pause` is in force.
+    /// Cancel safe. `Err` when the backend stayed unreachable past what a
+    /// fail-closed limit allows.
+    fn acquire(
+        self: Arc<Self>,
+        pause: Option<PauseHandle>,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>>;
+    /// Changes the rate this process asks the backend for.
+    fn set_rate(&self, rate: Rate);
+    /// How many of this process's callers wait for a token.
+    fn waiting(&self) -> usize;
+}
 
 struct State {
     rate: Rate,
@@ -308,7 +324,7 @@ impl Limiter {
 
     /// A limiter decided by `remote` (at the rate it holds), falling back
     /// to the local state at `local_rate`.
-    #[cfg(feature = "redis")]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn with_remote(local_rate: Rate, remote: Remote) -> Self {
         let mut limiter = Self::build(local_rate);
         Arc::get_mut(&mut limiter.shared)
@@ -340,7 +356,6 @@ impl Limiter {
                     outstanding: 0,
                     malformed: 0,
                 }),
-                #[cfg(feature = "redis")]
                 remote: None,
             }),
         }
@@ -355,7 +370,6 @@ impl Limiter {
     /// budget already used is carried over in proportion. With adaptive
     /// pacing on, this is the new ceiling, and learning starts again from it.
     pub fn set_rate(&self, rate: Rate) {
-        #[cfg(feature = "redis")]
         if let Some(remote) = &self.shared.remote {
             remote.set_rate(rate);
             return;
@@ -488,7 +502,6 @@ impl Limiter {
     pub fn check(&self) -> Result<(), NotUntil> {
         let now = Instant::now();
         // A remote limit is only known by asking it, which is not instant.
-        #[cfg(feature = "redis")]
         if self.shared.remote.is_some() {
             return Err(NotUntil { earliest: now });
         }
@@ -542,37 +555,16 @@ impl Limiter {
     /// Waits for a token; fails only when a remote limiter that fails closed
     /// stayed unreachable past its limit.
     pub(crate) async fn acquire_owned(self, pause: Option<PauseHandle>) -> Result<(), String> {
-        #[cfg(feature = "redis")]
         if let Some(remote) = &self.shared.remote {
-            return self.acquire_remote(remote, pause).await;
+            return remote.clone().acquire(pause).await;
         }
         self.acquire_local(pause).await;
         Ok(())
     }
 
-    /// Waits in this process's line for the remote limit: only the head of
-    /// the line asks Redis (see the `redis` module), the others wait here.
-    #[cfg(feature = "redis")]
-    async fn acquire_remote(
-        &self,
-        remote: &Remote,
-        pause: Option<PauseHandle>,
-    ) -> Result<(), String> {
-        use crate::redis::Outcome;
-        match remote.acquire(pause.clone()).await {
-            Outcome::Granted => Ok(()),
-            Outcome::Fallback => {
-                self.clone().acquire_local(pause).await;
-                Ok(())
-            }
-            Outcome::Failed(error) => Err(error),
-        }
-    }
-
     /// How many callers are waiting in line for a token.
     pub fn waiting(&self) -> usize {
         let local = self.lock().queue.iter().filter(|w| !w.granted).count();
-        #[cfg(feature = "redis")]
         if let Some(remote) = &self.shared.remote {
             return local + remote.waiting();
         }

@@ -52,7 +52,7 @@ use redis::Script;
 use tokio::time::Instant;
 
 use crate::error::BuildError;
-use crate::limiter::Limiter;
+use crate::limiter::{Limiter, RemoteBudget};
 use crate::pause::{PauseHandle, RemotePause};
 use crate::rate::Rate;
 
@@ -530,6 +530,30 @@ pub(crate) struct Turn {
     /// The turn's instant by Redis's clock (µs), handed back with the next
     /// call so that Redis knows whether the head comes on time.
     pub(crate) at: i64,
+}
+
+/// How the limiter asks: the head of this process's line asks Redis; while
+/// Redis is unreachable, the fallback share grants.
+impl RemoteBudget for RemoteLimit {
+    fn acquire(
+        self: Arc<Self>,
+        pause: Option<PauseHandle>,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        Box::pin(async move {
+            match RemoteLimit::acquire(&self, pause).await {
+                Outcome::Granted | Outcome::Fallback => Ok(()),
+                Outcome::Failed(error) => Err(error),
+            }
+        })
+    }
+
+    fn set_rate(&self, rate: Rate) {
+        RemoteLimit::set_rate(self, rate);
+    }
+
+    fn waiting(&self) -> usize {
+        RemoteLimit::waiting(self)
+    }
 }
 
 impl RemoteLimit {
