@@ -88,6 +88,9 @@
 //! - `transport` — the [`Transport`] trait, reqwest and [`mock`] transports.
 //! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
 //!   [`Endpoint`] and the per-item attempt loop.
+//! - `body` — what a response body decodes to ([`Decoded`], [`Element`])
+//!   and JSON pointer location: beneath the attempt loop, the operators and
+//!   the ETL ends, which all use them.
 //! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
 //! - `task` — a request run as its own tokio task, so it moves whether or
 //!   not anybody polls; dropping its holder aborts it.
@@ -105,6 +108,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+mod body;
 mod client;
 #[cfg(feature = "demo")]
 pub mod demo;
