@@ -619,3 +619,39 @@ async fn a_journal_commits_each_result_before_it_asks_for_the_next() {
     assert_eq!(todo.len(), 10);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Real time, on a multi-thread runtime: a drop, and writes on the blocking
+/// pool that finish when they finish. The bounds are generous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sink_still_writes_the_lines_it_took() {
+    let dir = temp_dir("dropped-sink");
+    let output = dir.join("items.jsonl");
+    let taken = stream::iter(0..10u64).map(|id| Ok::<_, Broken>(Done { id }));
+    // Boxed, so that `drop` drops the future itself.
+    let mut sink = Box::pin(std::future::IntoFuture::into_future(
+        taken.chain(stream::pending()).write_jsonl(&output),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Poll until the sink has taken all ten (far below a batch, so none
+    // is written yet), then drop it.
+    while !format!("{sink:?}").contains("ok: 10") {
+        assert!(futures::poll!(sink.as_mut()).is_pending());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the files never opened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(std::fs::read(&output).unwrap(), b"");
+    drop(sink);
+    while lines(&output).len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "the lines were lost");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let ids: Vec<u64> = lines(&output)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
