@@ -5,6 +5,7 @@
 //! cargo bench --bench sluicegate -- fetch        # criterion groups matching "fetch"
 //! cargo bench --bench sluicegate -- rate_accuracy
 //! cargo bench --bench sluicegate -- real_http
+//! cargo bench --bench sluicegate -- stats_memory   # Client and snapshot() bytes
 //! ```
 
 use criterion::Criterion;
@@ -20,6 +21,8 @@ mod flat_unpack;
 mod rate_accuracy;
 #[path = "sluicegate/real_http.rs"]
 mod real_http;
+#[path = "sluicegate/stats_memory.rs"]
+mod stats_memory;
 
 /// The runtimes every comparison runs on: current-thread, and multi-thread
 /// with the machine's two workers.
@@ -52,9 +55,13 @@ fn main() {
     if !listing && (filter.is_empty() || "rate_accuracy".contains(filter.as_str())) {
         rate_accuracy::report();
     }
+    if !listing && (filter.is_empty() || "stats_memory".contains(filter.as_str())) {
+        stats_memory::report();
+    }
     let mut criterion = Criterion::default().configure_from_args();
     fetch_overhead::bench(&mut criterion);
     flat_unpack::bench(&mut criterion);
     real_http::bench(&mut criterion);
+    stats_memory::bench(&mut criterion);
     criterion.final_summary();
 }

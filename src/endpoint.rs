@@ -14,12 +14,11 @@ use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
 use crate::attempt::{Attempt, Ended, Gate, Loop};
+use crate::body::{decode_detail, Decoded, DecodedBody, Undecodable};
 use crate::client::Client;
 use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
-use crate::ext::json::{decode_detail, DecodedBody, Undecodable};
-use crate::ext::Decoded;
 use crate::limiter::Limiter;
 use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::request::{BuiltRequest, RequestSpec};
@@ -197,7 +196,26 @@ impl<T> Fetched<T> {
     where
         U: serde::de::DeserializeOwned + Send + 'static,
     {
-        crate::ext::json::decode(self)
+        if let Some(value) = DecodedBody::<U>::take(&self.response) {
+            return Ok(Decoded {
+                item: self.item,
+                value,
+            });
+        }
+        match serde_json::from_slice(self.response.body()) {
+            Ok(value) => Ok(Decoded {
+                item: self.item,
+                value,
+            }),
+            Err(e) => {
+                let detail = decode_detail(&e, self.response.body());
+                Err(FetchError::new(self.item, FetchErrorKind::Decode)
+                    .with_attempts(self.attempts, self.elapsed)
+                    .with_detail(detail)
+                    .with_source(e)
+                    .with_response(self.response))
+            }
+        }
     }
 }
 
@@ -217,7 +235,7 @@ impl<T> Endpoint<T> {
 
     /// Decodes each successful response's body as JSON into `U` inside the
     /// attempt, so that a malformed body is an outcome like a status:
-    /// [`Matcher::undecodable`] matches it, and a rule can retry it.
+    /// [`Matcher::undecodable`](crate::retry::Matcher::undecodable) matches it, and a rule can retry it.
     ///
     /// The body is decoded once: the value is kept with the response and
     /// taken by the [`json`](crate::SluiceExt::json) stage (or

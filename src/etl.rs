@@ -15,6 +15,7 @@
 //!   included), and [`Journal::open_retrying_failed`] gives an earlier
 //!   run's dead letters another chance.
 
+mod blocking;
 mod journal;
 mod jsonl;
 mod paginate;
@@ -23,4 +24,6 @@ mod sink;
 pub use self::journal::Journal;
 pub use self::jsonl::{read_jsonl, InputLine, JsonlError, ReadJsonl};
 pub use self::paginate::{paginate, PageRef, Paginate, Pagination};
-pub use self::sink::{dead_letter_path, DeadLetter, HasItem, JournalFailure, Report, WriteJsonl};
+pub use self::sink::{
+    dead_letter_path, DeadLetter, HasItem, JournalFailure, Report, WriteJsonl, WriteJsonlFuture,
+};

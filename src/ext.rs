@@ -86,8 +86,8 @@ pub trait SluiceExt: Stream {
     /// yet yielded). Dropping the stream aborts every task and the requests
     /// in them. Retry and pause rules
     /// come from the endpoint, its client, or
-    /// [`retry_on`](FetchConcurrent::retry_on) /
-    /// [`pause_on`](FetchConcurrent::pause_on) on the returned stream.
+    /// [`retry_on`](crate::WithPolicy::retry_on) /
+    /// [`pause_on`](crate::WithPolicy::pause_on) on the returned stream.
     ///
     /// Must be polled inside a tokio runtime.
     ///

@@ -80,23 +80,34 @@
 //!
 //! # Layout
 //!
-//! - `ext` — the [`SluiceExt`] trait; one file per combinator beneath it.
-//! - `rate`, `limiter` — [`Rate`]; the pure GCRA / fixed-window decision and
-//!   the shared, fair [`Limiter`] and [`KeyedLimiter`].
-//! - `pause` — [`PauseHandle`], a shared deadline.
-//! - [`retry`] — matchers, backoff policies, retry budgets, `Retry-After`.
-//! - `transport` — the [`Transport`] trait, reqwest, tower and [`mock`]
-//!   transports.
-//! - `client`, `request`, `endpoint` — [`Client`], [`RequestSpec`],
-//!   [`Endpoint`] and the per-item attempt loop.
-//! - `stats` — [`Stats`]: counters and latency percentiles per client or stage.
-//! - `task` — a request run as its own tokio task, so it moves whether or
-//!   not anybody polls; dropping its holder aborts it.
-//! - `error` — [`TransportError`], [`BuildError`], [`FetchError`].
-//! - [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
-//! - `redis` — a `Limiter` and `PauseHandle` shared by many processes through
-//!   Redis (feature `redis`).
-//! - `demo` — an in-process server of the `/items` API (feature `demo`).
+//! Floors, from the bottom up; every import points down.
+//!
+//! 1. `error`, `task`, `body`, `pause` — [`FetchError`] and friends; a
+//!    future run as its own task (aborted when its holder drops); what a
+//!    body decodes to ([`Decoded`], [`Element`]) and JSON pointer
+//!    location; [`PauseHandle`], a shared deadline.
+//! 2. `transport`, `request`, `rate`, `stats` — the [`Transport`] trait
+//!    (reqwest, tower and [`mock`] transports); [`RequestSpec`]; [`Rate`];
+//!    [`Stats`].
+//! 3. [`retry`] — matchers, backoff policies, retry budgets, `Retry-After`:
+//!    pure decisions.
+//! 4. `limiter` — the shared, fair [`Limiter`] (its line, the pure GCRA /
+//!    fixed-window pacing, advertised quotas, the opt-in learner) and
+//!    [`KeyedLimiter`]; a remote budget plugs in through a small trait.
+//! 5. `policy`, `attempt` — [`Policy`] and [`WithPolicy`] (the rules,
+//!    timeouts and extra limits of a fetch, set in one place); the attempt
+//!    loop every operator runs per item (gate, attempt, verdict, wait).
+//! 6. `client`, `step` — [`Client`] (turns a spec into the request every
+//!    transport gets); [`Step`] (any async step under the same flow control).
+//! 7. `endpoint` — [`Endpoint`]: what one HTTP attempt is; `Client::get`.
+//! 8. [`etl`] — pagination, JSONL in and out, dead letters, resumable runs.
+//! 9. `ext` — the [`SluiceExt`] trait; one file per combinator beneath it
+//!    (`throttle`, `fetch_concurrent`, `map_concurrent`, `flat_unpack`,
+//!    `json`, `progress`), the shared admission machinery in `concurrent`.
+//!    `redis` — a `Limiter`, a `PauseHandle` and a work queue shared by many
+//!    processes through Redis (feature `redis`).
+//! 10. `demo` — an in-process server of the `/items` and GitHub-style APIs
+//!    (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -107,6 +118,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 mod attempt;
+mod body;
 mod client;
 #[cfg(feature = "demo")]
 pub mod demo;

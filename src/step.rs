@@ -12,8 +12,8 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 
 use crate::attempt::{Attempt, Ended, Gate, Loop};
+use crate::body::Decoded;
 use crate::error::{BoxError, FetchError, FetchErrorKind, TimeoutScope};
-use crate::ext::Decoded;
 use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 use crate::retry::{Attempted, Backoff, Matches, PausePolicy, Rules, Verdict};

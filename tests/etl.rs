@@ -488,3 +488,170 @@ async fn a_journal_writes_an_item_once_even_when_it_comes_twice() {
     assert_eq!(journal.done_count(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Rows padded so that a run spans many of the sinks' 64 KiB batches.
+#[derive(serde::Deserialize, serde::Serialize, Debug, PartialEq)]
+struct Padded {
+    id: u64,
+    pad: String,
+}
+
+#[tokio::test(start_paused = true)]
+async fn large_runs_are_read_and_written_whole_and_in_order() {
+    let dir = temp_dir("large");
+    let input = dir.join("in.jsonl");
+    let rows = 20_000u64;
+    let pad = "x".repeat(60);
+    let mut text = String::new();
+    for id in 0..rows {
+        if id % 1_000 == 999 {
+            text.push_str("not json\n");
+        } else {
+            text.push_str(
+                &serde_json::to_string(&Padded {
+                    id,
+                    pad: pad.clone(),
+                })
+                .unwrap(),
+            );
+            text.push('\n');
+        }
+    }
+    assert!(text.len() > 20 * 64 * 1024, "many read and write batches");
+    std::fs::write(&input, &text).unwrap();
+
+    // A stream that is neither `Send` nor `'static` (it borrows an `Rc`):
+    // the sink needs neither.
+    let local = std::rc::Rc::new(pad.clone());
+    let output = dir.join("out.jsonl");
+    let report = read_jsonl::<Padded>(&input)
+        .map(|row| row.inspect(|row| assert_eq!(row.pad, *local)))
+        .write_jsonl(&output)
+        .await
+        .unwrap();
+    assert_eq!((report.ok, report.failed), (rows - 20, 20));
+    let ids: Vec<u64> = lines(&output)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    let expected: Vec<u64> = (0..rows).filter(|id| id % 1_000 != 999).collect();
+    assert_eq!(ids, expected);
+    let dead: Vec<u64> = lines(&dir.join("out.failed.jsonl"))
+        .iter()
+        .map(|r| r["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(dead, (1..=20).map(|k| k * 1_000).collect::<Vec<_>>());
+
+    // And a `Send + 'static` stream gives a future a task can run.
+    let sink = read_jsonl::<Padded>(input).write_jsonl(dir.join("again.jsonl"));
+    let spawned = tokio::spawn(std::future::IntoFuture::into_future(sink));
+    let again = spawned.await.unwrap().unwrap();
+    assert_eq!((again.ok, again.failed), (rows - 20, 20));
+    assert_eq!(
+        std::fs::read(dir.join("again.jsonl")).unwrap(),
+        std::fs::read(&output).unwrap()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A result that knows its item, for a journal without any fetching.
+#[derive(serde::Serialize)]
+struct Done {
+    id: u64,
+}
+
+impl sluicegate::etl::HasItem for Done {
+    type Item = u64;
+    fn item(&self) -> &u64 {
+        &self.id
+    }
+}
+
+/// A failure that knows its item.
+struct Broken(u64);
+
+impl sluicegate::etl::HasItem for Broken {
+    type Item = u64;
+    fn item(&self) -> &u64 {
+        &self.0
+    }
+}
+
+impl sluicegate::etl::DeadLetter for Broken {
+    fn dead_letter(&self) -> serde_json::Value {
+        serde_json::json!({ "item": self.0 })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_journal_commits_each_result_before_it_asks_for_the_next() {
+    let dir = temp_dir("commit-each");
+    let output = dir.join("items.jsonl");
+    let journal_path = dir.join("items.jsonl.journal");
+    let journal = Journal::open(&output, |id: &u64| id.to_string()).unwrap();
+    let on_disk = || lines(&journal_path).len() as u64;
+    let results = stream::iter(0..50u64).map(|id| {
+        // Asked for result `id`: every one before it is committed, in the
+        // journal's keys and in the file a killed process leaves behind.
+        assert_eq!((journal.done_count() as u64, on_disk()), (id, id));
+        if id % 5 == 0 {
+            Err(Broken(id))
+        } else {
+            Ok(Done { id })
+        }
+    });
+    let report = journal.write_jsonl(results).await.unwrap();
+    assert_eq!((report.ok, report.failed, report.skipped), (40, 10, 0));
+    assert_eq!(on_disk(), 50);
+
+    // Neither skip_done nor try_skip_done needs a `'static` stream.
+    let ids: Vec<u64> = (0..60).collect();
+    let again = Journal::open(&output, |id: &u64| id.to_string()).unwrap();
+    let todo: Vec<u64> = again
+        .skip_done(stream::iter(ids.iter().copied()))
+        .collect()
+        .await;
+    assert_eq!(todo, (50..60).collect::<Vec<_>>());
+    let todo: Vec<Result<u64, ()>> = again
+        .try_skip_done(stream::iter(ids.iter().map(|id| Ok(*id))))
+        .collect()
+        .await;
+    assert_eq!(todo.len(), 10);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Real time, on a multi-thread runtime: a drop, and writes on the blocking
+/// pool that finish when they finish. The bounds are generous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_sink_still_writes_the_lines_it_took() {
+    let dir = temp_dir("dropped-sink");
+    let output = dir.join("items.jsonl");
+    let taken = stream::iter(0..10u64).map(|id| Ok::<_, Broken>(Done { id }));
+    // Boxed, so that `drop` drops the future itself.
+    let mut sink = Box::pin(std::future::IntoFuture::into_future(
+        taken.chain(stream::pending()).write_jsonl(&output),
+    ));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // Poll until the sink has taken all ten (far below a batch, so none
+    // is written yet), then drop it.
+    while !format!("{sink:?}").contains("ok: 10") {
+        assert!(futures::poll!(sink.as_mut()).is_pending());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the files never opened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    assert_eq!(std::fs::read(&output).unwrap(), b"");
+    drop(sink);
+    while lines(&output).len() < 10 {
+        assert!(std::time::Instant::now() < deadline, "the lines were lost");
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let ids: Vec<u64> = lines(&output)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, (0..10).collect::<Vec<_>>());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -21,9 +21,20 @@
 //! the journal (rewritten atomically) and empties the dead letters, so
 //! those items go through once more and still end up exactly once.
 //!
-//! Lines are handed to the operating system as they are written, so a killed
-//! process loses nothing it committed; surviving a power cut would need an
-//! `fsync` per item, which this does not do.
+//! # What a commit guarantees
+//!
+//! A commit returns once its record and its journal line have been handed
+//! to the operating system (`write`, not `fsync`): a killed process loses
+//! nothing it committed; surviving a power cut would need an `fsync` per
+//! item, which this does not do.
+//!
+//! Each commit runs on tokio's blocking pool (one hop and two writes per
+//! item), so a slow disk never stalls the runtime. Commits are not batched
+//! across items, on purpose: the sink asks for the next result only after
+//! the last one is committed, and a consumer may act on that, as the Redis
+//! work queue's `ack_after_commit` (feature `redis`) does by acknowledging
+//! the last item when the next is asked for. Items that are already done
+//! cost no hop at all.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -31,14 +42,18 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::stream::{Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::blocking::{joined, spawn_blocking};
 use super::sink::{dead_letter_path, encode, in_file, HasItem, JournalFailure, Report};
 
+/// How a journal keys its items. `Send + Sync` because clones of one
+/// journal are used at once from the tasks of a pipeline (the filter of
+/// `skip_done` and the sink); `'static` because a `Journal` borrows nothing.
 type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
 
 /// A resumable JSONL sink: skips items an earlier run finished, and writes
@@ -86,20 +101,30 @@ pub struct Journal<I> {
 struct Shared<I> {
     key: Box<KeyFn<I>>,
     skipped: AtomicU64,
+    store: Arc<Store>,
+}
+
+/// The files and the keys they commit: everything a commit touches, and
+/// nothing of the item type, so a commit can move to the blocking pool.
+struct Store {
+    output: PathBuf,
+    dead_letters: PathBuf,
+    /// Keys committed, by earlier runs and this one. Apart from the files
+    /// so that `is_done` never waits for a write; a key is added only by a
+    /// commit holding `files`, once its journal line is written.
+    done: Mutex<HashSet<String>>,
+    /// Locked only by commits, on the blocking pool, never on a runtime
+    /// worker.
     files: Mutex<Files>,
 }
 
 struct Files {
-    /// Keys committed, by earlier runs and this one: kept beside the files
-    /// so a key is marked done in the same step its record is committed.
-    done: HashSet<String>,
-    output: PathBuf,
-    dead_letters: PathBuf,
     ok: File,
     failed: File,
     journal: File,
     ok_len: u64,
     failed_len: u64,
+    journal_len: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -122,6 +147,7 @@ impl<I> Clone for Journal<I> {
 impl<I> fmt::Debug for Journal<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Journal")
+            .field("output", &self.shared.store.output)
             .field("done", &self.done_count())
             .field("skipped", &self.shared.skipped.load(Ordering::Relaxed))
             .finish_non_exhaustive()
@@ -233,12 +259,12 @@ impl<I> Journal<I> {
             .create(true)
             .open(&journal_path)
             .map_err(in_journal)?;
-        let (mut entries, committed) = replay(&journal).map_err(in_journal)?;
-        journal.set_len(committed).map_err(in_journal)?;
+        let (mut entries, mut journal_len) = replay(&journal).map_err(in_journal)?;
+        journal.set_len(journal_len).map_err(in_journal)?;
         journal.seek(io::SeekFrom::End(0)).map_err(in_journal)?;
         if retry_failed && entries.iter().any(|e| e.file == "failed") {
             entries.retain(|e| e.file == "ok");
-            journal = rewrite(&journal_path, &entries).map_err(in_journal)?;
+            (journal, journal_len) = rewrite(&journal_path, &entries).map_err(in_journal)?;
         }
         let last_end = |file: &str| {
             entries
@@ -256,15 +282,18 @@ impl<I> Journal<I> {
             shared: Arc::new(Shared {
                 key,
                 skipped: AtomicU64::new(0),
-                files: Mutex::new(Files {
-                    done,
+                store: Arc::new(Store {
                     output,
                     dead_letters,
-                    ok,
-                    failed,
-                    journal,
-                    ok_len,
-                    failed_len,
+                    done: Mutex::new(done),
+                    files: Mutex::new(Files {
+                        ok,
+                        failed,
+                        journal,
+                        ok_len,
+                        failed_len,
+                        journal_len,
+                    }),
                 }),
             }),
         })
@@ -272,24 +301,25 @@ impl<I> Journal<I> {
 
     /// How many items are done (by earlier runs, and this one so far).
     pub fn done_count(&self) -> usize {
-        self.files().done.len()
+        self.shared.store.done().len()
     }
 
-    /// Whether an earlier run finished `item`.
+    /// Whether `item` is done: an earlier run, or this one, committed it.
     pub fn is_done(&self, item: &I) -> bool {
         let key = (self.shared.key)(item);
-        self.files().done.contains(&key)
+        self.shared.store.done().contains(&key)
     }
 
     /// Like [`skip_done`](Self::skip_done), on a stream of `Result`s: `Ok`
     /// items an earlier run finished are dropped, errors pass through (to
     /// be dead-lettered). For the later stages of a pipeline, such as the
     /// ids unpacked from a list.
-    pub fn try_skip_done<S, E>(&self, items: S) -> impl Stream<Item = Result<I, E>> + Send + 'static
+    ///
+    /// The stream returned holds a clone of the journal and `items`: it is
+    /// `Send` when `items` is, and `'static` when `items` and `I` are.
+    pub fn try_skip_done<S, E>(&self, items: S) -> impl Stream<Item = Result<I, E>>
     where
-        S: Stream<Item = Result<I, E>> + Send + 'static,
-        I: Send + 'static,
-        E: Send + 'static,
+        S: Stream<Item = Result<I, E>>,
     {
         let journal = self.clone();
         items.filter(move |item| {
@@ -302,11 +332,14 @@ impl<I> Journal<I> {
     }
 
     /// Drops the items of `items` that an earlier run finished (counted as
-    /// skipped in the report).
-    pub fn skip_done<S>(&self, items: S) -> impl Stream<Item = I> + Send + 'static
+    /// skipped in the report). Checking an item takes no file access: the
+    /// journal's keys are in memory.
+    ///
+    /// The stream returned holds a clone of the journal and `items`: it is
+    /// `Send` when `items` is, and `'static` when `items` and `I` are.
+    pub fn skip_done<S>(&self, items: S) -> impl Stream<Item = I>
     where
-        S: Stream<Item = I> + Send + 'static,
-        I: Send + 'static,
+        S: Stream<Item = I>,
     {
         let journal = self.clone();
         items.filter(move |item| {
@@ -321,9 +354,28 @@ impl<I> Journal<I> {
     /// Runs `results` to its end, committing each success to the output and
     /// each failure to the dead letters, exactly once.
     ///
+    /// Each result is committed (its record and journal line handed to the
+    /// operating system, on tokio's blocking pool) before the next one is
+    /// asked for. A result whose key is already done (it came twice, or
+    /// the stream was not filtered through `skip_done`) is not written
+    /// again and counts as skipped.
+    ///
     /// # Errors
     ///
-    /// When a file cannot be written; what was committed stays committed.
+    /// When a file cannot be written (the message names it) or a record
+    /// cannot be serialized; what was committed stays committed, and a
+    /// record whose commit failed is cut back off its file.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime (commits run on its blocking
+    /// pool).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops reading `results`. A commit already
+    /// running finishes (its item is done, and a re-run skips it); the
+    /// results not yet committed are simply done again by the next run.
     pub async fn write_jsonl<S, V, E>(&self, results: S) -> io::Result<Report>
     where
         S: Stream<Item = Result<V, E>>,
@@ -331,6 +383,7 @@ impl<I> Journal<I> {
         E: JournalFailure<I>,
     {
         let started = Instant::now();
+        let store = &self.shared.store;
         let mut ok = 0;
         let mut failed = 0;
         let mut results = std::pin::pin!(results);
@@ -347,9 +400,23 @@ impl<I> Journal<I> {
                     (failure.journal_key(&*self.shared.key), false)
                 }
             };
-            // An item already done (it came twice, or the stream was not
-            // filtered through `skip_done`) is not written twice.
-            if !self.commit(&key, to_ok, &line)? {
+            // Done already: no hop to the blocking pool. The commit checks
+            // again, under the files' lock, for a sink on a clone racing
+            // this one.
+            let done_before = store.done().contains(&key);
+            let committed = !done_before && {
+                let store = store.clone();
+                let (record, committed) = joined(
+                    spawn_blocking(move || {
+                        let committed = store.commit(key, to_ok, &line);
+                        (line, committed)
+                    })
+                    .await,
+                )?;
+                line = record; // the buffer comes back for the next item
+                committed?
+            };
+            if !committed {
                 self.shared.skipped.fetch_add(1, Ordering::Relaxed);
             } else if to_ok {
                 ok += 1;
@@ -357,58 +424,62 @@ impl<I> Journal<I> {
                 failed += 1;
             }
         }
-        let files = self.files();
         Ok(Report {
             ok,
             failed,
             skipped: self.shared.skipped.load(Ordering::Relaxed),
             elapsed: started.elapsed(),
-            output: files.output.clone(),
-            dead_letters: files.dead_letters.clone(),
+            output: store.output.clone(),
+            dead_letters: store.dead_letters.clone(),
         })
     }
+}
 
-    /// Writes the record, then the journal line that commits it; `false`
-    /// (and nothing written) when the key is already done.
-    fn commit(&self, key: &str, to_ok: bool, record: &[u8]) -> io::Result<bool> {
-        let mut files = self.files();
+impl Store {
+    fn done(&self) -> MutexGuard<'_, HashSet<String>> {
+        self.done.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes the record, then the journal line that commits it, then marks
+    /// the key done; `false` (and nothing written) when the key is already
+    /// done. Blocking: runs on the blocking pool.
+    ///
+    /// A failed write is cut back off its file, so the lengths the journal
+    /// records stay true for the commits after it.
+    fn commit(&self, key: String, to_ok: bool, record: &[u8]) -> io::Result<bool> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
         let files = &mut *files;
-        if files.done.contains(key) {
+        if self.done().contains(&key) {
             return Ok(false);
         }
-        let (file, len) = if to_ok {
-            (&mut files.ok, &mut files.ok_len)
+        let (file, len, path) = if to_ok {
+            (&mut files.ok, &mut files.ok_len, &self.output)
         } else {
-            (&mut files.failed, &mut files.failed_len)
+            (&mut files.failed, &mut files.failed_len, &self.dead_letters)
         };
-        let path = if to_ok {
-            &files.output
-        } else {
-            &files.dead_letters
-        };
-        file.write_all(record)
-            .map_err(|e| in_file(e, "journaled output", path))?;
-        *len += record.len() as u64;
+        if let Err(e) = file.write_all(record) {
+            let _ = file.set_len(*len);
+            return Err(in_file(e, "journaled output", path));
+        }
         let entry = Entry {
-            key: key.to_owned(),
+            key,
             file: if to_ok { "ok" } else { "failed" }.to_owned(),
-            end: *len,
+            end: *len + record.len() as u64,
         };
         let mut line = Vec::with_capacity(64);
         encode(&mut line, &entry)?;
-        let output = &files.output;
-        files.journal.write_all(&line).map_err(|e| {
-            io::Error::new(e.kind(), format!("journal of {}: {e}", output.display()))
-        })?;
-        files.done.insert(entry.key);
+        if let Err(e) = files.journal.write_all(&line) {
+            let _ = files.journal.set_len(files.journal_len);
+            let _ = file.set_len(*len);
+            return Err(io::Error::new(
+                e.kind(),
+                format!("journal of {}: {e}", self.output.display()),
+            ));
+        }
+        *len = entry.end;
+        files.journal_len += line.len() as u64;
+        self.done().insert(entry.key);
         Ok(true)
-    }
-
-    fn files(&self) -> std::sync::MutexGuard<'_, Files> {
-        self.shared
-            .files
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -441,8 +512,8 @@ fn replay(journal: &File) -> io::Result<(Vec<Entry>, u64)> {
 
 /// Replaces the journal at `path` with `entries`, atomically: written to a
 /// new file, flushed, then renamed over the old one. Returns the new
-/// journal, open for appending.
-fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<File> {
+/// journal, open for appending, and its length.
+fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<(File, u64)> {
     let mut tmp = path.to_owned().into_os_string();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -458,7 +529,7 @@ fn rewrite(path: &Path, entries: &[Entry]) -> io::Result<File> {
     std::fs::rename(&tmp, path)?;
     let mut journal = OpenOptions::new().read(true).append(true).open(path)?;
     journal.seek(io::SeekFrom::End(0))?;
-    Ok(journal)
+    Ok((journal, text.len() as u64))
 }
 
 /// Opens `path` for appending, cut back to `len` bytes.

@@ -1,14 +1,20 @@
 //! Reading JSONL: one JSON value per line.
 
 use std::fmt;
+use std::future::Future;
 use std::io;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
-use futures::stream::{self, BoxStream, Stream, StreamExt as _};
+use futures::stream::{FusedStream, Stream};
 use serde::de::DeserializeOwned;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::fs::File;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::task::JoinHandle;
+
+use super::blocking::{joined, spawn_blocking};
 
 /// How much of a bad line an error keeps.
 const EXCERPT_CHARS: usize = 200;
@@ -111,23 +117,113 @@ impl std::error::Error for JsonlError {
     }
 }
 
+/// Bytes read from the file at a time: each read is one hop to tokio's
+/// blocking pool, for hundreds of lines.
+const READ_BYTES: usize = 64 * 1024;
+
 /// Stream returned by [`read_jsonl`].
+///
+/// It is `Send`, `Sync` and `Unpin` whatever `T` is: it holds the file and
+/// the text of a line, never a `T` between polls.
 #[must_use = "streams do nothing unless polled"]
 pub struct ReadJsonl<T> {
-    inner: BoxStream<'static, Result<T, JsonlError>>,
+    path: PathBuf,
+    state: ReadState,
+    /// The number of the line read last.
+    line: u64,
+    _item: PhantomData<fn() -> T>,
+}
+
+enum ReadState {
+    /// Not polled yet: the file is opened on the first poll.
+    Start,
+    Opening(JoinHandle<io::Result<std::fs::File>>),
+    Reading(Lines<BufReader<File>>),
+    /// The end, an error opening the file, or a read error (after which
+    /// the reader cannot go on).
+    Done,
 }
 
 impl<T> fmt::Debug for ReadJsonl<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ReadJsonl").finish_non_exhaustive()
+        f.debug_struct("ReadJsonl")
+            .field("path", &self.path)
+            .field("line", &self.line)
+            .finish_non_exhaustive()
     }
 }
 
-impl<T> Stream for ReadJsonl<T> {
+impl<T: DeserializeOwned> Stream for ReadJsonl<T> {
     type Item = Result<T, JsonlError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.inner.poll_next_unpin(cx)
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                ReadState::Start => {
+                    let path = this.path.clone();
+                    this.state =
+                        ReadState::Opening(spawn_blocking(move || std::fs::File::open(path)));
+                }
+                ReadState::Opening(opening) => {
+                    let opened = ready!(Pin::new(opening).poll(cx));
+                    this.state = ReadState::Done;
+                    match joined(opened).and_then(|opened| opened) {
+                        Ok(file) => {
+                            let reader = BufReader::with_capacity(READ_BYTES, File::from_std(file));
+                            this.state = ReadState::Reading(reader.lines());
+                        }
+                        Err(e) => {
+                            return Poll::Ready(Some(Err(JsonlError {
+                                message: format!("cannot open: {e}"),
+                                path: this.path.clone(),
+                                line: 0,
+                                text: None,
+                                source: Some(e),
+                            })))
+                        }
+                    }
+                }
+                ReadState::Reading(lines) => {
+                    let next = ready!(Pin::new(lines).poll_next_line(cx));
+                    this.line += 1;
+                    match next {
+                        Ok(None) => {
+                            this.state = ReadState::Done;
+                            return Poll::Ready(None);
+                        }
+                        Ok(Some(line)) if line.trim().is_empty() => continue,
+                        Ok(Some(line)) => {
+                            let item = serde_json::from_str::<T>(&line).map_err(|e| JsonlError {
+                                path: this.path.clone(),
+                                line: this.line,
+                                text: Some(line.chars().take(EXCERPT_CHARS).collect()),
+                                source: None,
+                                message: e.to_string(),
+                            });
+                            return Poll::Ready(Some(item));
+                        }
+                        Err(e) => {
+                            this.state = ReadState::Done;
+                            return Poll::Ready(Some(Err(JsonlError {
+                                path: this.path.clone(),
+                                line: this.line,
+                                text: None,
+                                message: format!("cannot read: {e}"),
+                                source: Some(e),
+                            })));
+                        }
+                    }
+                }
+                ReadState::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+impl<T: DeserializeOwned> FusedStream for ReadJsonl<T> {
+    fn is_terminated(&self) -> bool {
+        matches!(self.state, ReadState::Done)
     }
 }
 
@@ -135,7 +231,12 @@ impl<T> Stream for ReadJsonl<T> {
 ///
 /// A line that does not decode is an error item with its line number and
 /// an excerpt; the lines after it still come. A file that cannot be opened
-/// is one error item. Blank lines are skipped.
+/// is one error item. Blank lines are skipped. The file is opened on the
+/// first poll and read 64 KiB at a time on tokio's blocking pool.
+///
+/// # Panics
+///
+/// The stream panics when polled outside a tokio runtime.
 ///
 /// ```
 /// use futures::StreamExt;
@@ -154,67 +255,12 @@ impl<T> Stream for ReadJsonl<T> {
 /// ```
 pub fn read_jsonl<T>(path: impl AsRef<Path>) -> ReadJsonl<T>
 where
-    T: DeserializeOwned + Send + 'static,
+    T: DeserializeOwned,
 {
-    let path = path.as_ref().to_owned();
-    let opened = {
-        let path = path.clone();
-        async move {
-            tokio::fs::File::open(&path)
-                .await
-                .map(|f| BufReader::new(f).lines())
-        }
-    };
-    let inner = stream::once(opened)
-        .flat_map(move |opened| {
-            let path = path.clone();
-            match opened {
-                Err(e) => stream::iter([Err(JsonlError {
-                    message: format!("cannot open: {e}"),
-                    path,
-                    line: 0,
-                    text: None,
-                    source: Some(e),
-                })])
-                .boxed(),
-                Ok(lines) => stream::unfold(Some((lines, 0u64)), move |state| {
-                    let path = path.clone();
-                    async move {
-                        let (mut lines, mut n) = state?;
-                        loop {
-                            n += 1;
-                            match lines.next_line().await {
-                                Ok(None) => return None,
-                                Ok(Some(line)) if line.trim().is_empty() => continue,
-                                Ok(Some(line)) => {
-                                    let item =
-                                        serde_json::from_str::<T>(&line).map_err(|e| JsonlError {
-                                            path,
-                                            line: n,
-                                            text: Some(line.chars().take(EXCERPT_CHARS).collect()),
-                                            source: None,
-                                            message: e.to_string(),
-                                        });
-                                    return Some((item, Some((lines, n))));
-                                }
-                                // A read error leaves the reader where it cannot go on.
-                                Err(e) => {
-                                    let error = JsonlError {
-                                        path,
-                                        line: n,
-                                        text: None,
-                                        message: format!("cannot read: {e}"),
-                                        source: Some(e),
-                                    };
-                                    return Some((Err(error), None));
-                                }
-                            }
-                        }
-                    }
-                })
-                .boxed(),
-            }
-        })
-        .boxed();
-    ReadJsonl { inner }
+    ReadJsonl {
+        path: path.as_ref().to_owned(),
+        state: ReadState::Start,
+        line: 0,
+        _item: PhantomData,
+    }
 }

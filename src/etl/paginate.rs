@@ -11,10 +11,10 @@ use http::HeaderMap;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::body::locate;
 use crate::client::Client;
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{FetchError, FetchErrorKind};
-use crate::ext::flat_unpack::locate;
 use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::request::RequestSpec;
 use crate::task::Task;

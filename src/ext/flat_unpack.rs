@@ -23,23 +23,11 @@ use super::json::FetchResult;
 use crate::endpoint::Fetched;
 use crate::error::{FetchError, FetchErrorKind};
 
-/// An element of an unpacked array, with the item its page was fetched for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Element<S, T> {
-    /// The input item of the page (an id, a page reference, a URL...).
-    pub source: S,
-    /// The element's position in its array.
-    pub index: usize,
-    /// The decoded element.
-    pub value: T,
-}
-
-/// An element is written (say, to JSONL) as its value alone.
-impl<S, T: serde::Serialize> serde::Serialize for Element<S, T> {
-    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
-        self.value.serialize(serializer)
-    }
-}
+// `Element` and JSON pointer location live in `crate::body`, beneath this
+// operator and the ETL sources that also find values by pointer; named here
+// too so that this operator's public API and the crate paths stay as they were.
+use crate::body::locate;
+pub use crate::body::Element;
 
 /// The elements of one page still to be yielded, with the page's item.
 struct Page<S, T> {
@@ -249,59 +237,5 @@ fn describe_non_array(json: &[u8]) -> String {
             format!("expected a JSON array, found {kind}")
         }
         Err(e) => format!("malformed JSON: {e}"),
-    }
-}
-
-/// The byte range of the value at JSON `pointer` (RFC 6901) in `body`,
-/// found without copying or decoding anything but the path to it.
-pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, String> {
-    let root: &RawValue =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
-    let mut current = root;
-    if !pointer.is_empty() {
-        let Some(path) = pointer.strip_prefix('/') else {
-            return Err(format!(
-                "invalid JSON pointer {pointer:?}: must start with '/'"
-            ));
-        };
-        for token in path.split('/') {
-            let token = token.replace("~1", "/").replace("~0", "~");
-            let next = match current.get().as_bytes().first() {
-                Some(b'{') => serde_json::from_str::<std::collections::HashMap<String, &RawValue>>(
-                    current.get(),
-                )
-                .ok()
-                .and_then(|mut map| map.remove(&token)),
-                Some(b'[') => serde_json::from_str::<Vec<&RawValue>>(current.get())
-                    .ok()
-                    .and_then(|list| {
-                        token
-                            .parse::<usize>()
-                            .ok()
-                            .and_then(|i| list.get(i).copied())
-                    }),
-                _ => None,
-            };
-            current = next.ok_or_else(|| format!("nothing at JSON pointer {pointer:?}"))?;
-        }
-    }
-    let start = current.get().as_ptr() as usize - body.as_ptr() as usize;
-    Ok(start..start + current.get().len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn locate_follows_objects_and_arrays() {
-        let body = br#"{"data": {"items": [1, 2], "a/b": [{"x": 3}]}}"#;
-        let at = |p: &str| locate(body, p).map(|r| String::from_utf8(body[r].to_vec()).unwrap());
-        assert_eq!(at("/data/items").unwrap(), "[1, 2]");
-        assert_eq!(at("/data/a~1b/0/x").unwrap(), "3");
-        assert_eq!(at("").unwrap(), String::from_utf8(body.to_vec()).unwrap());
-        assert!(at("/data/none").unwrap_err().contains("nothing at"));
-        assert!(at("data").unwrap_err().contains("must start with"));
-        assert!(locate(b"{oops", "").unwrap_err().contains("malformed"));
     }
 }

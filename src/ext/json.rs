@@ -3,18 +3,14 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-
-use bytes::Bytes;
-use http::Response;
 
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 use serde::de::DeserializeOwned;
 
 use crate::endpoint::Fetched;
-use crate::error::{FetchError, FetchErrorKind};
+use crate::error::FetchError;
 
 /// The output of a fetch operator: `Result<Fetched<T>, E>` where a
 /// [`FetchError<T>`] can become an `E`.
@@ -35,62 +31,10 @@ impl<T, E: From<FetchError<T>>> FetchResult for Result<Fetched<T>, E> {
     }
 }
 
-/// A decoded body, with the item it was fetched for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decoded<T, U> {
-    /// The input item.
-    pub item: T,
-    /// The decoded body.
-    pub value: U,
-}
-
-/// A decoded body is written (say, to JSONL) as its value alone.
-impl<T, U: serde::Serialize> serde::Serialize for Decoded<T, U> {
-    fn serialize<Ser: serde::Serializer>(&self, serializer: Ser) -> Result<Ser::Ok, Ser::Error> {
-        self.value.serialize(serializer)
-    }
-}
-
-/// How much of an undecodable body an error shows.
-const EXCERPT_BYTES: usize = 200;
-
-/// A body an endpoint decoded during the attempt
-/// ([`Endpoint::json`](crate::Endpoint::json)), kept in the response's
-/// extensions until [`json`](crate::SluiceExt::json) takes it, so the body
-/// is decoded once. Shared and taken, since extensions must be `Clone`.
-pub(crate) struct DecodedBody<U>(Arc<Mutex<Option<U>>>);
-
-impl<U> Clone for DecodedBody<U> {
-    fn clone(&self) -> Self {
-        Self(self.0.clone())
-    }
-}
-
-impl<U: Send + 'static> DecodedBody<U> {
-    pub(crate) fn new(value: U) -> Self {
-        Self(Arc::new(Mutex::new(Some(value))))
-    }
-
-    /// The value decoded for `response`, if its endpoint decoded one as `U`.
-    fn take(response: &Response<Bytes>) -> Option<U> {
-        let body = response.extensions().get::<Self>()?;
-        body.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-    }
-}
-
-/// Marks a response whose body the endpoint could not decode, with why:
-/// what [`Matcher::undecodable`](crate::retry::Matcher::undecodable) matches.
-#[derive(Clone, Debug)]
-pub(crate) struct Undecodable(pub(crate) String);
-
-/// Why `body` is not a `U`, with an excerpt of it.
-pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
-    let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
-    format!("{error}; body starts {excerpt:?}")
-}
+// The decoded value and the markers the attempt loop leaves on a response
+// live in `crate::body`, beneath both this operator and the loop; named here
+// too so that this operator's public API and the crate paths stay as they were.
+pub use crate::body::Decoded;
 
 pin_project! {
     /// Stream for [`SluiceExt::json`](crate::SluiceExt::json).
@@ -111,31 +55,6 @@ impl<S, U> Json<S, U> {
     }
 }
 
-pub(crate) fn decode<T, U: DeserializeOwned + Send + 'static>(
-    fetched: Fetched<T>,
-) -> Result<Decoded<T, U>, FetchError<T>> {
-    if let Some(value) = DecodedBody::<U>::take(&fetched.response) {
-        return Ok(Decoded {
-            item: fetched.item,
-            value,
-        });
-    }
-    match serde_json::from_slice(fetched.response.body()) {
-        Ok(value) => Ok(Decoded {
-            item: fetched.item,
-            value,
-        }),
-        Err(e) => {
-            let detail = decode_detail(&e, fetched.response.body());
-            Err(FetchError::new(fetched.item, FetchErrorKind::Decode)
-                .with_attempts(fetched.attempts, fetched.elapsed)
-                .with_detail(detail)
-                .with_source(e)
-                .with_response(fetched.response))
-        }
-    }
-}
-
 impl<S, U> Stream for Json<S, U>
 where
     S: Stream,
@@ -146,7 +65,10 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let next = ready!(self.project().stream.poll_next(cx));
-        Poll::Ready(next.map(|r| r.into_result().and_then(|f| decode(f).map_err(Into::into))))
+        Poll::Ready(next.map(|r| {
+            r.into_result()
+                .and_then(|f| Fetched::json(f).map_err(Into::into))
+        }))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

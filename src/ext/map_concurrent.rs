@@ -11,8 +11,8 @@ use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 
 use super::concurrent::{Concurrent, StageInput, Work};
+use crate::body::Decoded;
 use crate::error::{BoxError, FetchError};
-use crate::ext::Decoded;
 use crate::step::Step;
 
 impl<T, U, E> Work<T> for Step<T, U, E>

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Response, StatusCode};
 
+use crate::body::Undecodable;
 use crate::error::{TransportError, TransportErrorKind};
-use crate::ext::json::Undecodable;
 
 type Predicate = dyn Fn(&Response<Bytes>) -> bool + Send + Sync;
 

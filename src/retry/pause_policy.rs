@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-/// What a pause rule ([`pause_on`](crate::Endpoint::pause_on)) does: pause
+/// What a pause rule ([`pause_on`](crate::WithPolicy::pause_on)) does: pause
 /// the shared handle for the server's `Retry-After`, else for the
 /// `fallback`, then send the item again; at most
 /// [`max_attempts`](Self::max_attempts) attempts for the item.
