@@ -107,7 +107,7 @@
 //!    `redis` — a `Limiter`, a `PauseHandle` and a work queue shared by many
 //!    processes through Redis (feature `redis`).
 //! 10. `demo` — an in-process server of the `/items` and GitHub-style APIs
-//!    (feature `demo`).
+//!     (feature `demo`).
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
