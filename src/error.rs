@@ -418,6 +418,9 @@ struct FailureRest {
     detail: Option<String>,
     message: String,
     source: Option<BoxError>,
+    /// The key a journal commits this failure under, when it was fixed
+    /// before the failure reached the sink.
+    key: Option<String>,
 }
 
 impl Failure {
@@ -498,9 +501,33 @@ impl Failure {
     pub fn detail(&self) -> Option<&str> {
         self.rest.detail.as_deref()
     }
+
+    /// Fixes the key a [`Journal`](crate::etl::Journal) commits this
+    /// failure under, whatever its item is.
+    ///
+    /// A journal keys a failure by the first-stage item it descends from
+    /// (see [`Journal::origin_of`](crate::etl::Journal::origin_of)); a key
+    /// fixed here wins over that. [`Journal::try_skip_done`](crate::etl::Journal::try_skip_done)
+    /// fixes the key of every error that passes through it (they come from
+    /// before the journal's items exist: the list request, a page, a bad
+    /// input line), so those never need one of their own.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.rest.key = Some(key.into());
+        self
+    }
+
+    /// The key fixed with [`with_key`](Self::with_key), if any.
+    pub fn key(&self) -> Option<&str> {
+        self.rest.key.as_deref()
+    }
 }
 
 impl Failure {
+    /// The failed item, whatever its type: for a journal to look it up.
+    pub(crate) fn item_any(&self) -> &dyn std::any::Any {
+        &*self.item
+    }
+
     /// A failure before any request: `item` could not become an input.
     pub(crate) fn invalid_input<T>(item: T, message: String, source: Option<BoxError>) -> Self
     where
@@ -518,6 +545,7 @@ impl Failure {
                 detail: None,
                 message,
                 source,
+                key: None,
             }),
             item: Box::new(item),
         }
@@ -544,6 +572,7 @@ where
                 detail: error.detail.take(),
                 message,
                 source,
+                key: None,
             }),
             item: Box::new(error.item),
         }

@@ -25,5 +25,6 @@ pub use self::journal::Journal;
 pub use self::jsonl::{read_jsonl, InputLine, JsonlError, ReadJsonl};
 pub use self::paginate::{paginate, PageRef, Paginate, Pagination};
 pub use self::sink::{
-    dead_letter_path, DeadLetter, HasItem, JournalFailure, Report, WriteJsonl, WriteJsonlFuture,
+    dead_letter_path, DeadLetter, FailedAbout, HasItem, JournalFailure, Report, WriteJsonl,
+    WriteJsonlFuture,
 };
