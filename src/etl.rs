@@ -11,9 +11,11 @@
 //!   returning a [`Report`].
 //! - [`Journal`] — the same sink, made resumable: a re-run after a crash
 //!   skips what is done and the output holds every item exactly once. It
-//!   writes multi-stage pipelines (their [`Failure`](crate::Failure)s
-//!   included), and [`Journal::open_retrying_failed`] gives an earlier
-//!   run's dead letters another chance.
+//!   writes pipelines of any number of stages (their
+//!   [`Failure`](crate::Failure)s included), keying each result by the
+//!   first-stage item it descends from ([`Journal::origin_of`]), and
+//!   [`Journal::open_retrying_failed`] gives an earlier run's dead letters
+//!   another chance.
 
 mod blocking;
 mod journal;

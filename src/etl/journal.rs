@@ -16,6 +16,17 @@
 //! number of crashes and re-runs, each item appears exactly once, in the
 //! output or in the dead letters.
 //!
+//! # One key per first-stage item, whatever stage an item ends in
+//!
+//! The journal's keys are those of the first stage's items, the ones
+//! [`Journal::skip_done`] filters: a re-run can skip only those. So every
+//! result is committed under the key of the first-stage item it descends
+//! from, in whichever stage it succeeded or failed; a later stage's item
+//! leads back to it through [`Journal::origin_of`]. A result that leads
+//! nowhere is refused (the run stops with an error naming its type) rather
+//! than committed under a key no re-run would ever skip, which would write
+//! its item a second time.
+//!
 //! Failures are committed like successes, so a plain re-run does not try
 //! them again; [`Journal::open_retrying_failed`] drops the failures from
 //! the journal (rewritten atomically) and empties the dead letters, so
