@@ -9,6 +9,7 @@
 //! the floor below them all and import nothing of the crate: no stage has
 //! to reach sideways or up into another for them.
 
+use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
@@ -91,20 +92,54 @@ pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
     format!("{error}; body starts {excerpt:?}")
 }
 
+/// Why [`locate`] found no value.
+#[derive(Debug)]
+pub(crate) enum LocateError {
+    /// The body is not JSON.
+    Malformed(serde_json::Error),
+    /// The pointer is not a JSON pointer (it must start with `/`).
+    BadPointer(String),
+    /// The pointer leads to nothing in the body.
+    Missing(String),
+}
+
+impl fmt::Display for LocateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(e) => write!(f, "malformed JSON: {e}"),
+            Self::BadPointer(p) => write!(f, "invalid JSON pointer {p:?}: must start with '/'"),
+            Self::Missing(p) => write!(f, "nothing at JSON pointer {p:?}"),
+        }
+    }
+}
+
+impl std::error::Error for LocateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Malformed(e) => Some(e),
+            Self::BadPointer(_) | Self::Missing(_) => None,
+        }
+    }
+}
+
+/// Callers that only report it keep its words: an error item's detail.
+impl From<LocateError> for String {
+    fn from(error: LocateError) -> Self {
+        error.to_string()
+    }
+}
+
 /// The byte range of the value at JSON `pointer` (RFC 6901) in `body`,
 /// found without copying or decoding anything but the path to it.
 ///
 /// The empty pointer is the whole document (which must still be valid
-/// JSON). An `Err` says why, in words fit for an error item's detail.
-pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, String> {
-    let root: &RawValue =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+/// JSON).
+pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, LocateError> {
+    let root: &RawValue = serde_json::from_slice(body).map_err(LocateError::Malformed)?;
     let mut current = root;
     if !pointer.is_empty() {
         let Some(path) = pointer.strip_prefix('/') else {
-            return Err(format!(
-                "invalid JSON pointer {pointer:?}: must start with '/'"
-            ));
+            return Err(LocateError::BadPointer(pointer.to_owned()));
         };
         for token in path.split('/') {
             let token = token.replace("~1", "/").replace("~0", "~");
@@ -124,7 +159,7 @@ pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, String>
                     }),
                 _ => None,
             };
-            current = next.ok_or_else(|| format!("nothing at JSON pointer {pointer:?}"))?;
+            current = next.ok_or_else(|| LocateError::Missing(pointer.to_owned()))?;
         }
     }
     let start = current.get().as_ptr() as usize - body.as_ptr() as usize;
@@ -142,9 +177,13 @@ mod tests {
         assert_eq!(at("/data/items").unwrap(), "[1, 2]");
         assert_eq!(at("/data/a~1b/0/x").unwrap(), "3");
         assert_eq!(at("").unwrap(), String::from_utf8(body.to_vec()).unwrap());
-        assert!(at("/data/none").unwrap_err().contains("nothing at"));
-        assert!(at("data").unwrap_err().contains("must start with"));
-        assert!(locate(b"{oops", "").unwrap_err().contains("malformed"));
+        assert!(matches!(at("/data/none"), Err(LocateError::Missing(_))));
+        assert!(matches!(at("data"), Err(LocateError::BadPointer(_))));
+        assert!(matches!(locate(b"{oops", ""), Err(LocateError::Malformed(_))));
+        assert_eq!(
+            String::from(LocateError::Missing("/a".into())),
+            r#"nothing at JSON pointer "/a""#
+        );
     }
 
     #[test]
