@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(at("").unwrap(), String::from_utf8(body.to_vec()).unwrap());
         assert!(matches!(at("/data/none"), Err(LocateError::Missing(_))));
         assert!(matches!(at("data"), Err(LocateError::BadPointer(_))));
-        assert!(matches!(locate(b"{oops", ""), Err(LocateError::Malformed(_))));
+        assert!(matches!(
+            locate(b"{oops", ""),
+            Err(LocateError::Malformed(_))
+        ));
         assert_eq!(
             String::from(LocateError::Missing("/a".into())),
             r#"nothing at JSON pointer "/a""#

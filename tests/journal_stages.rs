@@ -177,7 +177,10 @@ async fn every_first_stage_item_is_written_once_across_a_kill_and_re_runs() {
 
     // Retrying the dead letters runs items 3 and 7 again, all three stages.
     let report = run(&client, &open(&output, true)).await.unwrap();
-    assert_eq!((report.ok, report.failed, report.skipped), (2, 0, ITEMS - 2));
+    assert_eq!(
+        (report.ok, report.failed, report.skipped),
+        (2, 0, ITEMS - 2)
+    );
     assert_eq!(mock.call_count(), 2 * 3);
     let (ok, failed) = assert_exactly_once(&output);
     assert_eq!(ok, (1..=ITEMS).collect::<Vec<_>>());

@@ -426,7 +426,6 @@ impl<I> Journal<I> {
             futures::future::ready(!done)
         })
     }
-
 }
 
 impl<I: 'static> Journal<I> {
@@ -461,7 +460,8 @@ impl<I: 'static> Journal<I> {
             TypeId::of::<T>() != TypeId::of::<I>(),
             "Journal::origin_of: items of the first stage are keyed by the journal's key already"
         );
-        let origin: Arc<OriginFn<I>> = Arc::new(move |item: &dyn Any| item.downcast_ref::<T>().map(&origin));
+        let origin: Arc<OriginFn<I>> =
+            Arc::new(move |item: &dyn Any| item.downcast_ref::<T>().map(&origin));
         self.shared
             .origins
             .write()
@@ -589,9 +589,9 @@ impl<I: 'static> Journal<I> {
             line.clear();
             let (key, to_ok) = match &result {
                 Ok(value) => {
-                    let key = self.key_of(value.item()).ok_or_else(|| {
-                        self.unkeyed(std::any::type_name::<V::Item>())
-                    })?;
+                    let key = self
+                        .key_of(value.item())
+                        .ok_or_else(|| self.unkeyed(std::any::type_name::<V::Item>()))?;
                     encode(&mut line, value)?;
                     (key, true)
                 }
