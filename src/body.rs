@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::Response;
+use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 /// A decoded body, with the item it was fetched for.
@@ -86,8 +87,31 @@ impl<U: Send + 'static> DecodedBody<U> {
 #[derive(Clone, Debug)]
 pub(crate) struct Undecodable(pub(crate) String);
 
+/// Decodes a body as JSON, an empty one as `null`.
+///
+/// An empty body (a `204 No Content`'s, or a `200` with none) holds no
+/// value, which JSON spells `null`: a type that can be absent takes it
+/// (`Option<T>` as `None`, `serde_json::Value::Null`, `()`), and any other
+/// is a decode error that says so ([`decode_detail`]). Not an empty `Vec`
+/// or a `Default`: "no content" and "an empty list" are different answers
+/// (a 204 can also mean the request went somewhere it should not), and
+/// only the caller's type can say the first is acceptable.
+pub(crate) fn from_json<U: DeserializeOwned>(body: &[u8]) -> serde_json::Result<U> {
+    if body.trim_ascii().is_empty() {
+        serde_json::from_slice(b"null")
+    } else {
+        serde_json::from_slice(body)
+    }
+}
+
 /// Why `body` is not a `U`, with an excerpt of it.
 pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
+    if body.trim_ascii().is_empty() {
+        return format!(
+            "{error}: the body is empty (as a 204 No Content's is); \
+             decode into a type that can be absent, such as an Option, to accept that"
+        );
+    }
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
     format!("{error}; body starts {excerpt:?}")
 }

@@ -623,3 +623,56 @@ async fn a_quota_403_is_retried_at_its_reset_and_a_real_403_is_not() {
         .unwrap_err();
     assert_eq!(err.attempts(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_204_decodes_as_an_absent_value_and_says_so_otherwise() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/contributors/empty").respond(MockResponse::status(204)));
+    mock.mount(Route::get("/contributors/{repo}").respond(MockResponse::json(&["ann", "bob"])));
+    let client = Client::builder()
+        .transport(mock)
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let repos = || stream::iter(["full", "empty"]);
+    let endpoint = || client.get(|repo: &&str| format!("/contributors/{repo}"));
+
+    // Into a type that can be absent: `None`, no error.
+    let out: Vec<_> = repos()
+        .fetch_concurrent(2, endpoint())
+        .ordered()
+        .json::<Option<Vec<String>>>()
+        .map_ok(|d| d.value)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out, [Some(vec!["ann".to_owned(), "bob".to_owned()]), None]);
+
+    // Into a list: a decode error that names the empty body, after the
+    // attempts and decoded inside them alike.
+    for endpoint in [endpoint(), endpoint().json::<Vec<String>>()] {
+        let out: Vec<_> = repos()
+            .fetch_concurrent(2, endpoint)
+            .ordered()
+            .json::<Vec<String>>()
+            .collect()
+            .await;
+        assert!(out[0].is_ok());
+        let err = out[1].as_ref().unwrap_err();
+        assert_eq!(
+            (err.kind(), err.status()),
+            (FetchErrorKind::Decode, Some(StatusCode::NO_CONTENT))
+        );
+        let detail = err.detail().unwrap();
+        assert!(
+            detail.contains("the body is empty") && detail.contains("Option"),
+            "{detail}"
+        );
+    }
+}
+
+#[test]
+fn the_prelude_names_the_transport_trait() {
+    fn takes(_: &dyn Transport) {}
+    takes(&MockTransport::new());
+}
