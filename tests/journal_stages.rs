@@ -41,18 +41,14 @@ fn scratch(name: &str) -> PathBuf {
 /// stage 3 for item 7; every response takes 10 ms.
 fn mount(mock: &MockTransport, broken: Arc<AtomicBool>) {
     let ms10 = Latency::fixed(Duration::from_millis(10));
-    mock.mount(
-        Route::get("/items/{id}")
-            .latency(ms10.clone())
-            .respond_with(|r| {
-                let id: u64 = r.param("id").unwrap().parse().unwrap();
-                MockResponse::json(&serde_json::json!({ "id": id, "slug": format!("s{id}") }))
-            }),
-    );
+    mock.mount(Route::get("/items/{id}").latency(ms10).respond_with(|r| {
+        let id: u64 = r.param("id").unwrap().parse().unwrap();
+        MockResponse::json(&serde_json::json!({ "id": id, "slug": format!("s{id}") }))
+    }));
     let stage2 = broken.clone();
     mock.mount(
         Route::get("/details/{slug}")
-            .latency(ms10.clone())
+            .latency(ms10)
             .respond_with(move |r| {
                 let id: u64 = r.param("slug").unwrap()[1..].parse().unwrap();
                 if id == 3 && stage2.load(Ordering::SeqCst) {
