@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::Response;
+use http::{Response, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
@@ -87,17 +87,20 @@ impl<U: Send + 'static> DecodedBody<U> {
 #[derive(Clone, Debug)]
 pub(crate) struct Undecodable(pub(crate) String);
 
-/// Decodes a body as JSON, an empty one as `null`.
+/// Decodes a response's body as JSON; a `204 No Content`'s as `null`.
 ///
-/// An empty body (a `204 No Content`'s, or a `200` with none) holds no
-/// value, which JSON spells `null`: a type that can be absent takes it
-/// (`Option<T>` as `None`, `serde_json::Value::Null`, `()`), and any other
-/// is a decode error that says so ([`decode_detail`]). Not an empty `Vec`
-/// or a `Default`: "no content" and "an empty list" are different answers
-/// (a 204 can also mean the request went somewhere it should not), and
-/// only the caller's type can say the first is acceptable.
-pub(crate) fn from_json<U: DeserializeOwned>(body: &[u8]) -> serde_json::Result<U> {
-    if body.trim_ascii().is_empty() {
+/// A 204 holds no value by definition, which JSON spells `null`: a type
+/// that can be absent takes it (`Option<T>` as `None`,
+/// `serde_json::Value::Null`, `()`), and any other gets a decode error that
+/// says so ([`decode_detail`]). Not an empty `Vec` or a `Default`: "no
+/// content" and "an empty list" are different answers (a 204 can also mean
+/// the request went somewhere it should not), and only the caller's type
+/// can say the first is acceptable. Any other status with an empty body
+/// stays undecodable: a body cut to nothing is a fault to see (and, with
+/// [`Matcher::undecodable`](crate::retry::Matcher::undecodable), retry).
+pub(crate) fn from_json<U: DeserializeOwned>(response: &Response<Bytes>) -> serde_json::Result<U> {
+    let body = response.body();
+    if response.status() == StatusCode::NO_CONTENT && body.trim_ascii().is_empty() {
         serde_json::from_slice(b"null")
     } else {
         serde_json::from_slice(body)
@@ -108,8 +111,8 @@ pub(crate) fn from_json<U: DeserializeOwned>(body: &[u8]) -> serde_json::Result<
 pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
     if body.trim_ascii().is_empty() {
         return format!(
-            "{error}: the body is empty (as a 204 No Content's is); \
-             decode into a type that can be absent, such as an Option, to accept that"
+            "{error}: the body is empty (a 204 No Content decodes only into a type \
+             that can be absent, such as an Option)"
         );
     }
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);

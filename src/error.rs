@@ -189,10 +189,10 @@ pub enum FetchErrorKind {
     /// waiting: every timeout, in one kind.
     Timeout(TimeoutScope),
     /// The body could not be decoded into the requested type; the detail
-    /// holds why and an excerpt of the body. An empty body (a `204 No
-    /// Content`'s) decodes as JSON `null`: into an `Option` as `None`, and
-    /// into a type that cannot be absent (a `Vec`, a struct) as this error,
-    /// whose detail says the body was empty.
+    /// holds why and an excerpt of the body. A `204 No Content` decodes as
+    /// JSON `null`: into an `Option` as `None`, and into a type that cannot
+    /// be absent (a `Vec`, a struct) as this error, whose detail says the
+    /// body was empty. An empty body with any other status is this error.
     Decode,
     /// Pagination led back to a page already fetched. From the
     /// [`paginate`](crate::etl::paginate) source.
