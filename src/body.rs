@@ -9,11 +9,13 @@
 //! the floor below them all and import nothing of the crate: no stage has
 //! to reach sideways or up into another for them.
 
+use std::fmt;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::Response;
+use http::{Response, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
 
 /// A decoded body, with the item it was fetched for.
@@ -85,26 +87,86 @@ impl<U: Send + 'static> DecodedBody<U> {
 #[derive(Clone, Debug)]
 pub(crate) struct Undecodable(pub(crate) String);
 
+/// Decodes a response's body as JSON; a `204 No Content`'s as `null`.
+///
+/// A 204 holds no value by definition, which JSON spells `null`: a type
+/// that can be absent takes it (`Option<T>` as `None`,
+/// `serde_json::Value::Null`, `()`), and any other gets a decode error that
+/// says so ([`decode_detail`]). Not an empty `Vec` or a `Default`: "no
+/// content" and "an empty list" are different answers (a 204 can also mean
+/// the request went somewhere it should not), and only the caller's type
+/// can say the first is acceptable. Any other status with an empty body
+/// stays undecodable: a body cut to nothing is a fault to see (and, with
+/// [`Matcher::undecodable`](crate::retry::Matcher::undecodable), retry).
+pub(crate) fn from_json<U: DeserializeOwned>(response: &Response<Bytes>) -> serde_json::Result<U> {
+    let body = response.body();
+    if response.status() == StatusCode::NO_CONTENT && body.trim_ascii().is_empty() {
+        serde_json::from_slice(b"null")
+    } else {
+        serde_json::from_slice(body)
+    }
+}
+
 /// Why `body` is not a `U`, with an excerpt of it.
 pub(crate) fn decode_detail(error: &serde_json::Error, body: &[u8]) -> String {
+    if body.trim_ascii().is_empty() {
+        return format!(
+            "{error}: the body is empty (a 204 No Content decodes only into a type \
+             that can be absent, such as an Option)"
+        );
+    }
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
     format!("{error}; body starts {excerpt:?}")
+}
+
+/// Why [`locate`] found no value.
+#[derive(Debug)]
+pub(crate) enum LocateError {
+    /// The body is not JSON.
+    Malformed(serde_json::Error),
+    /// The pointer is not a JSON pointer (it must start with `/`).
+    BadPointer(String),
+    /// The pointer leads to nothing in the body.
+    Missing(String),
+}
+
+impl fmt::Display for LocateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(e) => write!(f, "malformed JSON: {e}"),
+            Self::BadPointer(p) => write!(f, "invalid JSON pointer {p:?}: must start with '/'"),
+            Self::Missing(p) => write!(f, "nothing at JSON pointer {p:?}"),
+        }
+    }
+}
+
+impl std::error::Error for LocateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Malformed(e) => Some(e),
+            Self::BadPointer(_) | Self::Missing(_) => None,
+        }
+    }
+}
+
+/// Callers that only report it keep its words: an error item's detail.
+impl From<LocateError> for String {
+    fn from(error: LocateError) -> Self {
+        error.to_string()
+    }
 }
 
 /// The byte range of the value at JSON `pointer` (RFC 6901) in `body`,
 /// found without copying or decoding anything but the path to it.
 ///
 /// The empty pointer is the whole document (which must still be valid
-/// JSON). An `Err` says why, in words fit for an error item's detail.
-pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, String> {
-    let root: &RawValue =
-        serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
+/// JSON).
+pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, LocateError> {
+    let root: &RawValue = serde_json::from_slice(body).map_err(LocateError::Malformed)?;
     let mut current = root;
     if !pointer.is_empty() {
         let Some(path) = pointer.strip_prefix('/') else {
-            return Err(format!(
-                "invalid JSON pointer {pointer:?}: must start with '/'"
-            ));
+            return Err(LocateError::BadPointer(pointer.to_owned()));
         };
         for token in path.split('/') {
             let token = token.replace("~1", "/").replace("~0", "~");
@@ -124,7 +186,7 @@ pub(crate) fn locate(body: &[u8], pointer: &str) -> Result<Range<usize>, String>
                     }),
                 _ => None,
             };
-            current = next.ok_or_else(|| format!("nothing at JSON pointer {pointer:?}"))?;
+            current = next.ok_or_else(|| LocateError::Missing(pointer.to_owned()))?;
         }
     }
     let start = current.get().as_ptr() as usize - body.as_ptr() as usize;
@@ -142,9 +204,16 @@ mod tests {
         assert_eq!(at("/data/items").unwrap(), "[1, 2]");
         assert_eq!(at("/data/a~1b/0/x").unwrap(), "3");
         assert_eq!(at("").unwrap(), String::from_utf8(body.to_vec()).unwrap());
-        assert!(at("/data/none").unwrap_err().contains("nothing at"));
-        assert!(at("data").unwrap_err().contains("must start with"));
-        assert!(locate(b"{oops", "").unwrap_err().contains("malformed"));
+        assert!(matches!(at("/data/none"), Err(LocateError::Missing(_))));
+        assert!(matches!(at("data"), Err(LocateError::BadPointer(_))));
+        assert!(matches!(
+            locate(b"{oops", ""),
+            Err(LocateError::Malformed(_))
+        ));
+        assert_eq!(
+            String::from(LocateError::Missing("/a".into())),
+            r#"nothing at JSON pointer "/a""#
+        );
     }
 
     #[test]

@@ -202,7 +202,7 @@ impl<T> Fetched<T> {
                 value,
             });
         }
-        match serde_json::from_slice(self.response.body()) {
+        match crate::body::from_json(&self.response) {
             Ok(value) => Ok(Decoded {
                 item: self.item,
                 value,
@@ -286,7 +286,7 @@ impl<T> Endpoint<T> {
             if !response.status().is_success() {
                 return;
             }
-            match serde_json::from_slice::<U>(response.body()) {
+            match crate::body::from_json::<U>(response) {
                 Ok(value) => {
                     response.extensions_mut().insert(DecodedBody::new(value));
                 }

@@ -1,6 +1,9 @@
 //! Error types, one per concern: sending ([`TransportError`]), describing a
 //! request or a client ([`BuildError`]), and fetching an item
-//! ([`FetchError`], which always carries the item it failed on).
+//! ([`FetchError`], which always carries the item it failed on, and
+//! [`Failure`], the same with the item's type erased, for pipelines whose
+//! stages have different items). Why an item failed is a
+//! [`FetchErrorKind`], whose docs say where each kind comes from.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -19,7 +22,9 @@ pub enum TransportErrorKind {
     Connect,
     /// The connection was reset or closed before the whole response arrived.
     Reset,
-    /// The attempt took longer than its timeout.
+    /// The attempt took longer than its timeout. A fetch that ends on it
+    /// fails with [`FetchErrorKind::Timeout`], not
+    /// [`FetchErrorKind::Transport`]: one form for every timeout.
     Timeout,
     /// The response body was larger than the configured cap; reading stopped
     /// at the cap, so memory stayed bounded.
@@ -140,25 +145,61 @@ pub enum TimeoutScope {
     Item,
 }
 
-/// Why an item could not be fetched.
+/// Why an item could not be fetched, or never got as far as a fetch.
+///
+/// One list for every stage, so a dead letter, a report or a `match` reads
+/// the same whichever stage failed. Each kind comes from one place:
+///
+/// | kind | where it comes from | request sent? |
+/// | --- | --- | --- |
+/// | [`Build`](Self::Build) | the endpoint: the item did not make a valid request | no |
+/// | [`Status`](Self::Status) | the server: a final response that is not a success | yes |
+/// | [`Transport`](Self::Transport) | the transport: no response (connect, reset, body cap...) | yes |
+/// | [`Timeout`](Self::Timeout) | a per-attempt or per-item timeout | yes |
+/// | [`Decode`](Self::Decode) | a body that is not the type asked for ([`json`](crate::SluiceExt::json), [`flat_unpack`](crate::SluiceExt::flat_unpack)) | yes |
+/// | [`LimiterUnavailable`](Self::LimiterUnavailable) | flow control: a remote budget could not be reached | no |
+/// | [`PaginationLoop`](Self::PaginationLoop) | ETL source: [`paginate`](crate::etl::paginate) met a page twice | no (for that page) |
+/// | [`InvalidInput`](Self::InvalidInput) | ETL source: a bad input record ([`read_jsonl`](crate::etl::read_jsonl)) | no |
+/// | [`Step`](Self::Step) | a [`Step`](crate::Step) (work that is not HTTP) | its own |
+///
+/// # Was it a timeout?
+///
+/// Ask [`is_timeout`](Self::is_timeout) (or [`FetchError::is_timeout`],
+/// [`Failure::is_timeout`]). A timed-out attempt is always
+/// `Timeout(TimeoutScope::Attempt)`, whoever gave up: the endpoint's
+/// per-attempt timeout or the transport itself (reqwest's own timeout, a
+/// tower timeout layer); the transport's error stays reachable as the
+/// error's [`source`](std::error::Error::source). So
+/// `Transport(TransportErrorKind::Timeout)` never reaches a `FetchError`.
 #[non_exhaustive]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FetchErrorKind {
-    /// The request builder produced a request that cannot be sent.
+    /// The request builder produced a request that cannot be sent (bad
+    /// URI, bad header, an absolute URL to another origin); nothing was
+    /// sent.
     Build,
     /// The final response had a status that is not a success, and no rule
-    /// retried it (or the retries ran out).
+    /// retried it (or the retries ran out). The response is kept
+    /// ([`FetchError::response`]).
     Status(StatusCode),
-    /// The final attempt failed in the transport.
+    /// The final attempt failed in the transport, for a reason other than
+    /// time (see [`Timeout`](Self::Timeout)).
     Transport(TransportErrorKind),
-    /// A per-attempt or per-item timeout fired.
+    /// A per-attempt or per-item timeout fired, or the transport gave up
+    /// waiting: every timeout, in one kind.
     Timeout(TimeoutScope),
-    /// The body could not be decoded into the requested type.
+    /// The body could not be decoded into the requested type; the detail
+    /// holds why and an excerpt of the body. A `204 No Content` decodes as
+    /// JSON `null`: into an `Option` as `None`, and into a type that cannot
+    /// be absent (a `Vec`, a struct) as this error, whose detail says the
+    /// body was empty. An empty body with any other status is this error.
     Decode,
-    /// Pagination led back to a page already fetched.
+    /// Pagination led back to a page already fetched. From the
+    /// [`paginate`](crate::etl::paginate) source.
     PaginationLoop,
-    /// A shared rate limiter (Redis) could not be reached in time, and it
-    /// fails closed: nothing was sent.
+    /// A shared budget kept outside the process (such as the Redis limiter,
+    /// feature `redis`) could not be reached in time, and it fails closed:
+    /// nothing was sent. The reason is the [`source`](std::error::Error::source).
     LimiterUnavailable,
     /// An input record could not be read, such as a bad line of a JSONL
     /// file ([`read_jsonl`](crate::etl::read_jsonl)): nothing was sent.
@@ -166,6 +207,27 @@ pub enum FetchErrorKind {
     /// A [`Step`](crate::Step)'s last attempt failed; its error is the
     /// [`source`](std::error::Error::source).
     Step,
+}
+
+impl FetchErrorKind {
+    /// Whether time ran out: a per-attempt or per-item timeout, or the
+    /// transport's own. The one question to ask; see
+    /// [the type's docs](Self#was-it-a-timeout).
+    pub fn is_timeout(self) -> bool {
+        matches!(
+            self,
+            Self::Timeout(_) | Self::Transport(TransportErrorKind::Timeout)
+        )
+    }
+
+    /// `Transport(Timeout)` as `Timeout(Attempt)`, so each timeout has one
+    /// form whoever reported it.
+    fn normalized(self) -> Self {
+        match self {
+            Self::Transport(TransportErrorKind::Timeout) => Self::Timeout(TimeoutScope::Attempt),
+            kind => kind,
+        }
+    }
 }
 
 impl fmt::Display for FetchErrorKind {
@@ -231,7 +293,7 @@ impl<T> FetchError<T> {
     pub(crate) fn new(item: T, kind: FetchErrorKind) -> Self {
         Self {
             item,
-            kind,
+            kind: kind.normalized(),
             attempts: 0,
             elapsed: Duration::ZERO,
             response: None,
@@ -284,12 +346,10 @@ impl<T> FetchError<T> {
         }
     }
 
-    /// Whether a per-attempt or per-item timeout ended the item.
+    /// Whether time ran out: a per-attempt or per-item timeout, or the
+    /// transport's own ([`FetchErrorKind::is_timeout`]).
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self.kind,
-            FetchErrorKind::Timeout(_) | FetchErrorKind::Transport(TransportErrorKind::Timeout)
-        )
+        self.kind.is_timeout()
     }
 
     /// How many requests were sent for this item (0 if none could be built).
@@ -365,6 +425,18 @@ impl<T: fmt::Debug> StdError for FetchError<T> {
 /// A failed item of any stage, with its item type erased: what a pipeline
 /// of several stages uses as its one error type.
 ///
+/// # Why `Failure` beside `FetchError`
+///
+/// A stream has one error type. A [`FetchError<T>`] is typed by its
+/// stage's item, so where stages with different items meet (ids, then
+/// details fetched for them), the errors of both cannot share a stream.
+/// `Failure` is a `FetchError` whose item type is erased: the same facts
+/// ([`kind`](Self::kind), [`status`](Self::status),
+/// [`attempts`](Self::attempts), [`response`](Self::response),
+/// [`is_timeout`](Self::is_timeout)...), the item kept as itself and as
+/// JSON. Use `FetchError<T>` for one stage and `Failure` where stages
+/// meet; nothing is lost between them ([`downcast`](Self::downcast)).
+///
 /// A stage's [`FetchError<T>`] is typed by that stage's item; when stages
 /// with different items are chained with
 /// [`try_fetch_concurrent`](crate::SluiceExt::try_fetch_concurrent), every
@@ -418,6 +490,9 @@ struct FailureRest {
     detail: Option<String>,
     message: String,
     source: Option<BoxError>,
+    /// The key a journal commits this failure under, when it was fixed
+    /// before the failure reached the sink.
+    key: Option<String>,
 }
 
 impl Failure {
@@ -479,6 +554,12 @@ impl Failure {
         self.status
     }
 
+    /// Whether time ran out: a per-attempt or per-item timeout, or the
+    /// transport's own ([`FetchErrorKind::is_timeout`]).
+    pub fn is_timeout(&self) -> bool {
+        self.kind.is_timeout()
+    }
+
     /// Requests sent for the item.
     pub fn attempts(&self) -> u32 {
         self.attempts
@@ -498,9 +579,33 @@ impl Failure {
     pub fn detail(&self) -> Option<&str> {
         self.rest.detail.as_deref()
     }
+
+    /// Fixes the key a [`Journal`](crate::etl::Journal) commits this
+    /// failure under, whatever its item is.
+    ///
+    /// A journal keys a failure by the first-stage item it descends from
+    /// (see [`Journal::origin_of`](crate::etl::Journal::origin_of)); a key
+    /// fixed here wins over that. [`Journal::try_skip_done`](crate::etl::Journal::try_skip_done)
+    /// fixes the key of every error that passes through it (they come from
+    /// before the journal's items exist: the list request, a page, a bad
+    /// input line), so those never need one of their own.
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.rest.key = Some(key.into());
+        self
+    }
+
+    /// The key fixed with [`with_key`](Self::with_key), if any.
+    pub fn key(&self) -> Option<&str> {
+        self.rest.key.as_deref()
+    }
 }
 
 impl Failure {
+    /// The failed item, whatever its type: for a journal to look it up.
+    pub(crate) fn item_any(&self) -> &dyn std::any::Any {
+        &*self.item
+    }
+
     /// A failure before any request: `item` could not become an input.
     pub(crate) fn invalid_input<T>(item: T, message: String, source: Option<BoxError>) -> Self
     where
@@ -518,6 +623,7 @@ impl Failure {
                 detail: None,
                 message,
                 source,
+                key: None,
             }),
             item: Box::new(item),
         }
@@ -544,6 +650,7 @@ where
                 detail: error.detail.take(),
                 message,
                 source,
+                key: None,
             }),
             item: Box::new(error.item),
         }
@@ -573,5 +680,40 @@ impl StdError for Failure {
             .source
             .as_deref()
             .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_has_one_form_whoever_reports_it() {
+        let transport =
+            FetchError::new(1u32, FetchErrorKind::Transport(TransportErrorKind::Timeout));
+        assert_eq!(
+            transport.kind(),
+            FetchErrorKind::Timeout(TimeoutScope::Attempt)
+        );
+        assert!(transport.is_timeout());
+        let item = FetchError::new(2u32, FetchErrorKind::Timeout(TimeoutScope::Item));
+        assert!(item.is_timeout() && Failure::from(item).is_timeout());
+        let reset = FetchError::new(3u32, FetchErrorKind::Transport(TransportErrorKind::Reset));
+        assert_eq!(
+            reset.kind(),
+            FetchErrorKind::Transport(TransportErrorKind::Reset)
+        );
+        assert!(!reset.is_timeout() && !Failure::from(reset).is_timeout());
+    }
+
+    #[test]
+    fn a_failure_keeps_a_key_given_to_it() {
+        let failure = Failure::from(FetchError::new("x", FetchErrorKind::Decode));
+        assert_eq!(failure.key(), None);
+        let failure = failure.with_key("7");
+        assert_eq!(
+            (failure.key(), failure.item::<&str>()),
+            (Some("7"), Some(&"x"))
+        );
     }
 }

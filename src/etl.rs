@@ -11,9 +11,11 @@
 //!   returning a [`Report`].
 //! - [`Journal`] — the same sink, made resumable: a re-run after a crash
 //!   skips what is done and the output holds every item exactly once. It
-//!   writes multi-stage pipelines (their [`Failure`](crate::Failure)s
-//!   included), and [`Journal::open_retrying_failed`] gives an earlier
-//!   run's dead letters another chance.
+//!   writes pipelines of any number of stages (their
+//!   [`Failure`](crate::Failure)s included), keying each result by the
+//!   first-stage item it descends from ([`Journal::origin_of`]), and
+//!   [`Journal::open_retrying_failed`] gives an earlier run's dead letters
+//!   another chance.
 
 mod blocking;
 mod journal;
@@ -25,5 +27,6 @@ pub use self::journal::Journal;
 pub use self::jsonl::{read_jsonl, InputLine, JsonlError, ReadJsonl};
 pub use self::paginate::{paginate, PageRef, Paginate, Pagination};
 pub use self::sink::{
-    dead_letter_path, DeadLetter, HasItem, JournalFailure, Report, WriteJsonl, WriteJsonlFuture,
+    dead_letter_path, DeadLetter, FailedAbout, HasItem, JournalFailure, Report, WriteJsonl,
+    WriteJsonlFuture,
 };

@@ -208,7 +208,7 @@ pub mod prelude {
     pub use crate::TowerTransport;
     pub use crate::{
         Client, Decoded, Endpoint, Failure, FetchError, FetchErrorKind, Fetched, KeyedLimiter,
-        Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, Step, WithPolicy,
+        Limiter, PauseHandle, Rate, RequestSpec, SluiceExt, Stats, Step, Transport, WithPolicy,
     };
     pub use futures::{stream, StreamExt, TryStreamExt};
     pub use http::StatusCode;

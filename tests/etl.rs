@@ -612,8 +612,10 @@ async fn a_journal_commits_each_result_before_it_asks_for_the_next() {
         .collect()
         .await;
     assert_eq!(todo, (50..60).collect::<Vec<_>>());
-    let todo: Vec<Result<u64, ()>> = again
-        .try_skip_done(stream::iter(ids.iter().map(|id| Ok(*id))))
+    let todo: Vec<Result<u64, sluicegate::Failure>> = again
+        .try_skip_done(stream::iter(
+            ids.iter().map(|id| Ok::<_, sluicegate::Failure>(*id)),
+        ))
         .collect()
         .await;
     assert_eq!(todo.len(), 10);

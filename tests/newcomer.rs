@@ -559,3 +559,120 @@ async fn retrying_dead_letters_survives_a_crash_between_its_two_steps() {
     assert_eq!(rewritten, std::fs::read(&journal_path).unwrap());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_quota_403_is_retried_at_its_reset_and_a_real_403_is_not() {
+    // GitHub's way: a spent quota is a 403 with its reset as a Unix time,
+    // read against the response's Date.
+    let spent = || {
+        MockResponse::status(403)
+            .header("date", "Sun, 09 Sep 2001 01:46:40 GMT") // Unix 1_000_000_000
+            .header("x-ratelimit-limit", "60")
+            .header("x-ratelimit-remaining", "0")
+            .header("x-ratelimit-reset", "1000000045")
+    };
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/quota/always").respond(spent()));
+    mock.mount(Route::get("/quota/once").sequence([spent(), MockResponse::json(&["ok"])]));
+    mock.mount(Route::get("/private").respond(MockResponse::status(403)));
+    // A client each: the first quota 403 holds its client's limiter.
+    let client = || {
+        Client::builder()
+            .transport(mock.clone())
+            .base_url("http://mock")
+            .build()
+            .unwrap()
+    };
+    let backoff = || Backoff::constant(Duration::from_secs(1));
+
+    // `retry_on(429)` does not see it: the item fails on its first 403.
+    let err = client()
+        .get(|_: &()| "/quota/always")
+        .retry_on(429, backoff())
+        .fetch(())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.attempts()),
+        (Some(StatusCode::FORBIDDEN), 1)
+    );
+
+    // The quota matcher retries it, sent again at the reset the headers gave.
+    let start = tokio::time::Instant::now();
+    let fetched = client()
+        .get(|_: &()| "/quota/once")
+        .retry_on(Matcher::quota_exhausted(), backoff())
+        .fetch(())
+        .await
+        .unwrap();
+    assert_eq!(fetched.attempts, 2);
+    let sent: Vec<_> = mock
+        .calls()
+        .iter()
+        .filter(|c| c.uri.path() == "/quota/once")
+        .map(|c| c.sent_at.duration_since(start))
+        .collect();
+    assert_eq!(sent, [Duration::ZERO, Duration::from_secs(45)]);
+
+    // A 403 that says nothing about a quota is a real "forbidden": final.
+    let err = client()
+        .get(|_: &()| "/private")
+        .retry_on(Matcher::quota_exhausted(), backoff())
+        .fetch(())
+        .await
+        .unwrap_err();
+    assert_eq!(err.attempts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_204_decodes_as_an_absent_value_and_says_so_otherwise() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/contributors/empty").respond(MockResponse::status(204)));
+    mock.mount(Route::get("/contributors/{repo}").respond(MockResponse::json(&["ann", "bob"])));
+    let client = Client::builder()
+        .transport(mock)
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let repos = || stream::iter(["full", "empty"]);
+    let endpoint = || client.get(|repo: &&str| format!("/contributors/{repo}"));
+
+    // Into a type that can be absent: `None`, no error.
+    let out: Vec<_> = repos()
+        .fetch_concurrent(2, endpoint())
+        .ordered()
+        .json::<Option<Vec<String>>>()
+        .map_ok(|d| d.value)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(out, [Some(vec!["ann".to_owned(), "bob".to_owned()]), None]);
+
+    // Into a list: a decode error that names the empty body, after the
+    // attempts and decoded inside them alike.
+    for endpoint in [endpoint(), endpoint().json::<Vec<String>>()] {
+        let out: Vec<_> = repos()
+            .fetch_concurrent(2, endpoint)
+            .ordered()
+            .json::<Vec<String>>()
+            .collect()
+            .await;
+        assert!(out[0].is_ok());
+        let err = out[1].as_ref().unwrap_err();
+        assert_eq!(
+            (err.kind(), err.status()),
+            (FetchErrorKind::Decode, Some(StatusCode::NO_CONTENT))
+        );
+        let detail = err.detail().unwrap();
+        assert!(
+            detail.contains("the body is empty") && detail.contains("Option"),
+            "{detail}"
+        );
+    }
+}
+
+#[test]
+fn the_prelude_names_the_transport_trait() {
+    fn takes(_: &dyn Transport) {}
+    takes(&MockTransport::new());
+}

@@ -16,6 +16,17 @@
 //! number of crashes and re-runs, each item appears exactly once, in the
 //! output or in the dead letters.
 //!
+//! # One key per first-stage item, whatever stage an item ends in
+//!
+//! The journal's keys are those of the first stage's items, the ones
+//! [`Journal::skip_done`] filters: a re-run can skip only those. So every
+//! result is committed under the key of the first-stage item it descends
+//! from, in whichever stage it succeeded or failed; a later stage's item
+//! leads back to it through [`Journal::origin_of`]. A result that leads
+//! nowhere is refused (the run stops with an error naming its type) rather
+//! than committed under a key no re-run would ever skip, which would write
+//! its item a second time.
+//!
 //! Failures are committed like successes, so a plain re-run does not try
 //! them again; [`Journal::open_retrying_failed`] drops the failures from
 //! the journal (rewritten atomically) and empties the dead letters, so
@@ -36,25 +47,33 @@
 //! the last item when the next is asked for. Items that are already done
 //! cost no hop at all.
 
-use std::collections::HashSet;
+use std::any::{Any, TypeId};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 use futures::stream::{Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use super::blocking::{joined, spawn_blocking};
-use super::sink::{dead_letter_path, encode, in_file, HasItem, JournalFailure, Report};
+use super::sink::{
+    dead_letter_path, encode, in_file, FailedAbout, HasItem, JournalFailure, Report,
+};
+use crate::error::Failure;
 
 /// How a journal keys its items. `Send + Sync` because clones of one
 /// journal are used at once from the tasks of a pipeline (the filter of
 /// `skip_done` and the sink); `'static` because a `Journal` borrows nothing.
 type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
+
+/// The first-stage item an item of a later stage descends from, given the
+/// later item as `Any` (`None` when it is not of the type registered).
+type OriginFn<I> = dyn Fn(&dyn Any) -> Option<I> + Send + Sync;
 
 /// A resumable JSONL sink: skips items an earlier run finished, and writes
 /// each item exactly once across crashes and re-runs.
@@ -94,12 +113,89 @@ type KeyFn<I> = dyn Fn(&I) -> String + Send + Sync;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Three stages
+///
+/// A journal keys every result by the first stage's item (here an id), so
+/// that a re-run skips that item whichever stage it ended in. A later
+/// stage's results are about that stage's items (a `Detail` fetched for an
+/// id): [`origin_of`](Self::origin_of) says, once per such type, which id
+/// one comes from. Give the sink what the last stage yields (a
+/// [`Decoded`](crate::Decoded), written as its value alone): it knows its
+/// item. A result the journal cannot key stops the run with an error naming
+/// its type, never a second copy of an item on a re-run.
+///
+/// ```
+/// use sluicegate::etl::Journal;
+/// use sluicegate::prelude::*;
+///
+/// #[derive(serde::Deserialize, serde::Serialize)]
+/// struct Summary { id: u64, slug: String }
+/// #[derive(serde::Deserialize, serde::Serialize)]
+/// struct Detail { id: u64, owner: String }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let mock = MockTransport::new();
+/// mock.mount(Route::get("/items/{id}").respond_with(|r| {
+///     let id: u64 = r.param("id").unwrap().parse().unwrap();
+///     MockResponse::json(&serde_json::json!({ "id": id, "slug": format!("s{id}") }))
+/// }));
+/// mock.mount(Route::get("/details/{slug}").respond_with(|r| {
+///     let id: u64 = r.param("slug").unwrap()[1..].parse().unwrap();
+///     MockResponse::json(&serde_json::json!({ "id": id, "owner": format!("o{id}") }))
+/// }));
+/// // Stage 3 fails for item 2 on the first run only.
+/// mock.mount(Route::get("/owners/o2").sequence([MockResponse::status(500), MockResponse::json(&["x"])]));
+/// mock.mount(Route::get("/owners/{owner}").respond(MockResponse::json(&["a", "b"])));
+/// let client = Client::builder().transport(mock.clone()).base_url("http://mock").build()?;
+/// let dir = std::env::temp_dir().join(format!("sluicegate-journal-stages-doc-{}", std::process::id()));
+/// std::fs::create_dir_all(&dir)?;
+/// let output = dir.join("owners.jsonl");
+///
+/// for retry_failed in [false, true] {
+///     let key = |id: &u64| id.to_string();
+///     let journal = if retry_failed {
+///         Journal::open_retrying_failed(&output, key)?
+///     } else {
+///         Journal::open(&output, key)?
+///     }
+///     .origin_of(|summary: &Summary| summary.id) // stage 2's items
+///     .origin_of(|detail: &Detail| detail.id); // stage 3's items
+///     let results = journal
+///         .skip_done(stream::iter(1..=3u64))
+///         .fetch_concurrent(2, client.get(|id: &u64| format!("/items/{id}")))
+///         .json::<Summary>()
+///         .map_ok(|d| d.value)
+///         .try_fetch_concurrent(2, client.get(|s: &Summary| format!("/details/{}", s.slug)))
+///         .json::<Detail>()
+///         .map_ok(|d| d.value)
+///         .try_fetch_concurrent(2, client.get(|d: &Detail| format!("/owners/{}", d.owner)))
+///         .json::<Vec<String>>(); // Decoded<Detail, Vec<String>>: keyed by its Detail's id
+///     let report = journal.write_jsonl(results).await?;
+///     if retry_failed {
+///         // Only item 2, dead-lettered by stage 3, went through again.
+///         assert_eq!((report.ok, report.failed, report.skipped), (1, 0, 2));
+///     } else {
+///         assert_eq!((report.ok, report.failed, report.skipped), (2, 1, 0));
+///     }
+/// }
+/// assert_eq!(std::fs::read_to_string(dir.join("owners.jsonl"))?.lines().count(), 3);
+/// assert_eq!(std::fs::read_to_string(dir.join("owners.failed.jsonl"))?, "");
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct Journal<I> {
     shared: Arc<Shared<I>>,
 }
 
 struct Shared<I> {
     key: Box<KeyFn<I>>,
+    /// By the type of a later stage's item: the first-stage item it comes
+    /// from. Read per result, written only by `origin_of`; the function is
+    /// cloned out before it is called, so no lock is held across user code.
+    origins: RwLock<HashMap<TypeId, Arc<OriginFn<I>>>>,
     skipped: AtomicU64,
     store: Arc<Store>,
 }
@@ -281,6 +377,7 @@ impl<I> Journal<I> {
         Ok(Self {
             shared: Arc::new(Shared {
                 key,
+                origins: RwLock::new(HashMap::new()),
                 skipped: AtomicU64::new(0),
                 store: Arc::new(Store {
                     output,
@@ -310,27 +407,6 @@ impl<I> Journal<I> {
         self.shared.store.done().contains(&key)
     }
 
-    /// Like [`skip_done`](Self::skip_done), on a stream of `Result`s: `Ok`
-    /// items an earlier run finished are dropped, errors pass through (to
-    /// be dead-lettered). For the later stages of a pipeline, such as the
-    /// ids unpacked from a list.
-    ///
-    /// The stream returned holds a clone of the journal and `items`: it is
-    /// `Send` when `items` is, and `'static` when `items` and `I` are.
-    pub fn try_skip_done<S, E>(&self, items: S) -> impl Stream<Item = Result<I, E>>
-    where
-        S: Stream<Item = Result<I, E>>,
-    {
-        let journal = self.clone();
-        items.filter(move |item| {
-            let done = item.as_ref().is_ok_and(|item| journal.is_done(item));
-            if done {
-                journal.shared.skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            futures::future::ready(!done)
-        })
-    }
-
     /// Drops the items of `items` that an earlier run finished (counted as
     /// skipped in the report). Checking an item takes no file access: the
     /// journal's keys are in memory.
@@ -350,6 +426,122 @@ impl<I> Journal<I> {
             futures::future::ready(!done)
         })
     }
+}
+
+impl<I: 'static> Journal<I> {
+    /// Tells the journal which first-stage item an item of a later stage
+    /// descends from, so that its results are keyed as that item is.
+    ///
+    /// A journal keys every result by the first stage's item (with the
+    /// key function given to [`open`](Self::open)), so that a re-run skips
+    /// it, whichever stage it ended in. The outputs and failures of a later
+    /// stage are about that stage's items (a `Detail` fetched for an id),
+    /// so for each later stage's item type, say how to get back to the
+    /// first stage's item. Call it once per type, before the run.
+    ///
+    /// A result the journal cannot key (its item is neither an `I` nor of
+    /// a type given here, and it has no key of its own) stops
+    /// [`write_jsonl`](Self::write_jsonl) with an error naming the type,
+    /// before anything of it is written: keying it by itself would let a
+    /// re-run fetch its first-stage item again and write that item twice.
+    ///
+    /// See the [type's docs](Journal#three-stages) for a whole pipeline.
+    ///
+    /// # Panics
+    ///
+    /// If `T` is `I` (first-stage items are keyed by `key` already).
+    #[track_caller]
+    pub fn origin_of<T, F>(self, origin: F) -> Self
+    where
+        T: 'static,
+        F: Fn(&T) -> I + Send + Sync + 'static,
+    {
+        assert!(
+            TypeId::of::<T>() != TypeId::of::<I>(),
+            "Journal::origin_of: items of the first stage are keyed by the journal's key already"
+        );
+        let origin: Arc<OriginFn<I>> =
+            Arc::new(move |item: &dyn Any| item.downcast_ref::<T>().map(&origin));
+        self.shared
+            .origins
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(TypeId::of::<T>(), origin);
+        self
+    }
+
+    /// The key of a result about `item`: its own, or its first-stage
+    /// item's. `None` when the journal cannot tell which that is.
+    fn key_of(&self, item: &dyn Any) -> Option<String> {
+        if let Some(item) = item.downcast_ref::<I>() {
+            return Some((self.shared.key)(item));
+        }
+        let origin = self
+            .shared
+            .origins
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&item.type_id())
+            .cloned()?;
+        origin(item).map(|first| (self.shared.key)(&first))
+    }
+
+    /// The error `write_jsonl` stops with on a result it cannot key.
+    fn unkeyed(&self, type_name: &str) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "journal of {}: a result about an item of type `{type_name}` cannot be keyed: \
+                 say which first-stage `{}` it descends from with \
+                 `.origin_of(|item: &{type_name}| ...)` (nothing of it was written)",
+                self.shared.store.output.display(),
+                std::any::type_name::<I>(),
+            ),
+        )
+    }
+
+    /// Like [`skip_done`](Self::skip_done), on a stream of `Result`s: `Ok`
+    /// items an earlier run finished are dropped; errors pass through, as
+    /// [`Failure`]s, to be dead-lettered. For the ids unpacked from a list,
+    /// or the records of [`read_jsonl`](super::read_jsonl).
+    ///
+    /// An error here comes from before the journal's items exist (the list
+    /// request failed, a page, a bad input line), so it descends from no
+    /// first-stage item: its key is fixed ([`Failure::with_key`]) as its
+    /// item's type and JSON, or its item's key if its item is an `I`. A
+    /// re-run then skips it like any dead letter, and
+    /// [`open_retrying_failed`](Self::open_retrying_failed) retries it.
+    ///
+    /// The stream returned holds a clone of the journal and `items`: it is
+    /// `Send` when `items` is, and `'static` when `items` is.
+    pub fn try_skip_done<S, E>(&self, items: S) -> impl Stream<Item = Result<I, Failure>>
+    where
+        S: Stream<Item = Result<I, E>>,
+        E: Into<Failure>,
+    {
+        let journal = self.clone();
+        items.filter_map(move |item| {
+            let item = match item {
+                Ok(item) if journal.is_done(&item) => {
+                    journal.shared.skipped.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Ok(item) => Some(Ok(item)),
+                Err(error) => {
+                    let failure: Failure = error.into();
+                    Some(Err(if failure.key().is_some() {
+                        failure
+                    } else {
+                        let key = journal.key_of(failure.item_any()).unwrap_or_else(|| {
+                            format!("{} {}", failure.item_type(), failure.item_json())
+                        });
+                        failure.with_key(key)
+                    }))
+                }
+            };
+            futures::future::ready(item)
+        })
+    }
 
     /// Runs `results` to its end, committing each success to the output and
     /// each failure to the dead letters, exactly once.
@@ -364,7 +556,11 @@ impl<I> Journal<I> {
     ///
     /// When a file cannot be written (the message names it) or a record
     /// cannot be serialized; what was committed stays committed, and a
-    /// record whose commit failed is cut back off its file.
+    /// record whose commit failed is cut back off its file. With
+    /// [`InvalidInput`](io::ErrorKind::InvalidInput), when a result cannot
+    /// be keyed: it is about an item of a later stage whose type was not
+    /// given to [`origin_of`](Self::origin_of) (the message names the type);
+    /// nothing of that result is written, so a re-run after the fix does it.
     ///
     /// # Panics
     ///
@@ -379,8 +575,9 @@ impl<I> Journal<I> {
     pub async fn write_jsonl<S, V, E>(&self, results: S) -> io::Result<Report>
     where
         S: Stream<Item = Result<V, E>>,
-        V: Serialize + HasItem<Item = I>,
-        E: JournalFailure<I>,
+        V: Serialize + HasItem,
+        V::Item: 'static,
+        E: JournalFailure,
     {
         let started = Instant::now();
         let store = &self.shared.store;
@@ -392,12 +589,21 @@ impl<I> Journal<I> {
             line.clear();
             let (key, to_ok) = match &result {
                 Ok(value) => {
+                    let key = self
+                        .key_of(value.item())
+                        .ok_or_else(|| self.unkeyed(std::any::type_name::<V::Item>()))?;
                     encode(&mut line, value)?;
-                    ((self.shared.key)(value.item()), true)
+                    (key, true)
                 }
                 Err(failure) => {
+                    let key = match failure.failed_about() {
+                        FailedAbout::Key(key) => key.to_owned(),
+                        FailedAbout::Item { item, type_name } => {
+                            self.key_of(item).ok_or_else(|| self.unkeyed(type_name))?
+                        }
+                    };
                     encode(&mut line, &failure.dead_letter())?;
-                    (failure.journal_key(&*self.shared.key), false)
+                    (key, false)
                 }
             };
             // Done already: no hop to the blocking pool. The commit checks

@@ -1,5 +1,6 @@
 //! Writing results: successes to JSONL, failures to a dead-letter file.
 
+use std::any::Any;
 use std::fmt;
 use std::fs::File;
 use std::future::{Future, IntoFuture};
@@ -79,40 +80,72 @@ impl DeadLetter for JsonlError {
     }
 }
 
-/// A failure a [`Journal<I>`](super::Journal) can commit, under a key.
+/// A failure a [`Journal`](super::Journal) can commit: it says what it is
+/// about, so the journal can key it.
 ///
-/// A failure that carries its `I` ([`HasItem`]) is keyed as its item is.
-/// A [`Failure`] of a multi-stage pipeline is keyed by its item when that
-/// is an `I`, and otherwise (the list request failed, or a page) by its
-/// item's type and JSON, so it is written once and, with
-/// [`Journal::open_retrying_failed`](super::Journal::open_retrying_failed),
-/// retried on a re-run like any dead letter.
-pub trait JournalFailure<I>: DeadLetter {
-    /// The key this failure is committed under, given the journal's key
-    /// for items.
-    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String;
+/// A failure that carries its item ([`FetchError<T>`], or an error type of
+/// your own that implements [`HasItem`]) is about that item. A
+/// [`Failure`] is about its item, or has a key fixed with
+/// [`Failure::with_key`]. The journal then keys an item by the first-stage
+/// item it descends from: itself, when it is one, or what
+/// [`Journal::origin_of`](super::Journal::origin_of) says.
+pub trait JournalFailure: DeadLetter {
+    /// What this failure is about.
+    fn failed_about(&self) -> FailedAbout<'_>;
 }
 
-impl<I, E> JournalFailure<I> for E
+/// What a failure is about, for a [`Journal`](super::Journal) to key it
+/// ([`JournalFailure`]).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum FailedAbout<'a> {
+    /// The failed item, whose type the journal looks up.
+    Item {
+        /// The item.
+        item: &'a dyn Any,
+        /// Its type's name, for the error when the journal cannot key it.
+        type_name: &'static str,
+    },
+    /// The key to commit the failure under, as it is.
+    Key(&'a str),
+}
+
+impl<E> JournalFailure for E
 where
-    E: DeadLetter + HasItem<Item = I>,
+    E: DeadLetter + HasItem,
+    E::Item: 'static,
 {
-    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String {
-        key(self.item())
+    fn failed_about(&self) -> FailedAbout<'_> {
+        FailedAbout::Item {
+            item: self.item(),
+            type_name: std::any::type_name::<E::Item>(),
+        }
     }
 }
 
-impl<I: 'static> JournalFailure<I> for Failure {
-    fn journal_key(&self, key: &dyn Fn(&I) -> String) -> String {
-        match self.item::<I>() {
-            Some(item) => key(item),
-            None => format!("{} {}", self.item_type(), self.item_json()),
+impl JournalFailure for Failure {
+    fn failed_about(&self) -> FailedAbout<'_> {
+        match self.key() {
+            Some(key) => FailedAbout::Key(key),
+            None => FailedAbout::Item {
+                item: self.item_any(),
+                type_name: self.item_type(),
+            },
         }
     }
 }
 
 /// An output that knows the input item it came from, so a
 /// [`Journal`](super::Journal) can key it.
+///
+/// What the fetch and decode stages yield implement it: [`Fetched`],
+/// [`Decoded`], [`Element`] (and [`FetchError`] on the error side). Keep
+/// them as they are up to the sink: each is written as its value alone.
+#[diagnostic::on_unimplemented(
+    message = "a journal cannot tell which item `{Self}` came from",
+    label = "the `Ok` values of the stream given to `Journal::write_jsonl`",
+    note = "give the sink what the last stage yields (a `Decoded`, `Fetched` or `Element`, written as its value alone) instead of mapping it to its value, or implement `sluicegate::etl::HasItem` for `{Self}`"
+)]
 pub trait HasItem {
     /// The input item's type.
     type Item;
