@@ -136,8 +136,7 @@ const PUSH_CHUNK: usize = 500;
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A queue operation Redis could not carry out.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("work queue {queue}: {message}")]
+#[derive(Debug, Clone)]
 pub struct QueueError {
     queue: String,
     message: String,
@@ -161,6 +160,17 @@ impl QueueError {
         self.transient
     }
 }
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "work queue {}: {}", self.queue, self.message)
+    }
+}
+
+// The Redis error is flattened into `message` when the error is made (the
+// error is `Clone`, and a queue error outlives the connection that failed),
+// so there is no `source()` to give.
+impl std::error::Error for QueueError {}
 
 /// A work queue on a Redis Stream, read by many workers through one
 /// consumer group. Cheap to clone.
