@@ -315,12 +315,22 @@ impl RedisCoordinator {
     }
 
     /// The cap on a shared pause (default [`PauseHandle::DEFAULT_MAX_PAUSE`]).
+    ///
+    /// # Panics
+    ///
+    /// If called after the coordinator was cloned or used.
+    #[track_caller]
     pub fn max_pause(self, max: Duration) -> Self {
         self.configure(|i| i.max_pause = max)
     }
 
     /// How long one Redis call may take before it counts as a failure
     /// (default 500 ms), and how long to leave Redis alone after one.
+    ///
+    /// # Panics
+    ///
+    /// If called after the coordinator was cloned or used.
+    #[track_caller]
     pub fn timeouts(self, op_timeout: Duration, retry_every: Duration) -> Self {
         self.configure(|i| {
             i.op_timeout = op_timeout;
@@ -339,6 +349,13 @@ impl RedisCoordinator {
     /// Each process's waiters queue locally and only the head of the line
     /// asks Redis, so the Redis calls grow with the tokens granted (about
     /// one per token), not with the requests waiting.
+    ///
+    /// The head is a task of the limiter's, started by the first waiter
+    /// (so acquiring needs a tokio runtime) and aborted as soon as nobody
+    /// waits: nothing runs behind a limiter that is not used. Acquiring
+    /// is cancel safe: a waiter dropped before its turn leaves the line and
+    /// takes no token; a token granted to it as it was dropped is spent,
+    /// never handed on late in a burst.
     pub fn limiter_for(&self, key: &str, rate: Rate) -> Limiter {
         let key = format!("{}:limit:{key}", self.inner.name);
         let fallback = fallback_rate(self.inner.failure, rate);

@@ -25,6 +25,12 @@ pin_project! {
     /// item, and the token it was waiting for is not taken. Dropping a
     /// `next()` future between polls loses nothing: the item stays held
     /// for the next poll.
+    ///
+    /// # Panics
+    ///
+    /// When it has to wait for a token outside a tokio runtime with its
+    /// time driver enabled (waits are tokio timers; a Redis-backed limiter
+    /// also starts its line's task on the runtime).
     #[must_use = "streams do nothing unless polled"]
     pub struct Throttle<S: Stream> {
         #[pin]
