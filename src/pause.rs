@@ -217,7 +217,20 @@ impl PauseHandle {
 
     /// Waits until no pause is in force. Returns at once when not paused.
     ///
-    /// Cancel safe: dropping the future changes nothing.
+    /// A pause extended while waiting is waited for to its new end; a
+    /// [`resume`](Self::resume) wakes every waiter at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the future only watches the deadline, holds no place
+    /// in any line and takes nothing, so dropping it changes nothing and a
+    /// new call waits exactly as the dropped one would have.
+    ///
+    /// # Panics
+    ///
+    /// When it has to wait outside a tokio runtime with its time driver
+    /// enabled (it sleeps on tokio's clock). Not paused, it returns at
+    /// once anywhere.
     pub async fn ready(&self) {
         if !self.is_paused() {
             return;

@@ -49,11 +49,13 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::BuildError;
 use crate::limiter::{Limiter, RemoteBudget};
-use crate::pause::{PauseHandle, RemotePause};
+use crate::pause::{PauseHandle, RemotePause, WeakPauseHandle};
 use crate::rate::Rate;
 
 mod line;
@@ -184,6 +186,13 @@ const LATE_FORGIVEN_MAX: Duration = Duration::from_millis(10);
 
 static TAKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(TAKE));
 
+static PAUSE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PAUSE));
+
+/// End the shared pause now and tell every worker.
+const RESUME: &str = "redis.call('DEL', KEYS[1]) redis.call('PUBLISH', KEYS[2], 'resume') return 1";
+
+static RESUME_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RESUME));
+
 /// Extend the shared pause to `now + ARGV[1]` µs (never shorten it) and
 /// tell every worker how long is left.
 const PAUSE: &str = r"
@@ -238,7 +247,10 @@ struct Inner {
     connection: tokio::sync::Mutex<Option<ConnectionManager>>,
     /// After a failure, Redis is not asked again before this instant.
     down_until: Mutex<Option<Instant>>,
-    pause: Mutex<Option<PauseHandle>>,
+    /// The shared pause while any handle to it lives. Weak: the handle
+    /// holds the coordinator (to publish), so a strong one here would keep
+    /// both, and the pause's tasks, alive for ever.
+    pause: Mutex<Option<WeakPauseHandle>>,
 }
 
 impl fmt::Debug for RedisCoordinator {
@@ -303,12 +315,22 @@ impl RedisCoordinator {
     }
 
     /// The cap on a shared pause (default [`PauseHandle::DEFAULT_MAX_PAUSE`]).
+    ///
+    /// # Panics
+    ///
+    /// If called after the coordinator was cloned or used.
+    #[track_caller]
     pub fn max_pause(self, max: Duration) -> Self {
         self.configure(|i| i.max_pause = max)
     }
 
     /// How long one Redis call may take before it counts as a failure
     /// (default 500 ms), and how long to leave Redis alone after one.
+    ///
+    /// # Panics
+    ///
+    /// If called after the coordinator was cloned or used.
+    #[track_caller]
     pub fn timeouts(self, op_timeout: Duration, retry_every: Duration) -> Self {
         self.configure(|i| {
             i.op_timeout = op_timeout;
@@ -327,6 +349,13 @@ impl RedisCoordinator {
     /// Each process's waiters queue locally and only the head of the line
     /// asks Redis, so the Redis calls grow with the tokens granted (about
     /// one per token), not with the requests waiting.
+    ///
+    /// The head is a task of the limiter's, started by the first waiter
+    /// (so acquiring needs a tokio runtime) and aborted as soon as nobody
+    /// waits: nothing runs behind a limiter that is not used. Acquiring
+    /// is cancel safe: a waiter dropped before its turn leaves the line and
+    /// takes no token; a token granted to it as it was dropped is spent,
+    /// never handed on late in a burst.
     pub fn limiter_for(&self, key: &str, rate: Rate) -> Limiter {
         let key = format!("{}:limit:{key}", self.inner.name);
         let fallback = fallback_rate(self.inner.failure, rate);
@@ -346,21 +375,45 @@ impl RedisCoordinator {
         )
     }
 
-    /// The pause shared by every process using this name. The first call
-    /// starts listening for pauses from other workers (so it needs a tokio
-    /// runtime); later calls return the same handle.
+    /// The pause shared by every process using this name.
+    ///
+    /// The first call starts two tasks: one listening for other workers'
+    /// pauses and resumes, one publishing this process's, in the order
+    /// they were made (a resume never overtakes the pause before it).
+    /// Later calls return the same handle while any clone of it lives.
+    /// Both tasks belong to the handle: once its last clone is dropped the
+    /// listener is aborted, and the publisher ends after sending what was
+    /// already announced (each call bounded by the
+    /// [operation timeout](Self::timeouts)), so nothing runs on behind a
+    /// coordinator that is no longer used.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime, the first time (or after every
+    /// handle was dropped).
+    #[track_caller]
     pub fn pause_handle(&self) -> PauseHandle {
         let mut slot = self
             .inner
             .pause
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(pause) = &*slot {
-            return pause.clone();
+        if let Some(pause) = slot.as_ref().and_then(WeakPauseHandle::upgrade) {
+            return pause;
         }
-        let pause = PauseHandle::with_remote(self.inner.max_pause, Arc::new(self.clone()));
-        tokio::spawn(listen(self.clone(), pause.downgrade()));
-        *slot = Some(pause.clone());
+        let (announce, announcements) = mpsc::unbounded_channel();
+        let shared = Arc::new(SharedPause {
+            announce,
+            listener: std::sync::OnceLock::new(),
+        });
+        let pause = PauseHandle::with_remote(self.inner.max_pause, shared.clone());
+        // Not owned by the handle: it ends by itself once every handle
+        // (every sender) is gone and what they announced is sent.
+        drop(tokio::spawn(publish(self.clone(), announcements)));
+        let listener =
+            AbortOnDropHandle::new(tokio::spawn(listen(self.clone(), pause.downgrade())));
+        let _ = shared.listener.set(listener);
+        *slot = Some(pause.downgrade());
         pause
     }
 
@@ -435,40 +488,69 @@ fn fallback_rate(failure: FailureMode, rate: Rate) -> Rate {
     }
 }
 
-impl RemotePause for RedisCoordinator {
+/// A pause or resume made here, for the other workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announcement {
+    /// A pause of this long from when Redis takes it.
+    Pause(Duration),
+    /// The pause ended.
+    Resume,
+}
+
+/// What a Redis-backed [`PauseHandle`] holds: the way to the publisher,
+/// and the listener, whose task ends when the last handle is dropped.
+struct SharedPause {
+    announce: mpsc::UnboundedSender<Announcement>,
+    /// Set right after the handle is made (the listener needs a weak
+    /// handle to it).
+    listener: std::sync::OnceLock<AbortOnDropHandle<()>>,
+}
+
+/// One queue, so announcements reach Redis in the order they were made:
+/// a task per announcement could let a resume run before the pause it
+/// ends, and leave every worker paused. Unbounded, as the watch channel of
+/// the handle itself is: announcements are made only when the deadline
+/// actually moves, and each is sent within the operation timeout.
+impl RemotePause for SharedPause {
     fn publish_pause(&self, duration: Duration) {
-        let coordinator = self.clone();
-        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
-        tokio::spawn(async move {
-            let script = Script::new(PAUSE);
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .key(coordinator.pause_key())
-                .key(coordinator.channel())
-                .arg(micros);
-            let _ = coordinator.call::<i64>(invocation).await;
-        });
+        // Fails only once the publisher is gone with its runtime.
+        let _ = self.announce.send(Announcement::Pause(duration));
     }
 
     fn publish_resume(&self) {
-        let coordinator = self.clone();
-        tokio::spawn(async move {
-            let script = Script::new(
-                "redis.call('DEL', KEYS[1]) redis.call('PUBLISH', KEYS[2], 'resume') return 1",
-            );
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .key(coordinator.pause_key())
-                .key(coordinator.channel());
-            let _ = coordinator.call::<i64>(invocation).await;
-        });
+        let _ = self.announce.send(Announcement::Resume);
+    }
+}
+
+/// The publisher: sends this process's pauses and resumes to Redis one at
+/// a time, in order. Ends when every handle is dropped and the queue is
+/// empty. An announcement Redis does not take in time is dropped with a
+/// warning (as `call` logs it): the pause still holds here, and the
+/// limiter's own refusals carry a pause that Redis did take.
+async fn publish(
+    coordinator: RedisCoordinator,
+    mut announcements: mpsc::UnboundedReceiver<Announcement>,
+) {
+    while let Some(announcement) = announcements.recv().await {
+        let mut invocation = match announcement {
+            Announcement::Pause(duration) => {
+                let mut invocation = PAUSE_SCRIPT.prepare_invoke();
+                invocation.arg(u64::try_from(duration.as_micros()).unwrap_or(u64::MAX));
+                invocation
+            }
+            Announcement::Resume => RESUME_SCRIPT.prepare_invoke(),
+        };
+        invocation
+            .key(coordinator.pause_key())
+            .key(coordinator.channel());
+        let _ = coordinator.call::<i64>(invocation).await;
     }
 }
 
 /// Follows the pause channel, applying other workers' pauses and resumes
 /// to the local handle; reconnects after a failure. Ends when the handle
 /// is dropped.
-async fn listen(coordinator: RedisCoordinator, pause: crate::pause::WeakPauseHandle) {
+async fn listen(coordinator: RedisCoordinator, pause: WeakPauseHandle) {
     loop {
         if let Ok(mut pubsub) = coordinator.inner.client.get_async_pubsub().await {
             if pubsub.subscribe(coordinator.channel()).await.is_ok() {

@@ -1149,3 +1149,130 @@ async fn set_rate_rescales_the_fallback_share() {
     let ms = Duration::from_millis;
     assert_eq!(at, [ms(0), ms(0), ms(0), ms(100), ms(200)]);
 }
+
+/// How many connections are subscribed to `channel`.
+fn subscribers(redis: &Redis, channel: &str) -> u64 {
+    let reply = redis_cli(redis, &["PUBSUB", "NUMSUB", channel]);
+    reply.lines().last().unwrap().trim().parse().unwrap()
+}
+
+/// Waits, in real time, until `runtime` runs no task (or `limit` passes);
+/// returns how many were still alive.
+async fn tasks_left(runtime: &tokio::runtime::Handle, limit: Duration) -> usize {
+    let started = std::time::Instant::now();
+    loop {
+        let alive = runtime.metrics().num_alive_tasks();
+        if alive == 0 || started.elapsed() > limit {
+            return alive;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Everything a coordinator starts belongs to what it handed out: once
+/// the coordinator, its limiter and its pause handle are dropped, no task
+/// of theirs runs on — not the pause's listener, not its publisher, not
+/// the head of a line asleep until a turn a minute away.
+///
+/// Real time on a current-thread runtime, whose `num_alive_tasks` counts
+/// exactly the tasks spawned on it; a generous bound for the drop to take
+/// effect.
+#[test]
+fn dropping_the_coordinator_leaves_no_task_running() {
+    let _measuring = MEASURING.blocking_lock();
+    let Some(redis) = Redis::start() else { return };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let handle = tokio::runtime::Handle::current();
+        let coordinator = RedisCoordinator::new(&redis.url(), "owned").unwrap();
+        let pause = coordinator.pause_handle();
+        let limiter = coordinator.limiter(Rate::per_minute(1));
+        pause.pause_for(Duration::from_millis(20));
+        pause.resume();
+        limiter.acquire().await; // the burst of one
+                                 // The next token is a minute away: its waiter gives up, and the
+                                 // head is left asleep until that turn.
+        let second = tokio::time::timeout(Duration::from_millis(200), limiter.acquire()).await;
+        assert!(second.is_err(), "no second token within the minute");
+        assert!(
+            handle.metrics().num_alive_tasks() >= 2,
+            "the listener and the publisher run while the handle lives"
+        );
+
+        drop((coordinator, limiter, pause));
+        assert_eq!(
+            tasks_left(&handle, Duration::from_secs(10)).await,
+            0,
+            "a task outlived the coordinator and everything it handed out"
+        );
+    });
+}
+
+/// Pauses and resumes made back to back reach the other workers in the
+/// order they were made: a resume never overtakes the pause it ends, which
+/// would leave every other worker paused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pauses_and_resumes_are_published_in_order() {
+    let _measuring = MEASURING.lock().await;
+    let Some(redis) = Redis::start() else { return };
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("ordered:pauses").await.unwrap();
+    let mut messages = pubsub.into_on_message();
+
+    let here = RedisCoordinator::new(&redis.url(), "ordered").unwrap();
+    let there = RedisCoordinator::new(&redis.url(), "ordered")
+        .unwrap()
+        .pause_handle();
+    let pause = here.pause_handle();
+    // Both workers listen before anything is announced.
+    let listening = std::time::Instant::now();
+    while subscribers(&redis, "ordered:pauses") < 3 {
+        assert!(
+            listening.elapsed() < Duration::from_secs(10),
+            "both workers subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The other worker's own pause, so that it has one to lose.
+    there.pause_for(Duration::from_secs(30));
+    let first = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("the other worker's pause arrives")
+        .unwrap();
+    assert!(first.get_payload::<String>().unwrap().starts_with("pause "));
+    const ROUNDS: u32 = 50;
+    for round in 1..=ROUNDS {
+        // Each pause longer than the last, so each one extends the pause
+        // and is announced.
+        pause.pause_for(Duration::from_secs(30) + Duration::from_millis(u64::from(round)));
+        pause.resume();
+    }
+    let mut seen = Vec::new();
+    // Out of order, some are also missing: a pause that Redis runs after
+    // a later one extends nothing and is not announced. So gather what
+    // comes, and compare the whole sequence.
+    while seen.len() < 2 * ROUNDS as usize {
+        let Ok(message) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        else {
+            break;
+        };
+        let text: String = message.unwrap().get_payload().unwrap();
+        seen.push(if text == "resume" { "resume" } else { "pause" });
+    }
+    let expected: Vec<&str> = (0..ROUNDS).flat_map(|_| ["pause", "resume"]).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(redis_cli(&redis, &["EXISTS", "ordered:pause"]).trim(), "0");
+    // Another worker saw them in that order too: it is not left paused.
+    let settled = std::time::Instant::now();
+    while there.is_paused() {
+        assert!(
+            settled.elapsed() < Duration::from_secs(10),
+            "the other worker's pause ends with the last resume"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

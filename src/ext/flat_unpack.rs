@@ -57,6 +57,19 @@ impl<T> Elements<T> {
 pin_project! {
     /// Stream for [`SluiceExt::flat_unpack`](crate::SluiceExt::flat_unpack)
     /// and its variants.
+    ///
+    /// # Cancel safety
+    ///
+    /// A page is taken from the inner stream whole and its elements are
+    /// yielded one per poll: dropping this stream part way through a page
+    /// drops the elements not yet yielded. Dropping a `next()` future
+    /// between polls loses nothing.
+    ///
+    /// # Panics
+    ///
+    /// Never on a body, however malformed: a body that is not a JSON array
+    /// (at the pointer), and each element that does not decode, is an error
+    /// item carrying the page's input item.
     #[must_use = "streams do nothing unless polled"]
     pub struct FlatUnpack<St, T, Out>
     where
@@ -89,6 +102,30 @@ where
             emit,
             _out: PhantomData,
         }
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &St {
+        &self.stream
+    }
+
+    /// The inner stream, mutably. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_mut(&mut self) -> &mut St {
+        &mut self.stream
+    }
+
+    /// The inner stream, pinned. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut St> {
+        self.project().stream
+    }
+
+    /// The inner stream. The elements of a page already taken from it and not yet
+    /// yielded are dropped (as `futures::stream::Flatten` would drop its
+    /// current inner stream).
+    pub fn into_inner(self) -> St {
+        self.stream
     }
 }
 

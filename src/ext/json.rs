@@ -38,6 +38,18 @@ pub use crate::body::Decoded;
 
 pin_project! {
     /// Stream for [`SluiceExt::json`](crate::SluiceExt::json).
+    ///
+    /// # Cancel safety
+    ///
+    /// Holds nothing between polls: each result is decoded in the poll
+    /// that takes it from the inner stream, so dropping this stream (or a
+    /// `next()` future) loses no item the inner stream did not already
+    /// hold.
+    ///
+    /// # Panics
+    ///
+    /// Never on a body, however malformed: a body that does not decode is
+    /// an error item carrying its input item.
     #[must_use = "streams do nothing unless polled"]
     pub struct Json<S, U> {
         #[pin]
@@ -52,6 +64,28 @@ impl<S, U> Json<S, U> {
             stream,
             _value: PhantomData,
         }
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The inner stream, mutably. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// The inner stream, pinned. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().stream
+    }
+
+    /// The inner stream. Nothing is buffered here, so nothing is lost.
+    pub fn into_inner(self) -> S {
+        self.stream
     }
 }
 

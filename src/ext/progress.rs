@@ -96,6 +96,20 @@ fn describe(client: &Client) -> String {
 
 pin_project! {
     /// Stream for [`SluiceExt::progress`](crate::SluiceExt::progress).
+    ///
+    /// The bar's message is refreshed by a task of its own while items
+    /// flow (a pause shows even when nothing moves); that task is owned by
+    /// this stream and ends with it, or at the end of the stream.
+    ///
+    /// # Cancel safety
+    ///
+    /// Holds no item: dropping this stream (or a `next()` future) loses
+    /// nothing the inner stream did not already hold.
+    ///
+    /// # Panics
+    ///
+    /// When first polled outside a tokio runtime (the refresh task is
+    /// spawned on it).
     #[must_use = "streams do nothing unless polled"]
     pub struct WithProgress<S> {
         #[pin]
@@ -112,6 +126,33 @@ impl<S> WithProgress<S> {
             progress,
             ticker: None,
         }
+    }
+
+    /// The progress bar this stream advances.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
+    }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// The inner stream, mutably. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// The inner stream, pinned. Items taken from it directly do not pass
+    /// through this combinator.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().stream
+    }
+
+    /// The inner stream. The bar stays where it was, and stops refreshing.
+    pub fn into_inner(self) -> S {
+        self.stream
     }
 }
 

@@ -1,27 +1,50 @@
 //! The [`Throttle`] combinator: paces any stream's items.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use futures::stream::{Fuse, FusedStream, Stream, StreamExt as _};
 use pin_project_lite::pin_project;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 
-type Wait = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 pin_project! {
     /// Stream for [`SluiceExt::throttle`](crate::SluiceExt::throttle).
+    ///
+    /// `Send`, `Sync` and `Unpin` whenever the inner stream and its items
+    /// are (see `tests/auto_traits.rs`).
+    ///
+    /// # Cancel safety
+    ///
+    /// An item is taken from the inner stream before its token is waited
+    /// for, and held here meanwhile: dropping the `Throttle` (or calling
+    /// [`into_inner`](Self::into_inner)) while it waits drops that one
+    /// item, and the token it was waiting for is not taken. Dropping a
+    /// `next()` future between polls loses nothing: the item stays held
+    /// for the next poll.
+    ///
+    /// # Panics
+    ///
+    /// When it has to wait for a token outside a tokio runtime with its
+    /// time driver enabled (waits are tokio timers; a Redis-backed limiter
+    /// also starts its line's task on the runtime).
     #[must_use = "streams do nothing unless polled"]
     pub struct Throttle<S: Stream> {
         #[pin]
         stream: Fuse<S>,
         limiter: Limiter,
         pause: Option<PauseHandle>,
-        pending: Option<(S::Item, Wait)>,
+        // The item that left the inner stream and waits for its token.
+        pending: Option<S::Item>,
+        // The wait for that token. A `ReusableBoxFuture` rather than a
+        // `Pin<Box<dyn Future + Send>>`: it is `Sync` (a future is only
+        // ever reached through `&mut`), so `Throttle` is `Sync` like the
+        // streams it wraps, and the one allocation is reused for every
+        // item that has to wait.
+        wait: Option<ReusableBoxFuture<'static, ()>>,
     }
 }
 
@@ -32,6 +55,7 @@ impl<S: Stream> Throttle<S> {
             limiter,
             pause: None,
             pending: None,
+            wait: None,
         }
     }
 
@@ -46,6 +70,30 @@ impl<S: Stream> Throttle<S> {
     pub fn limiter(&self) -> &Limiter {
         &self.limiter
     }
+
+    /// The inner stream.
+    pub fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    /// The inner stream, mutably. Taking items from it directly bypasses
+    /// the throttle.
+    pub fn get_mut(&mut self) -> &mut S {
+        self.stream.get_mut()
+    }
+
+    /// The inner stream, pinned. Taking items from it directly bypasses
+    /// the throttle.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().stream.get_pin_mut()
+    }
+
+    /// The inner stream. An item already taken from it and waiting for
+    /// its token is dropped, and no token is taken for it (as
+    /// `futures::stream::Buffered::into_inner` drops what it buffered).
+    pub fn into_inner(self) -> S {
+        self.stream.into_inner()
+    }
 }
 
 impl<S: Stream> Stream for Throttle<S> {
@@ -53,9 +101,11 @@ impl<S: Stream> Stream for Throttle<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.project();
-        if let Some((_, wait)) = this.pending.as_mut() {
-            ready!(wait.as_mut().poll(cx));
-            return Poll::Ready(this.pending.take().map(|(item, _)| item));
+        if this.pending.is_some() {
+            if let Some(wait) = this.wait.as_mut() {
+                ready!(wait.poll(cx));
+            }
+            return Poll::Ready(this.pending.take());
         }
         // The upstream is asked first and the budget only for an item that
         // exists, so the end of the stream is never delayed.
@@ -66,15 +116,21 @@ impl<S: Stream> Stream for Throttle<S> {
         if !paused && this.limiter.check().is_ok() {
             return Poll::Ready(Some(item));
         }
-        let mut wait: Wait = Box::pin(
-            this.limiter
-                .clone()
-                .acquire_until_granted(this.pause.clone()),
-        );
-        match wait.as_mut().poll(cx) {
+        let acquire = this
+            .limiter
+            .clone()
+            .acquire_until_granted(this.pause.clone());
+        let wait = match this.wait {
+            Some(wait) => {
+                wait.set(acquire);
+                wait
+            }
+            None => this.wait.insert(ReusableBoxFuture::new(acquire)),
+        };
+        match wait.poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(item)),
             Poll::Pending => {
-                *this.pending = Some((item, wait));
+                *this.pending = Some(item);
                 Poll::Pending
             }
         }

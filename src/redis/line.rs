@@ -34,6 +34,13 @@
 //! and takes nothing; a token handed to a waiter that was dropped or
 //! paused before taking it is spent, never sent late in a burst. The task
 //! ends when the line is empty and starts again with the next waiter.
+//!
+//! The line owns its head (an `AbortOnDropHandle`): the waiter that leaves
+//! the line empty also ends the head, at once, even when it is asleep
+//! until a turn far off or in the middle of a call to Redis. So a head
+//! never outlives the waiters it asks for, and dropping every limiter
+//! leaves no task behind. A token a head was being granted when the last
+//! waiter left is spent, as one granted to a waiter that left would be.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -41,6 +48,7 @@ use std::task::{Poll, Waker};
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{FailureMode, RemoteLimit, Reply, Turn};
 use crate::pause::PauseHandle;
@@ -69,8 +77,62 @@ pub(crate) struct Line {
 struct State {
     queue: VecDeque<Waiter>,
     next_id: u64,
-    /// Whether a head task is running for this line.
-    driving: bool,
+    /// The head task running for this line, if any.
+    head: Option<Head>,
+    /// How many heads were started, to tell the current one from one
+    /// that was replaced.
+    heads: u64,
+}
+
+/// The running head, owned by the line.
+struct Head {
+    id: u64,
+    /// `None` for the moment between reserving the place and spawning
+    /// the task (spawning wakes a worker, so it is done outside the lock).
+    task: Option<AbortOnDropHandle<()>>,
+}
+
+impl State {
+    /// Reserves the head's place if nobody holds it; the caller spawns the
+    /// head with the id returned, outside the lock.
+    fn claim_head(&mut self) -> Option<u64> {
+        if self.head.is_some() {
+            return None;
+        }
+        self.heads += 1;
+        self.head = Some(Head {
+            id: self.heads,
+            task: None,
+        });
+        Some(self.heads)
+    }
+
+    /// Once nobody waits, takes the head out, to be dropped (and so
+    /// aborted) outside the lock.
+    fn release_head_if_empty(&mut self) -> Option<Head> {
+        if self.queue.is_empty() {
+            self.head.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// Spawns head number `id` of `limit`'s line and hands its handle to the
+/// line; a head that was released meanwhile is aborted at once.
+fn start_head(limit: &Arc<RemoteLimit>, id: u64) {
+    let task = AbortOnDropHandle::new(tokio::spawn(head(limit.clone(), id)));
+    let unclaimed = {
+        let mut state = limit.line.lock();
+        match &mut state.head {
+            Some(head) if head.id == id => {
+                head.task = Some(task);
+                None
+            }
+            _ => Some(task),
+        }
+    };
+    drop(unclaimed);
 }
 
 struct Waiter {
@@ -111,8 +173,9 @@ pub(crate) async fn acquire(limit: &Arc<RemoteLimit>, pause: Option<PauseHandle>
     let ticket = Ticket::join(limit, pause);
     std::future::poll_fn(|cx| {
         let mut stale = None;
+        let mut released = None;
         let mut old_waker = None;
-        let mut start = false;
+        let mut start = None;
         let poll = {
             let mut state = limit.line.lock();
             let pos = state
@@ -129,6 +192,7 @@ pub(crate) async fn acquire(limit: &Arc<RemoteLimit>, pause: Option<PauseHandle>
             }
             if let Some(outcome) = waiter.outcome.take() {
                 stale = state.queue.remove(pos);
+                released = state.release_head_if_empty();
                 Poll::Ready(outcome)
             } else {
                 if !waiter
@@ -140,14 +204,15 @@ pub(crate) async fn acquire(limit: &Arc<RemoteLimit>, pause: Option<PauseHandle>
                 }
                 // A head that ended with its runtime leaves the line
                 // without one.
-                start = !std::mem::replace(&mut state.driving, true);
+                start = state.claim_head();
                 Poll::Pending
             }
         };
-        // The old waker and pause handle are dropped outside the lock.
-        drop((stale, old_waker));
-        if start {
-            tokio::spawn(head(limit.clone()));
+        // The old waker, the pause handle and a head no longer needed are
+        // dropped outside the lock.
+        drop((stale, old_waker, released));
+        if let Some(id) = start {
+            start_head(limit, id);
         }
         poll
     })
@@ -173,11 +238,11 @@ impl<'a> Ticket<'a> {
                 outcome: None,
                 waker: None,
             });
-            (id, !std::mem::replace(&mut state.driving, true))
+            (id, state.claim_head())
         };
         limit.line.changed.notify_one();
-        if start {
-            tokio::spawn(head(limit.clone()));
+        if let Some(head) = start {
+            start_head(limit, head);
         }
         Self { limit, id }
     }
@@ -185,31 +250,40 @@ impl<'a> Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let left = {
+        let (left, released) = {
             let mut state = self.limit.line.lock();
             let pos = state.queue.iter().position(|w| w.id == self.id);
-            pos.and_then(|pos| state.queue.remove(pos))
+            let left = pos.and_then(|pos| state.queue.remove(pos));
+            (left, state.release_head_if_empty())
         };
         if left.is_some() {
             self.limit.line.changed.notify_one();
         }
-        // Its waker and pause handle are dropped here, outside the lock.
-        drop(left);
+        // Its waker and pause handle, and the head when nobody is left to
+        // ask for, are dropped here, outside the lock.
+        drop((left, released));
     }
 }
 
 /// Marks the line as having no head when the head task ends, including
-/// when its runtime drops it mid-wait.
+/// when it is aborted or its runtime drops it mid-wait; a head that was
+/// already replaced leaves its successor alone.
 struct Running<'a> {
     line: &'a Line,
-    armed: bool,
+    id: u64,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.line.lock().driving = false;
-        }
+        let own = {
+            let mut state = self.line.lock();
+            match &state.head {
+                Some(head) if head.id == self.id => state.head.take(),
+                _ => None,
+            }
+        };
+        // Its own handle: dropping it aborts a task that is ending anyway.
+        drop(own);
     }
 }
 
@@ -224,13 +298,14 @@ enum Next {
 }
 
 /// The head of a process's line: the only one asking Redis for it.
-async fn head(limit: Arc<RemoteLimit>) {
+async fn head(limit: Arc<RemoteLimit>, id: u64) {
     let line = &limit.line;
-    let mut running = Running { line, armed: true };
+    let _running = Running { line, id };
     // The turn Redis gave this process to come back at: handed back, it
     // keeps the process's place among the heads of other processes.
     let mut turn: Option<Turn> = None;
     loop {
+        let mut ended = None;
         let next = {
             let mut state = line.lock();
             let mut ready = state
@@ -244,15 +319,20 @@ async fn head(limit: Arc<RemoteLimit>) {
             } else if let Some(held) = state.queue.iter().find(|w| w.outcome.is_none()) {
                 Next::Held(held.pause.clone().expect("only a pause holds a waiter"))
             } else {
-                state.driving = false;
+                // The place is given up under the same lock a newcomer
+                // takes to see whether a head runs, so the next waiter
+                // starts a head of its own.
+                if state.head.as_ref().is_some_and(|head| head.id == id) {
+                    ended = state.head.take();
+                }
                 Next::Done
             }
         };
+        // Its own handle, if it still held it: dropping it aborts a task
+        // that is returning anyway.
+        drop(ended);
         let more = match next {
-            Next::Done => {
-                running.armed = false;
-                return;
-            }
+            Next::Done => return,
             Next::Held(pause) => {
                 tokio::select! {
                     () = pause.ready() => {}

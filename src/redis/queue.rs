@@ -136,8 +136,7 @@ const PUSH_CHUNK: usize = 500;
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A queue operation Redis could not carry out.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("work queue {queue}: {message}")]
+#[derive(Debug, Clone)]
 pub struct QueueError {
     queue: String,
     message: String,
@@ -161,6 +160,17 @@ impl QueueError {
         self.transient
     }
 }
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "work queue {}: {}", self.queue, self.message)
+    }
+}
+
+// The Redis error is flattened into `message` when the error is made (the
+// error is `Clone`, and a queue error outlives the connection that failed),
+// so there is no `source()` to give.
+impl std::error::Error for QueueError {}
 
 /// A work queue on a Redis Stream, read by many workers through one
 /// consumer group. Cheap to clone.
@@ -488,6 +498,17 @@ impl WorkQueue {
     /// # Errors
     ///
     /// When Redis cannot be reached, or `item` cannot be serialized.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped before it returns, the item may or may not be enqueued
+    /// (Redis may have taken the call); pushing it again under the same
+    /// key is safe, the key makes a second push a no-op.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub async fn push<T: Serialize>(&self, key: &str, item: &T) -> Result<bool, QueueError> {
         Ok(self.push_all([(key.to_owned(), item)]).await? == 1)
     }
@@ -503,6 +524,17 @@ impl WorkQueue {
     /// When Redis cannot be reached (the chunks sent before stay
     /// enqueued: push again, the keys make it safe), or an item cannot be
     /// serialized.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped part way, the chunks already sent stay enqueued and the one
+    /// in flight may or may not be; pushing the same items again is safe,
+    /// their keys make it a no-op for those already in.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub async fn push_all<K, T, I>(&self, items: I) -> Result<u64, QueueError>
     where
         K: Into<String>,
@@ -534,6 +566,16 @@ impl WorkQueue {
     /// # Errors
     ///
     /// When Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads (after creating the consumer group if
+    /// needed, which is idempotent).
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub async fn pending(&self) -> Result<u64, QueueError> {
         self.ensure_group().await?;
         let mut cmd = redis::cmd("XPENDING");
@@ -555,6 +597,15 @@ impl WorkQueue {
     /// # Errors
     ///
     /// When Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub async fn dead_letters(&self, count: usize) -> Result<Vec<DeadEntry>, QueueError> {
         let mut cmd = redis::cmd("XRANGE");
         cmd.arg(&self.inner.dead)
@@ -596,6 +647,20 @@ impl WorkQueue {
     /// `T` becomes a [dead letter](Self::dead_letters), so it cannot block
     /// the queue. While Redis is unreachable the stream waits for it (see
     /// the module docs).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the stream loses no item: the entries it read and did not
+    /// yield stay pending in Redis with this consumer, read again first by
+    /// the next stream of the same consumer name, or claimed by another
+    /// after [`claim_after`](Self::claim_after). An acknowledgement or dead
+    /// letter in flight when it is dropped may not be taken: the entry
+    /// comes again (and [`skip_done`](Jobs::skip_done) acknowledges it).
+    ///
+    /// # Panics
+    ///
+    /// When polled (the stream) outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub fn jobs<T>(&self, consumer: &str) -> Jobs<T>
     where
         T: DeserializeOwned + Send + 'static,
@@ -619,6 +684,18 @@ impl WorkQueue {
     /// cannot take for now is tried again until it can (the next result
     /// waits meanwhile); one it refuses for good is logged, and the job
     /// stays pending and is delivered again (the journal skips it as done).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the stream drops `results`; the job of the last result it
+    /// passed on may not be acknowledged yet. Its entry stays pending and
+    /// comes again, which is what a result the sink had not committed
+    /// needs; a journal skips it if it had.
+    ///
+    /// # Panics
+    ///
+    /// When polled (the stream) outside a tokio runtime with its time driver enabled
+    /// (every call to Redis is timed on tokio's clock).
     pub fn ack_after_commit<S, V, E, T>(
         &self,
         results: S,
