@@ -233,13 +233,31 @@ impl Limiter {
 
     /// Waits for a token, in line behind earlier callers.
     ///
-    /// Cancel safe: a dropped `acquire` leaves the line and takes nothing.
+    /// # Cancel safety
+    ///
+    /// Cancel safe. Dropped before its turn, a waiter leaves the line and
+    /// takes nothing, and those behind it move up. A token granted on its
+    /// behalf as it is dropped is spent with it, never handed on later (so
+    /// a cancellation never turns into a burst).
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with time enabled.
     pub fn acquire(&self) -> impl Future<Output = ()> + Send + 'static {
         self.clone().acquire_until_granted(None)
     }
 
     /// Like [`acquire`](Self::acquire), but grants nothing while `pause` is
-    /// in force, so a pause never turns into a burst when it ends.
+    /// in force, so a pause never turns into a burst when it ends. A waiter
+    /// keeps its place in line during the pause.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`acquire`](Self::acquire).
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with time enabled.
     pub fn acquire_during(&self, pause: &PauseHandle) -> impl Future<Output = ()> + Send + 'static {
         self.clone().acquire_until_granted(Some(pause.clone()))
     }
