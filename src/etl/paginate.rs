@@ -5,7 +5,7 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::stream::{self, BoxStream, Stream, StreamExt as _};
+use futures::stream::{self, Stream, StreamExt as _};
 use http::header::LINK;
 use http::HeaderMap;
 use serde::Serialize;
@@ -76,7 +76,8 @@ impl Pagination {
     }
 }
 
-type Pages = BoxStream<'static, Result<Fetched<PageRef>, FetchError<PageRef>>>;
+type Pages =
+    Pin<Box<dyn Stream<Item = Result<Fetched<PageRef>, FetchError<PageRef>>> + Send + Sync>>;
 
 /// Stream returned by [`paginate`]: each page as a fetch result, ready for
 /// [`flat_unpack_at`](crate::SluiceExt::flat_unpack_at).
@@ -191,8 +192,8 @@ impl Paginate {
             token: String::new(),
         };
         let walk = Walk::Next(first, HashSet::from([String::new()]));
-        self.pages.get_or_insert(
-            stream::unfold(walk, move |walk| {
+        self.pages
+            .get_or_insert(Box::pin(stream::unfold(walk, move |walk| {
                 let endpoint = endpoint.clone();
                 let how = how.clone();
                 async move {
@@ -234,9 +235,7 @@ impl Paginate {
                     };
                     Some((Ok(fetched), walk))
                 }
-            })
-            .boxed(),
-        )
+            })))
     }
 }
 
