@@ -1,12 +1,23 @@
 //! Learning a server's limit from its refusals: the pure controller.
 //!
-//! On a refusal the rate is cut to just under what the server has been
-//! accepting (the successes counted over the last window, which is the
-//! server's real limit while it is refusing), but never by more than a
-//! fixed factor at once. After a quiet stretch it rises additively, a small
-//! share of the ceiling at a time, to probe for more. At most one cut per
-//! window: the refusals of requests already in flight say nothing new. The
-//! result is a sawtooth just under the limit instead of a hammer above it.
+//! The first refusal after a quiet stretch opens a short measurement: the
+//! answers that come back over the next fifth of a window (and at least
+//! [`MIN_ANSWERS`] of them) are counted, accepted and refused. A server
+//! refusing the excess accepts its limit and refuses the rest, so the share
+//! it accepted is its answer to "how much of this pace do you take": the
+//! rate is cut at once to that share of the pace in force, times a margin
+//! (multiplicative decrease to the measured acceptance, not a fixed step
+//! per second). After a quiet stretch it rises additively, a small share of
+//! the ceiling at a time, to probe for more. At most one cut per window:
+//! the refusals of requests already in flight say nothing new. The result
+//! is one short burst of refusals, then a sawtooth just under the limit.
+//!
+//! The share errs only on the high side: when fewer requests went out than
+//! the pace allows (slots held by items sitting out a Retry-After), the
+//! server saw less than the pace and refused a smaller share, so the cut
+//! falls short of the limit, never below it, and the next refusals cut
+//! again. Counting successes per second instead would undershoot exactly
+//! then.
 //!
 //! The rate is always the one the limiter paces at, so what is reported is
 //! what is granted: never above the configured ceiling (a floor above it
@@ -14,7 +25,6 @@
 //! and a stated quota below the floor is obeyed), and it does not rise
 //! while an advertised quota rather than the pace is holding requests back.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -58,9 +68,11 @@ impl Default for Adaptive {
 }
 
 impl Adaptive {
-    /// Cut on 429, to 97% of the accepted rate (by 15% at most), probe up by
-    /// 1% of the ceiling after each quiet second, never below 1/s (unless the
-    /// ceiling or a quota the server states is lower).
+    /// Cut on 429, to 97% of the share of the pace the server accepted
+    /// (measured over the answers of the first fifth of a second of
+    /// refusals), probe up by 1% of the ceiling after each quiet second,
+    /// never below 1/s (unless the ceiling or a quota the server states is
+    /// lower).
     pub fn new() -> Self {
         Self::default()
     }
@@ -88,7 +100,10 @@ impl Adaptive {
         self
     }
 
-    /// The deepest single cut, as a factor (default 0.85).
+    /// The cut, as a factor (default 0.85), when a measurement found the
+    /// server accepting nothing at all: a server refusing everything says
+    /// nothing about the pace it would take, so the rate steps down instead
+    /// of dropping to the floor at once.
     ///
     /// # Panics
     ///
@@ -115,6 +130,18 @@ impl Adaptive {
 /// would not be the one granted.
 const MIN_PER_SECOND: f64 = 1.0 / 3_600.0;
 
+/// The fewest answers a measurement counts before it cuts: fewer leave the
+/// accepted share too coarse (two answers can only say 0, 50 or 100%).
+const MIN_ANSWERS: u64 = 10;
+
+/// The answers counted since the refusal that opened a measurement.
+#[derive(Debug, Clone, Copy)]
+struct Measurement {
+    since: Instant,
+    accepted: u64,
+    refused: u64,
+}
+
 /// The controller's state, shared by every clone of a limiter.
 #[derive(Debug)]
 pub(crate) struct Learner {
@@ -126,8 +153,8 @@ pub(crate) struct Learner {
     current: f64,
     last_cut: Option<Instant>,
     last_change: Instant,
-    /// Successes per slot of a tenth of the window, oldest first.
-    successes: VecDeque<(Instant, u64)>,
+    /// Open from a refusal (outside the window after a cut) until the cut.
+    measuring: Option<Measurement>,
 }
 
 impl Learner {
@@ -140,7 +167,7 @@ impl Learner {
             config,
             last_cut: None,
             last_change: now,
-            successes: VecDeque::new(),
+            measuring: None,
         }
     }
 
@@ -169,30 +196,47 @@ impl Learner {
         self.config.floor.max(MIN_PER_SECOND).min(self.limit())
     }
 
-    /// Successes per second over the last window.
-    fn accepted_rate(&mut self, now: Instant) -> f64 {
-        self.forget(now);
-        let count: u64 = self.successes.iter().map(|(_, n)| n).sum();
-        count as f64 / self.config.window.as_secs_f64()
+    /// How long a measurement lasts at least: long enough to average over
+    /// a GCRA's alternation and the jitter of latencies, short enough that
+    /// the pace above the limit costs few refusals.
+    fn span(&self) -> std::time::Duration {
+        self.config.window / 5
     }
 
-    fn forget(&mut self, now: Instant) {
-        while self
-            .successes
-            .front()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= self.config.window)
-        {
-            self.successes.pop_front();
+    /// Counts an answer into an open measurement; cuts when it is complete.
+    fn measure(&mut self, now: Instant, accepted: bool) -> Option<f64> {
+        let span = self.span();
+        let m = self.measuring.as_mut()?;
+        if accepted {
+            m.accepted += 1;
+        } else {
+            m.refused += 1;
         }
+        let answers = m.accepted + m.refused;
+        let elapsed = now.saturating_duration_since(m.since);
+        // Complete after the span with enough answers, or after a whole
+        // window with whatever came back (a slow pace answers seldom).
+        if !(elapsed >= span && answers >= MIN_ANSWERS || elapsed >= self.config.window) {
+            return None;
+        }
+        let m = self.measuring.take()?;
+        let next = if m.accepted == 0 {
+            self.current * self.config.decrease
+        } else {
+            self.current * (m.accepted as f64 / answers as f64) * self.config.target
+        };
+        self.current = next.min(self.current).max(self.floor());
+        self.last_cut = Some(now);
+        self.last_change = now;
+        Some(self.current)
     }
 
-    /// A success at `now`; returns the new rate if it rises. It rises only
-    /// if `may_probe`: when the pace, not something else, limits sending.
+    /// A success at `now`; returns the new rate if it changes: cut when it
+    /// completes a measurement, raised if `may_probe` (the pace, not
+    /// something else, limits sending) after a quiet stretch.
     pub(crate) fn success(&mut self, now: Instant, may_probe: bool) -> Option<f64> {
-        let slot = self.config.window / 10;
-        match self.successes.back_mut() {
-            Some((start, n)) if now.saturating_duration_since(*start) < slot => *n += 1,
-            _ => self.successes.push_back((now, 1)),
+        if self.measuring.is_some() {
+            return self.measure(now, true);
         }
         let quiet = self
             .last_cut
@@ -227,6 +271,8 @@ impl Learner {
         if (next - self.current).abs() < f64::EPSILON {
             return None;
         }
+        // A measurement taken at another pace would scale the wrong rate.
+        self.measuring = None;
         self.current = next;
         self.last_change = now;
         Some(next)
@@ -240,20 +286,14 @@ impl Learner {
         {
             return None; // refusals of requests already in flight: no news
         }
-        let accepted = self.accepted_rate(now) * self.config.target;
-        let by_factor = self.current * self.config.decrease;
-        // Just under what the server took, but never more than a fixed cut
-        // at once: while items sit out their Retry-After, fewer successes
-        // come back than the server would take, and the count undershoots.
-        let next = if accepted > 0.0 {
-            accepted.max(by_factor)
-        } else {
-            by_factor
-        };
-        self.current = next.min(self.current).max(self.floor());
-        self.last_cut = Some(now);
-        self.last_change = now;
-        Some(self.current)
+        if self.measuring.is_none() {
+            self.measuring = Some(Measurement {
+                since: now,
+                accepted: 0,
+                refused: 0,
+            });
+        }
+        self.measure(now, false)
     }
 }
 
@@ -262,20 +302,27 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn cuts_to_what_was_accepted_then_probes_up() {
+    async fn cuts_to_the_share_accepted_then_probes_up() {
         let t0 = Instant::now();
         let mut learner = Learner::new(Adaptive::new(), 400.0, t0);
-        // 200 successes over the last second: the server's real limit.
-        for i in 0..200u64 {
-            assert_eq!(
-                learner.success(t0 + Duration::from_millis(i * 5), true),
-                None
-            );
+        // The first refusal opens a measurement; nothing is cut yet.
+        assert_eq!(learner.refusal(t0), None);
+        // Every other answer accepted over the next 200 ms: a server taking
+        // half of 400/s.
+        for i in 1..=98u64 {
+            let at = t0 + Duration::from_millis(2 * i);
+            let changed = if i % 2 == 1 {
+                learner.success(at, true)
+            } else {
+                learner.refusal(at)
+            };
+            assert_eq!(changed, None, "answer {i}");
         }
-        let cut_at = t0 + Duration::from_millis(1_000);
-        // Never more than 15% at once: 400 -> 340, not straight to 194.
-        let cut = learner.refusal(cut_at).unwrap();
-        assert_eq!(cut, 340.0);
+        // The answer that completes the span: 50 of 100 accepted, so 97%
+        // of half the pace, in one cut.
+        let cut_at = t0 + Duration::from_millis(200);
+        let cut = learner.success(cut_at, true).unwrap();
+        assert_eq!(cut, 400.0 * 0.5 * 0.97);
         // More refusals in the same window change nothing.
         assert_eq!(learner.refusal(cut_at + Duration::from_millis(10)), None);
         // A quiet second later, one step of 1% of the ceiling.
@@ -286,6 +333,34 @@ mod tests {
         assert_eq!(
             learner.success(cut_at + Duration::from_millis(1_500), true),
             None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_measurement_waits_for_enough_answers() {
+        let t0 = Instant::now();
+        let mut learner = Learner::new(Adaptive::new(), 20.0, t0);
+        assert_eq!(learner.refusal(t0), None);
+        // Past the span but only 9 answers: too few to tell a share.
+        for i in 1..=8u64 {
+            let at = t0 + Duration::from_millis(50 * i);
+            assert_eq!(learner.success(at, true), None, "answer {i}");
+        }
+        // The tenth answer: 9 of 10 accepted.
+        let cut = learner.success(t0 + Duration::from_millis(450), true);
+        assert_eq!(cut, Some(20.0 * 0.9 * 0.97));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_accepted_steps_down_by_the_factor() {
+        let t0 = Instant::now();
+        let mut learner = Learner::new(Adaptive::new(), 100.0, t0);
+        for i in 0..9u64 {
+            assert_eq!(learner.refusal(t0 + Duration::from_millis(25 * i)), None);
+        }
+        assert_eq!(
+            learner.refusal(t0 + Duration::from_millis(225)),
+            Some(100.0 * 0.85)
         );
     }
 
