@@ -149,7 +149,8 @@ enum Verdict {
 
 /// reqwest + `buffer_unordered` + governor `until_ready` + a retry loop:
 /// 429, 5xx, transport errors and bodies `check` rejects are retried after
-/// a jittered 50 ms, every attempt paced by the one governor.
+/// the server's `Retry-After` if it gives one, else a jittered 50 ms, every
+/// attempt paced by the one governor.
 async fn hand_written(base: &str, items: u64, per_second: u32, check: fn(&[u8]) -> Verdict) -> u64 {
     let http = ReqwestTransport::client_builder().build().unwrap();
     let governor = Arc::new(governor::RateLimiter::direct(
@@ -164,20 +165,27 @@ async fn hand_written(base: &str, items: u64, per_second: u32, check: fn(&[u8]) 
             async move {
                 for _ in 0..100 {
                     governor.until_ready().await;
-                    let done = match http.get(&url).send().await {
+                    let mut wait = Duration::from_millis(fastrand::u64(0..=50));
+                    match http.get(&url).send().await {
                         Ok(response) if response.status().is_success() => {
-                            match response.bytes().await {
-                                Ok(body) => matches!(check(&body), Verdict::Done),
-                                Err(_) => false,
+                            if let Ok(body) = response.bytes().await {
+                                if matches!(check(&body), Verdict::Done) {
+                                    return true;
+                                }
                             }
                         }
-                        _ => false,
-                    };
-                    if done {
-                        return true;
+                        Ok(response) => {
+                            let told = response
+                                .headers()
+                                .get("retry-after")
+                                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                            if let Some(seconds) = told {
+                                wait = Duration::from_secs(seconds);
+                            }
+                        }
+                        Err(_) => {}
                     }
-                    let jitter = fastrand::u64(0..=50);
-                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                    tokio::time::sleep(wait).await;
                 }
                 false
             }
@@ -218,6 +226,9 @@ struct Bucket {
 }
 
 struct FaultServer {
+    /// Whether 429 and 503 carry `Retry-After: 1` (whole seconds, as most
+    /// servers send it).
+    retry_after: bool,
     started: std::time::Instant,
     bucket: Mutex<Bucket>,
     seen: AtomicU64,
@@ -299,9 +310,14 @@ async fn connection(mut stream: TcpStream, server: Arc<FaultServer>) {
             429 => "Too Many Requests",
             _ => "Service Unavailable",
         };
+        let retry_after = if status != 200 && server.retry_after {
+            "retry-after: 1\r\n"
+        } else {
+            ""
+        };
         let head = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n\r\n",
+             {retry_after}content-length: {}\r\n\r\n",
             body.len()
         );
         let mut out = head.into_bytes();
@@ -313,11 +329,22 @@ async fn connection(mut stream: TcpStream, server: Arc<FaultServer>) {
 }
 
 fn faults(rt: &tokio::runtime::Runtime) {
+    for retry_after in [false, true] {
+        faults_with(rt, retry_after);
+    }
+}
+
+fn faults_with(rt: &tokio::runtime::Runtime, retry_after: bool) {
     println!(
-        "\n## Faults: a {BUCKET}/s token bucket (burst {BUCKET_BURST}), a {OUTAGE:?} outage \
+        "\n## Faults ({}): a {BUCKET}/s token bucket (burst {BUCKET_BURST}), a {OUTAGE:?} outage \
          (503) every {OUTAGE_EVERY:?}, one request in {RESET_EVERY} reset, one in \
          {MALFORMED_EVERY} a cut JSON body; the client asks {FAULT_ASKED}/s, \
-         {FAULT_ITEMS} items, {IN_FLIGHT} in flight\n"
+         {FAULT_ITEMS} items, {IN_FLIGHT} in flight\n",
+        if retry_after {
+            "429 and 503 say Retry-After: 1, honoured"
+        } else {
+            "no Retry-After"
+        }
     );
     println!(
         "| client | arrived | elapsed | / ideal | requests | 429s | 429s / requests | 503s | resets | cut bodies |"
@@ -329,6 +356,7 @@ fn faults(rt: &tokio::runtime::Runtime) {
                 let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let base = format!("http://{}", listener.local_addr().unwrap());
                 let server = Arc::new(FaultServer {
+                    retry_after,
                     started: std::time::Instant::now(),
                     bucket: Mutex::new(Bucket {
                         tokens: BUCKET_BURST,
@@ -340,7 +368,7 @@ fn faults(rt: &tokio::runtime::Runtime) {
                 let serving = tokio::spawn(serve(listener, server.clone()));
                 let started = Instant::now();
                 let ok = if sluicegate {
-                    faults_sluicegate(&base).await
+                    faults_sluicegate(&base, retry_after).await
                 } else {
                     hand_written(&base, FAULT_ITEMS, FAULT_ASKED, |body| {
                         match serde_json::from_slice::<serde_json::Value>(body) {
@@ -387,7 +415,7 @@ fn faults(rt: &tokio::runtime::Runtime) {
     }
 }
 
-async fn faults_sluicegate(base: &str) -> u64 {
+async fn faults_sluicegate(base: &str, retry_after: bool) -> u64 {
     let client = Client::builder()
         .transport(ReqwestTransport::default())
         .base_url(base)
@@ -395,9 +423,12 @@ async fn faults_sluicegate(base: &str) -> u64 {
         .build()
         .unwrap();
     let again = || {
-        Backoff::full_jitter(Duration::from_millis(50))
-            .max_attempts(100)
-            .ignore_retry_after()
+        let backoff = Backoff::full_jitter(Duration::from_millis(50)).max_attempts(100);
+        if retry_after {
+            backoff
+        } else {
+            backoff.ignore_retry_after()
+        }
     };
     let endpoint = client
         .get(|id: &u64| format!("/items/{id}"))

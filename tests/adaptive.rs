@@ -617,7 +617,7 @@ async fn after_a_reset_the_waiting_line_goes_a_quota_at_a_time() {
 /// 10), the client asking 400/s with adaptive pacing, 3 000 items, refused
 /// items retried after 50 ms.
 #[tokio::test(start_paused = true)]
-async fn adaptive_pacing_learns_within_the_first_fifth_of_a_second() {
+async fn adaptive_pacing_learns_from_its_first_ten_refusals() {
     let mock = MockTransport::new();
     let limit = Limiter::new(Rate::per_second(200).burst(10));
     mock.mount(
@@ -651,10 +651,11 @@ async fn adaptive_pacing_learns_within_the_first_fifth_of_a_second() {
     let requests = mock.calls().len();
     let refused = refusals(&mock);
     // Refusals: the pace runs over the limit only until the measurement
-    // opened by the first refusal completes (200 ms at 400/s: about 40
-    // refused, half the answers, plus those in flight), then at each probe
-    // past the limit for another 200 ms at a few per second over it. The
-    // 12% the old fixed 15%-per-second cut wasted here is far over 5%.
+    // opened by the first refusal has counted ten more (about 50 ms at
+    // 400/s, plus the requests in flight), then at each probe past the
+    // limit until ten more at a few per second over it: about ten refused
+    // every five seconds. The 12% the old cut (at most 15% per second of
+    // refusals) wasted here is far over 5%.
     assert!(
         refused as f64 <= 0.05 * requests as f64,
         "{refused} of {requests} requests refused"

@@ -1,16 +1,20 @@
 //! Learning a server's limit from its refusals: the pure controller.
 //!
-//! The first refusal after a quiet stretch opens a short measurement: the
-//! answers that come back over the next fifth of a window (and at least
-//! [`MIN_ANSWERS`] of them) are counted, accepted and refused. A server
-//! refusing the excess accepts its limit and refuses the rest, so the share
-//! it accepted is its answer to "how much of this pace do you take": the
-//! rate is cut at once to that share of the pace in force, times a margin
-//! (multiplicative decrease to the measured acceptance, not a fixed step
-//! per second). After a quiet stretch it rises additively, a small share of
-//! the ceiling at a time, to probe for more. At most one cut per window:
-//! the refusals of requests already in flight say nothing new. The result
-//! is one short burst of refusals, then a sawtooth just under the limit.
+//! The first refusal after a quiet stretch opens a measurement: the
+//! answers that come back are counted, accepted and refused, until
+//! [`MEASURED_REFUSALS`] refusals among at least [`MEASURED_ANSWERS`]
+//! answers (or a window, whichever comes first). A server refusing the
+//! excess accepts its limit and refuses the rest, so the share it accepted
+//! is its answer to "how much of this pace do you take": the rate is cut at
+//! once to that share of the pace in force, times a margin (multiplicative
+//! decrease to the measured acceptance, not a fixed step per second).
+//! Counting to a number of refusals bounds what learning wastes whatever
+//! the excess: far over the limit it takes a few tens of milliseconds, just
+//! over it (a probe) up to a window at a few refusals a second. After a
+//! quiet stretch the rate rises additively, a small share of the ceiling at
+//! a time, to probe for more. At most one cut per window: the refusals of
+//! requests already in flight say nothing new. The result is one short
+//! burst of refusals, then a sawtooth just under the limit.
 //!
 //! The share errs only on the high side: when fewer requests went out than
 //! the pace allows (slots held by items sitting out a Retry-After), the
@@ -69,8 +73,8 @@ impl Default for Adaptive {
 
 impl Adaptive {
     /// Cut on 429, to 97% of the share of the pace the server accepted
-    /// (measured over the answers of the first fifth of a second of
-    /// refusals), probe up by 1% of the ceiling after each quiet second,
+    /// (measured over the answers to the first ten refusals), probe up by 1%
+    /// of the ceiling after each quiet second,
     /// never below 1/s (unless the ceiling or a quota the server states is
     /// lower).
     pub fn new() -> Self {
@@ -130,9 +134,16 @@ impl Adaptive {
 /// would not be the one granted.
 const MIN_PER_SECOND: f64 = 1.0 / 3_600.0;
 
-/// The fewest answers a measurement counts before it cuts: fewer leave the
-/// accepted share too coarse (two answers can only say 0, 50 or 100%).
-const MIN_ANSWERS: u64 = 10;
+/// The refusals a measurement counts before it cuts: enough that one more
+/// or less moves the share little, few enough that learning far over a
+/// limit wastes only these (and the requests in flight), fewer than the
+/// slots a pipeline usually has, so items sitting out a `Retry-After` do
+/// not hold all of them.
+const MEASURED_REFUSALS: u64 = 10;
+
+/// The fewest answers a measurement counts before it cuts: with fewer, the
+/// share is too coarse (two answers can only say 0, 50 or 100%).
+const MEASURED_ANSWERS: u64 = 20;
 
 /// The answers counted since the refusal that opened a measurement.
 #[derive(Debug, Clone, Copy)]
@@ -196,16 +207,8 @@ impl Learner {
         self.config.floor.max(MIN_PER_SECOND).min(self.limit())
     }
 
-    /// How long a measurement lasts at least: long enough to average over
-    /// a GCRA's alternation and the jitter of latencies, short enough that
-    /// the pace above the limit costs few refusals.
-    fn span(&self) -> std::time::Duration {
-        self.config.window / 5
-    }
-
     /// Counts an answer into an open measurement; cuts when it is complete.
     fn measure(&mut self, now: Instant, accepted: bool) -> Option<f64> {
-        let span = self.span();
         let m = self.measuring.as_mut()?;
         if accepted {
             m.accepted += 1;
@@ -214,9 +217,11 @@ impl Learner {
         }
         let answers = m.accepted + m.refused;
         let elapsed = now.saturating_duration_since(m.since);
-        // Complete after the span with enough answers, or after a whole
-        // window with whatever came back (a slow pace answers seldom).
-        if !(elapsed >= span && answers >= MIN_ANSWERS || elapsed >= self.config.window) {
+        // Complete with enough refusals among enough answers, or after a
+        // whole window with whatever came back (just over the limit, or at
+        // a slow pace, refusals come seldom).
+        let enough = m.refused >= MEASURED_REFUSALS && answers >= MEASURED_ANSWERS;
+        if !(enough || elapsed >= self.config.window) {
             return None;
         }
         let m = self.measuring.take()?;
@@ -287,11 +292,15 @@ impl Learner {
             return None; // refusals of requests already in flight: no news
         }
         if self.measuring.is_none() {
+            // The opening refusal is not counted: a measurement that ends
+            // on its tenth refusal then spans whole periods of a server's
+            // accept-refuse alternation, not one refusal more.
             self.measuring = Some(Measurement {
                 since: now,
                 accepted: 0,
                 refused: 0,
             });
+            return None;
         }
         self.measure(now, false)
     }
@@ -307,9 +316,9 @@ mod tests {
         let mut learner = Learner::new(Adaptive::new(), 400.0, t0);
         // The first refusal opens a measurement; nothing is cut yet.
         assert_eq!(learner.refusal(t0), None);
-        // Every other answer accepted over the next 200 ms: a server taking
-        // half of 400/s.
-        for i in 1..=98u64 {
+        // Every other answer accepted, one each 2 ms: a server taking half
+        // of 400/s.
+        for i in 1..=19u64 {
             let at = t0 + Duration::from_millis(2 * i);
             let changed = if i % 2 == 1 {
                 learner.success(at, true)
@@ -318,10 +327,10 @@ mod tests {
             };
             assert_eq!(changed, None, "answer {i}");
         }
-        // The answer that completes the span: 50 of 100 accepted, so 97%
-        // of half the pace, in one cut.
-        let cut_at = t0 + Duration::from_millis(200);
-        let cut = learner.success(cut_at, true).unwrap();
+        // The tenth refusal after the opening one completes it: 10 of 20
+        // accepted, so 97% of half the pace, in one cut.
+        let cut_at = t0 + Duration::from_millis(40);
+        let cut = learner.refusal(cut_at).unwrap();
         assert_eq!(cut, 400.0 * 0.5 * 0.97);
         // More refusals in the same window change nothing.
         assert_eq!(learner.refusal(cut_at + Duration::from_millis(10)), None);
@@ -337,29 +346,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_measurement_waits_for_enough_answers() {
+    async fn a_rare_refusal_is_measured_over_a_window() {
         let t0 = Instant::now();
         let mut learner = Learner::new(Adaptive::new(), 20.0, t0);
         assert_eq!(learner.refusal(t0), None);
-        // Past the span but only 9 answers: too few to tell a share.
-        for i in 1..=8u64 {
+        // One refusal among answers at 20/s: just over the limit.
+        for i in 1..20u64 {
             let at = t0 + Duration::from_millis(50 * i);
             assert_eq!(learner.success(at, true), None, "answer {i}");
         }
-        // The tenth answer: 9 of 10 accepted.
-        let cut = learner.success(t0 + Duration::from_millis(450), true);
-        assert_eq!(cut, Some(20.0 * 0.9 * 0.97));
+        // A window after the refusal, all 20 answers since accepted: the
+        // excess was too small to show, so only the margin is taken off.
+        let cut = learner.success(t0 + Duration::from_secs(1), true);
+        assert_eq!(cut, Some(20.0 * 0.97));
     }
 
     #[tokio::test(start_paused = true)]
     async fn nothing_accepted_steps_down_by_the_factor() {
         let t0 = Instant::now();
         let mut learner = Learner::new(Adaptive::new(), 100.0, t0);
-        for i in 0..9u64 {
-            assert_eq!(learner.refusal(t0 + Duration::from_millis(25 * i)), None);
+        for i in 0..20u64 {
+            assert_eq!(learner.refusal(t0 + Duration::from_millis(5 * i)), None);
         }
         assert_eq!(
-            learner.refusal(t0 + Duration::from_millis(225)),
+            learner.refusal(t0 + Duration::from_millis(100)),
             Some(100.0 * 0.85)
         );
     }
