@@ -98,7 +98,7 @@ fn limit(rt: &tokio::runtime::Runtime) {
                 let ok = if sluicegate {
                     limit_sluicegate(&server.url()).await
                 } else {
-                    hand_written(&server.url(), LIMIT_ITEMS, ASKED, |_| Verdict::Done).await
+                    hand_written(&server.url(), LIMIT_ITEMS, ASKED, false, |_| Verdict::Done).await
                 };
                 let counts = server.counts();
                 Run {
@@ -149,9 +149,16 @@ enum Verdict {
 
 /// reqwest + `buffer_unordered` + governor `until_ready` + a retry loop:
 /// 429, 5xx, transport errors and bodies `check` rejects are retried after
-/// the server's `Retry-After` if it gives one, else a jittered 50 ms, every
-/// attempt paced by the one governor.
-async fn hand_written(base: &str, items: u64, per_second: u32, check: fn(&[u8]) -> Verdict) -> u64 {
+/// a jittered 50 ms (or the server's `Retry-After` if `honour_retry_after`
+/// and it gives one), every attempt paced by the one governor: the same
+/// rules the sluicegate client of the scenario has.
+async fn hand_written(
+    base: &str,
+    items: u64,
+    per_second: u32,
+    honour_retry_after: bool,
+    check: fn(&[u8]) -> Verdict,
+) -> u64 {
     let http = ReqwestTransport::client_builder().build().unwrap();
     let governor = Arc::new(governor::RateLimiter::direct(
         governor::Quota::per_second(NonZeroU32::new(per_second).unwrap())
@@ -179,7 +186,7 @@ async fn hand_written(base: &str, items: u64, per_second: u32, check: fn(&[u8]) 
                                 .headers()
                                 .get("retry-after")
                                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                            if let Some(seconds) = told {
+                            if let Some(seconds) = told.filter(|_| honour_retry_after) {
                                 wait = Duration::from_secs(seconds);
                             }
                         }
@@ -370,7 +377,7 @@ fn faults_with(rt: &tokio::runtime::Runtime, retry_after: bool) {
                 let ok = if sluicegate {
                     faults_sluicegate(&base, retry_after).await
                 } else {
-                    hand_written(&base, FAULT_ITEMS, FAULT_ASKED, |body| {
+                    hand_written(&base, FAULT_ITEMS, FAULT_ASKED, retry_after, |body| {
                         match serde_json::from_slice::<serde_json::Value>(body) {
                             Ok(_) => Verdict::Done,
                             Err(_) => Verdict::Again,
