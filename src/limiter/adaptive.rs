@@ -73,10 +73,10 @@ impl Default for Adaptive {
 
 impl Adaptive {
     /// Cut on 429, to 97% of the share of the pace the server accepted
-    /// (measured over the answers to the first ten refusals), probe up by 1%
-    /// of the ceiling after each quiet second,
-    /// never below 1/s (unless the ceiling or a quota the server states is
-    /// lower).
+    /// (counted over the answers after the first refusal, up to ten more
+    /// refusals or a second), probe up by 1% of the ceiling after each
+    /// quiet second, never below 1/s (unless the ceiling or a quota the
+    /// server states is lower).
     pub fn new() -> Self {
         Self::default()
     }
