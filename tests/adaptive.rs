@@ -612,3 +612,59 @@ async fn after_a_reset_the_waiting_line_goes_a_quota_at_a_time() {
         }
     }
 }
+
+/// The whole run, learning included: a hidden GCRA limit of 200/s (burst
+/// 10), the client asking 400/s with adaptive pacing, 3 000 items, refused
+/// items retried after 50 ms.
+#[tokio::test(start_paused = true)]
+async fn adaptive_pacing_learns_from_its_first_ten_refusals() {
+    let mock = MockTransport::new();
+    let limit = Limiter::new(Rate::per_second(200).burst(10));
+    mock.mount(
+        Route::get("/items/{id}")
+            .latency(Latency::uniform(ms(5), ms(15)))
+            .respond_with(move |_| match limit.check() {
+                Ok(()) => MockResponse::ok().text("{}"),
+                Err(_) => MockResponse::status(429).header("retry-after", "1"),
+            }),
+    );
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .limiter(Limiter::new(Rate::per_second(400).burst(5)).adaptive(Adaptive::new()))
+        .retry_on(
+            StatusCode::TOO_MANY_REQUESTS,
+            Backoff::constant(ms(50))
+                .max_attempts(30)
+                .ignore_retry_after(),
+        )
+        .build()
+        .unwrap();
+    let t0 = Instant::now();
+    let ok = stream::iter(0u32..3_000)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(ok, 3_000);
+    let elapsed = t0.elapsed();
+    let requests = mock.calls().len();
+    let refused = refusals(&mock);
+    // Refusals: the pace runs over the limit only until the measurement
+    // opened by the first refusal has counted ten more (about 50 ms at
+    // 400/s, plus the requests in flight), then at each probe past the
+    // limit until ten more at a few per second over it: about ten refused
+    // every five seconds. The 12% the old cut (at most 15% per second of
+    // refusals) wasted here is far over 5%.
+    assert!(
+        refused as f64 <= 0.05 * requests as f64,
+        "{refused} of {requests} requests refused"
+    );
+    // The server takes at most its burst of 10 and then 200/s: no client
+    // finishes 3 000 before 14.95 s. The goal is 1.02 times 15 s.
+    assert!(elapsed >= Duration::from_millis(14_950), "{elapsed:?}");
+    assert!(elapsed <= Duration::from_millis(15_300), "{elapsed:?}");
+    // Learned: a sawtooth between 97% of the limit and a step above it.
+    let learned = client.limiter().unwrap().learned_rate().unwrap();
+    assert!((190.0..=210.0).contains(&learned), "learned {learned:.1}/s");
+}

@@ -1,12 +1,27 @@
 //! Learning a server's limit from its refusals: the pure controller.
 //!
-//! On a refusal the rate is cut to just under what the server has been
-//! accepting (the successes counted over the last window, which is the
-//! server's real limit while it is refusing), but never by more than a
-//! fixed factor at once. After a quiet stretch it rises additively, a small
-//! share of the ceiling at a time, to probe for more. At most one cut per
-//! window: the refusals of requests already in flight say nothing new. The
-//! result is a sawtooth just under the limit instead of a hammer above it.
+//! The first refusal after a quiet stretch opens a measurement: the
+//! answers that come back are counted, accepted and refused, until
+//! [`MEASURED_REFUSALS`] refusals among at least [`MEASURED_ANSWERS`]
+//! answers (or a window, whichever comes first). A server refusing the
+//! excess accepts its limit and refuses the rest, so the share it accepted
+//! is its answer to "how much of this pace do you take": the rate is cut at
+//! once to that share of the pace in force, times a margin (multiplicative
+//! decrease to the measured acceptance, not a fixed step per second).
+//! Counting to a number of refusals bounds what learning wastes whatever
+//! the excess: far over the limit it takes a few tens of milliseconds, just
+//! over it (a probe) up to a window at a few refusals a second. After a
+//! quiet stretch the rate rises additively, a small share of the ceiling at
+//! a time, to probe for more. At most one cut per window: the refusals of
+//! requests already in flight say nothing new. The result is one short
+//! burst of refusals, then a sawtooth just under the limit.
+//!
+//! The share errs only on the high side: when fewer requests went out than
+//! the pace allows (slots held by items sitting out a Retry-After), the
+//! server saw less than the pace and refused a smaller share, so the cut
+//! falls short of the limit, never below it, and the next refusals cut
+//! again. Counting successes per second instead would undershoot exactly
+//! then.
 //!
 //! The rate is always the one the limiter paces at, so what is reported is
 //! what is granted: never above the configured ceiling (a floor above it
@@ -14,7 +29,6 @@
 //! and a stated quota below the floor is obeyed), and it does not rise
 //! while an advertised quota rather than the pace is holding requests back.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -58,9 +72,11 @@ impl Default for Adaptive {
 }
 
 impl Adaptive {
-    /// Cut on 429, to 97% of the accepted rate (by 15% at most), probe up by
-    /// 1% of the ceiling after each quiet second, never below 1/s (unless the
-    /// ceiling or a quota the server states is lower).
+    /// Cut on 429, to 97% of the share of the pace the server accepted
+    /// (counted over the answers after the first refusal, up to ten more
+    /// refusals or a second), probe up by 1% of the ceiling after each
+    /// quiet second, never below 1/s (unless the ceiling or a quota the
+    /// server states is lower).
     pub fn new() -> Self {
         Self::default()
     }
@@ -88,7 +104,10 @@ impl Adaptive {
         self
     }
 
-    /// The deepest single cut, as a factor (default 0.85).
+    /// The cut, as a factor (default 0.85), when a measurement found the
+    /// server accepting nothing at all: a server refusing everything says
+    /// nothing about the pace it would take, so the rate steps down instead
+    /// of dropping to the floor at once.
     ///
     /// # Panics
     ///
@@ -115,6 +134,25 @@ impl Adaptive {
 /// would not be the one granted.
 const MIN_PER_SECOND: f64 = 1.0 / 3_600.0;
 
+/// The refusals a measurement counts before it cuts: enough that one more
+/// or less moves the share little, few enough that learning far over a
+/// limit wastes only these (and the requests in flight), fewer than the
+/// slots a pipeline usually has, so items sitting out a `Retry-After` do
+/// not hold all of them.
+const MEASURED_REFUSALS: u64 = 10;
+
+/// The fewest answers a measurement counts before it cuts: with fewer, the
+/// share is too coarse (two answers can only say 0, 50 or 100%).
+const MEASURED_ANSWERS: u64 = 20;
+
+/// The answers counted since the refusal that opened a measurement.
+#[derive(Debug, Clone, Copy)]
+struct Measurement {
+    since: Instant,
+    accepted: u64,
+    refused: u64,
+}
+
 /// The controller's state, shared by every clone of a limiter.
 #[derive(Debug)]
 pub(crate) struct Learner {
@@ -126,8 +164,8 @@ pub(crate) struct Learner {
     current: f64,
     last_cut: Option<Instant>,
     last_change: Instant,
-    /// Successes per slot of a tenth of the window, oldest first.
-    successes: VecDeque<(Instant, u64)>,
+    /// Open from a refusal (outside the window after a cut) until the cut.
+    measuring: Option<Measurement>,
 }
 
 impl Learner {
@@ -140,7 +178,7 @@ impl Learner {
             config,
             last_cut: None,
             last_change: now,
-            successes: VecDeque::new(),
+            measuring: None,
         }
     }
 
@@ -169,30 +207,41 @@ impl Learner {
         self.config.floor.max(MIN_PER_SECOND).min(self.limit())
     }
 
-    /// Successes per second over the last window.
-    fn accepted_rate(&mut self, now: Instant) -> f64 {
-        self.forget(now);
-        let count: u64 = self.successes.iter().map(|(_, n)| n).sum();
-        count as f64 / self.config.window.as_secs_f64()
-    }
-
-    fn forget(&mut self, now: Instant) {
-        while self
-            .successes
-            .front()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= self.config.window)
-        {
-            self.successes.pop_front();
+    /// Counts an answer into an open measurement; cuts when it is complete.
+    fn measure(&mut self, now: Instant, accepted: bool) -> Option<f64> {
+        let m = self.measuring.as_mut()?;
+        if accepted {
+            m.accepted += 1;
+        } else {
+            m.refused += 1;
         }
+        let answers = m.accepted + m.refused;
+        let elapsed = now.saturating_duration_since(m.since);
+        // Complete with enough refusals among enough answers, or after a
+        // whole window with whatever came back (just over the limit, or at
+        // a slow pace, refusals come seldom).
+        let enough = m.refused >= MEASURED_REFUSALS && answers >= MEASURED_ANSWERS;
+        if !(enough || elapsed >= self.config.window) {
+            return None;
+        }
+        let m = self.measuring.take()?;
+        let next = if m.accepted == 0 {
+            self.current * self.config.decrease
+        } else {
+            self.current * (m.accepted as f64 / answers as f64) * self.config.target
+        };
+        self.current = next.min(self.current).max(self.floor());
+        self.last_cut = Some(now);
+        self.last_change = now;
+        Some(self.current)
     }
 
-    /// A success at `now`; returns the new rate if it rises. It rises only
-    /// if `may_probe`: when the pace, not something else, limits sending.
+    /// A success at `now`; returns the new rate if it changes: cut when it
+    /// completes a measurement, raised if `may_probe` (the pace, not
+    /// something else, limits sending) after a quiet stretch.
     pub(crate) fn success(&mut self, now: Instant, may_probe: bool) -> Option<f64> {
-        let slot = self.config.window / 10;
-        match self.successes.back_mut() {
-            Some((start, n)) if now.saturating_duration_since(*start) < slot => *n += 1,
-            _ => self.successes.push_back((now, 1)),
+        if self.measuring.is_some() {
+            return self.measure(now, true);
         }
         let quiet = self
             .last_cut
@@ -227,6 +276,8 @@ impl Learner {
         if (next - self.current).abs() < f64::EPSILON {
             return None;
         }
+        // A measurement taken at another pace would scale the wrong rate.
+        self.measuring = None;
         self.current = next;
         self.last_change = now;
         Some(next)
@@ -240,20 +291,18 @@ impl Learner {
         {
             return None; // refusals of requests already in flight: no news
         }
-        let accepted = self.accepted_rate(now) * self.config.target;
-        let by_factor = self.current * self.config.decrease;
-        // Just under what the server took, but never more than a fixed cut
-        // at once: while items sit out their Retry-After, fewer successes
-        // come back than the server would take, and the count undershoots.
-        let next = if accepted > 0.0 {
-            accepted.max(by_factor)
-        } else {
-            by_factor
-        };
-        self.current = next.min(self.current).max(self.floor());
-        self.last_cut = Some(now);
-        self.last_change = now;
-        Some(self.current)
+        if self.measuring.is_none() {
+            // The opening refusal is not counted: a measurement that ends
+            // on its tenth refusal then spans whole periods of a server's
+            // accept-refuse alternation, not one refusal more.
+            self.measuring = Some(Measurement {
+                since: now,
+                accepted: 0,
+                refused: 0,
+            });
+            return None;
+        }
+        self.measure(now, false)
     }
 }
 
@@ -262,20 +311,27 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn cuts_to_what_was_accepted_then_probes_up() {
+    async fn cuts_to_the_share_accepted_then_probes_up() {
         let t0 = Instant::now();
         let mut learner = Learner::new(Adaptive::new(), 400.0, t0);
-        // 200 successes over the last second: the server's real limit.
-        for i in 0..200u64 {
-            assert_eq!(
-                learner.success(t0 + Duration::from_millis(i * 5), true),
-                None
-            );
+        // The first refusal opens a measurement; nothing is cut yet.
+        assert_eq!(learner.refusal(t0), None);
+        // Every other answer accepted, one each 2 ms: a server taking half
+        // of 400/s.
+        for i in 1..=19u64 {
+            let at = t0 + Duration::from_millis(2 * i);
+            let changed = if i % 2 == 1 {
+                learner.success(at, true)
+            } else {
+                learner.refusal(at)
+            };
+            assert_eq!(changed, None, "answer {i}");
         }
-        let cut_at = t0 + Duration::from_millis(1_000);
-        // Never more than 15% at once: 400 -> 340, not straight to 194.
+        // The tenth refusal after the opening one completes it: 10 of 20
+        // accepted, so 97% of half the pace, in one cut.
+        let cut_at = t0 + Duration::from_millis(40);
         let cut = learner.refusal(cut_at).unwrap();
-        assert_eq!(cut, 340.0);
+        assert_eq!(cut, 400.0 * 0.5 * 0.97);
         // More refusals in the same window change nothing.
         assert_eq!(learner.refusal(cut_at + Duration::from_millis(10)), None);
         // A quiet second later, one step of 1% of the ceiling.
@@ -286,6 +342,35 @@ mod tests {
         assert_eq!(
             learner.success(cut_at + Duration::from_millis(1_500), true),
             None
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rare_refusal_is_measured_over_a_window() {
+        let t0 = Instant::now();
+        let mut learner = Learner::new(Adaptive::new(), 20.0, t0);
+        assert_eq!(learner.refusal(t0), None);
+        // One refusal among answers at 20/s: just over the limit.
+        for i in 1..20u64 {
+            let at = t0 + Duration::from_millis(50 * i);
+            assert_eq!(learner.success(at, true), None, "answer {i}");
+        }
+        // A window after the refusal, all 20 answers since accepted: the
+        // excess was too small to show, so only the margin is taken off.
+        let cut = learner.success(t0 + Duration::from_secs(1), true);
+        assert_eq!(cut, Some(20.0 * 0.97));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_accepted_steps_down_by_the_factor() {
+        let t0 = Instant::now();
+        let mut learner = Learner::new(Adaptive::new(), 100.0, t0);
+        for i in 0..20u64 {
+            assert_eq!(learner.refusal(t0 + Duration::from_millis(5 * i)), None);
+        }
+        assert_eq!(
+            learner.refusal(t0 + Duration::from_millis(100)),
+            Some(100.0 * 0.85)
         );
     }
 

@@ -97,9 +97,16 @@ impl Limiter {
             // A server that states its quota per window saves the learning;
             // with several policies, the most restrictive one.
             learner.stated(quota.per_second(), now)
-        } else if refused || outcome.is_err() {
+        } else if refused
+            || outcome
+                .as_ref()
+                .map_or(true, |r| r.status().is_server_error())
+        {
             // A refusal the headers explain (a quota spent until its reset)
             // is waited out by the hold; it says nothing about the pace.
+            // Nor does a failure (an outage's 503, a reset): counted as
+            // accepted, it would make a measurement under-cut, and probing
+            // up on it would raise the pace while the server is down.
             None
         } else {
             // Probe up only when the pace is what limits sending: while an
