@@ -294,9 +294,11 @@ where
                             Ok(item) => {
                                 *this.outstanding += 1;
                                 let run = this.work.clone().run(item, index);
-                                this.driver.get_or_insert_with(Driver::start).admit(
-                                    Box::pin(async move { (index, run.await.map_err(A::lift)) }),
-                                );
+                                this.driver
+                                    .get_or_insert_with(Driver::start)
+                                    .admit(Box::pin(
+                                        async move { (index, run.await.map_err(A::lift)) },
+                                    ));
                                 if *this.ordered {
                                     this.waiting.push_back(None);
                                 }
