@@ -351,7 +351,7 @@ where
 ///
 /// Both keep progress independent of who polls. They differ in cost: on
 /// one thread the driver saves a spawn, a join handle and a scheduler
-/// hand-off per item (about 1.2 times the items/s on a zero-latency
+/// hand-off per item (about 1.5 times the items/s on a zero-latency
 /// transport); on several workers it would run a stage's items on one
 /// worker at a time, and tasks per item, spread over every worker, came
 /// out as fast or faster (`benches/RESULTS.md`).
