@@ -435,13 +435,18 @@ async fn shared_limits_hold_across_threads_without_deadlock() {
     let mut sent: Vec<_> = calls.iter().map(|c| c.sent_at).collect();
     sent.sort();
     // The limiter never grants early: in any window of 100 ms at most
-    // burst + rate * (0.1 s + 1 ms) requests went out, across all stages
-    // and clients. The extra millisecond is the one timer tick by which a
-    // token may be dated before the moment it was handed over, so that a
-    // timer firing late costs no capacity.
+    // burst + rate * (0.1 s + 1 ms) tokens are granted, across all stages
+    // and clients (the extra millisecond is the one timer tick by which a
+    // token may be dated before the moment it was handed over). What the
+    // mock sees is sends, and on worker threads a token granted on a
+    // waiter's behalf is sent when its task next runs: a thread held up by
+    // the machine can let tokens granted earlier go out together. Only a
+    // waiting request holds such a token, so at most one per slot in
+    // flight (8 stages x 8) can join a window late, however loaded the
+    // machine. (Virtual time asserts the exact bound: tests/topology.rs.)
     let most = common::max_in_window(&sent, Duration::from_millis(100));
     assert!(
-        most <= (BURST + RATE * 101 / 1000) as usize,
+        most <= (BURST + RATE * 101 / 1000 + 8 * 8) as usize,
         "{most} in one window"
     );
     let refused = calls
