@@ -20,7 +20,7 @@ use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::rate::Rate;
 use crate::request::RequestSpec;
 use crate::stats::Stats;
-use crate::transport::Transport;
+use crate::transport::{CredentialScope, Transport};
 
 /// A cheap-to-clone bundle of what every request of a pipeline shares:
 /// transport, base URL, default headers, rate limiter, pause handle,
@@ -372,26 +372,6 @@ impl WallClock {
             date: SystemTime::now(),
             at: tokio::time::Instant::now(),
         }
-    }
-}
-
-/// Tells the transport which headers are the client's credentials and
-/// where they may go, so a redirect to another origin can drop them.
-#[derive(Debug, Clone)]
-pub(crate) struct CredentialScope {
-    /// Origins (ASCII serialisation) the default headers may go to; empty
-    /// when there is no base URL and nothing is trusted.
-    pub(crate) home: Arc<[String]>,
-    /// The names of the client's default headers.
-    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
-    pub(crate) defaults: Arc<[HeaderName]>,
-}
-
-impl CredentialScope {
-    /// Whether the credentials may follow a redirect to `origin`.
-    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
-    pub(crate) fn trusts(&self, origin: &str) -> bool {
-        self.home.iter().any(|h| h == origin)
     }
 }
 

@@ -4,8 +4,11 @@
 //! same for every transport, so a pipeline tested on [`MockTransport`](mock::MockTransport) in
 //! virtual time behaves the same on `ReqwestTransport` over real sockets.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use http::header::HeaderName;
 use http::{Request, Response};
 
 use crate::error::TransportError;
@@ -68,3 +71,25 @@ pub trait Transport: Send + Sync + 'static {
 
 // Pins the decision that `Transport` stays object safe.
 const _: Option<&dyn Transport> = None;
+
+/// Tells the transport which headers are the client's credentials and
+/// where they may go, so a redirect to another origin can drop them. The
+/// client attaches it to every request it prepares, as an extension; it
+/// is part of what a transport is given, so it lives on this floor.
+#[derive(Debug, Clone)]
+pub(crate) struct CredentialScope {
+    /// Origins (ASCII serialisation) the default headers may go to; empty
+    /// when there is no base URL and nothing is trusted.
+    pub(crate) home: Arc<[String]>,
+    /// The names of the client's default headers.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) defaults: Arc<[HeaderName]>,
+}
+
+impl CredentialScope {
+    /// Whether the credentials may follow a redirect to `origin`.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn trusts(&self, origin: &str) -> bool {
+        self.home.iter().any(|h| h == origin)
+    }
+}

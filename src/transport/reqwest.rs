@@ -18,8 +18,8 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 
 use super::body::{self, read_capped, without_query, BodyBudget};
 use super::Transport;
-use crate::client::CredentialScope;
 use crate::error::{TransportError, TransportErrorKind};
+use crate::transport::CredentialScope;
 
 /// Sends requests with a [`reqwest::Client`] and reads bodies up to a cap.
 ///
