@@ -129,7 +129,7 @@ impl Limiter {
 
     /// A limiter decided by `remote` (at the rate it holds), falling back
     /// to the local state at `local_rate`.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     pub(crate) fn with_remote(local_rate: Rate, remote: Remote) -> Self {
         let mut limiter = Self::build(local_rate);
         Arc::get_mut(&mut limiter.shared)

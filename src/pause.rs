@@ -57,10 +57,10 @@ pub(crate) trait RemotePause: Send + Sync {
 }
 
 /// A handle that does not keep the pause alive (for background listeners).
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg(feature = "redis")]
 pub(crate) struct WeakPauseHandle(std::sync::Weak<Shared>);
 
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
+#[cfg(feature = "redis")]
 impl WeakPauseHandle {
     pub(crate) fn upgrade(&self) -> Option<PauseHandle> {
         self.0.upgrade().map(|shared| PauseHandle { shared })
@@ -94,7 +94,7 @@ impl PauseHandle {
     }
 
     /// A handle whose pauses and resumes also go to `remote`.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     pub(crate) fn with_remote(max_pause: Duration, remote: Arc<dyn RemotePause>) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -105,7 +105,7 @@ impl PauseHandle {
         }
     }
 
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     pub(crate) fn downgrade(&self) -> WeakPauseHandle {
         WeakPauseHandle(Arc::downgrade(&self.shared))
     }
@@ -137,7 +137,7 @@ impl PauseHandle {
     }
 
     /// Applies a pause another process announced, without announcing it again.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    #[cfg(feature = "redis")]
     pub(crate) fn pause_local(&self, duration: Duration) {
         let now = Instant::now();
         self.extend(
@@ -147,7 +147,6 @@ impl PauseHandle {
     }
 
     /// Applies a resume another process announced.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn resume_local(&self) {
         // The deadline moves to now rather than vanishing, so `last_end`
         // still says when the last pause ended.
