@@ -6,6 +6,7 @@
 //! is [`crate::attempt`]'s.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -366,6 +367,7 @@ impl<T> Endpoint<T> {
                 limiters: &gate.limiters,
                 spare: Some(request),
                 index,
+                ended: None,
             },
             index,
         )
@@ -434,25 +436,29 @@ impl<T> Endpoint<T> {
         }
     }
 
-    /// One attempt: send with the attempt timeout, count it, log it.
+    /// One attempt, sent at `now`: send with the attempt timeout, count it,
+    /// log it. Also gives the instant the outcome came.
     async fn send(
         &self,
         request: Request<Bytes>,
         limiters: &[Limiter],
-    ) -> Result<Response<Bytes>, TransportError> {
+        now: Instant,
+    ) -> (Result<Response<Bytes>, TransportError>, Instant) {
         tracing::debug!("sending");
-        let sent = InFlight::start(&self.policy.stats, limiters);
+        let sent = InFlight::start(&self.policy.stats, limiters, now);
         let send = self.client.transport().send(request);
         let outcome = match self.policy.timeout {
-            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| {
-                Err(TransportError::new(
-                    TransportErrorKind::Timeout,
-                    format!("no response within {limit:?}"),
-                ))
-            }),
+            Some(limit) => tokio::time::timeout_at(now + limit, send)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(TransportError::new(
+                        TransportErrorKind::Timeout,
+                        format!("no response within {limit:?}"),
+                    ))
+                }),
             None => send.await,
         };
-        let latency = sent.finish(&outcome, || self.client.wall_now());
+        let (latency, ended) = sent.finish(&outcome, || self.client.wall_now());
         match &outcome {
             Ok(response) => tracing::debug!(
                 status = response.status().as_u16(),
@@ -466,10 +472,11 @@ impl<T> Endpoint<T> {
                 "failed"
             ),
         }
-        outcome.map(|mut response| {
+        let outcome = outcome.map(|mut response| {
             self.client.redact(response.headers_mut());
             response
-        })
+        });
+        (outcome, ended)
     }
 }
 
@@ -482,12 +489,22 @@ struct HttpAttempt<'a, T> {
     /// are no rules).
     spare: Option<Request<Bytes>>,
     index: u64,
+    /// When the last attempt's outcome came (read once, as it came).
+    ended: Option<Instant>,
 }
 
 impl<T> Attempt for HttpAttempt<'_, T> {
     type Outcome = Result<Response<Bytes>, TransportError>;
 
-    async fn attempt(&mut self, attempt: u32) -> Self::Outcome {
+    fn attempt(&mut self, attempt: u32) -> impl Future<Output = Self::Outcome> + Send {
+        self.attempt_at(attempt, Instant::now())
+    }
+
+    fn ended_at(&self) -> Option<Instant> {
+        self.ended
+    }
+
+    async fn attempt_at(&mut self, attempt: u32, now: Instant) -> Self::Outcome {
         let endpoint = self.endpoint;
         let rules = &endpoint.policy.rules;
         if attempt == 1 {
@@ -507,15 +524,19 @@ impl<T> Attempt for HttpAttempt<'_, T> {
             attempt,
         );
         // Entering a disabled span on every poll still costs: skip it.
-        let mut outcome = if span.is_disabled() {
-            endpoint.send(request, self.limiters).await
+        let (mut outcome, ended) = if span.is_disabled() {
+            endpoint.send(request, self.limiters, now).await
         } else {
             span.record(
                 "url",
                 tracing::field::display(endpoint.client.loggable_url(request.uri())),
             );
-            endpoint.send(request, self.limiters).instrument(span).await
+            endpoint
+                .send(request, self.limiters, now)
+                .instrument(span)
+                .await
         };
+        self.ended = Some(ended);
         if let (Some(decode), Ok(response)) = (&endpoint.decode, &mut outcome) {
             decode(response);
         }
@@ -556,11 +577,11 @@ struct InFlight<'a> {
 }
 
 impl<'a> InFlight<'a> {
-    fn start(stats: &'a [Stats], limiters: &'a [Limiter]) -> Self {
+    fn start(stats: &'a [Stats], limiters: &'a [Limiter], now: Instant) -> Self {
         for s in stats {
             s.request_sent();
         }
-        let sent_at = (!stats.is_empty()).then(Instant::now);
+        let sent_at = (!stats.is_empty()).then_some(now);
         Self {
             stats,
             limiters,
@@ -573,9 +594,14 @@ impl<'a> InFlight<'a> {
         mut self,
         outcome: &Result<Response<Bytes>, TransportError>,
         wall_now: impl Fn() -> SystemTime,
-    ) -> Duration {
+    ) -> (Duration, Instant) {
         self.open = false;
-        let latency = self.sent_at.map_or(Duration::ZERO, |t| t.elapsed());
+        // Read once: the latency, what the limiters learn and the rules'
+        // judgement of this outcome all date it the same.
+        let now = Instant::now();
+        let latency = self
+            .sent_at
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         let summary = outcome
             .as_ref()
             .map(|r| (r.status(), r.body().len()))
@@ -586,7 +612,7 @@ impl<'a> InFlight<'a> {
         // Every limiter that granted a token hears how it went: its count
         // of requests in flight ends, and it learns what the server said.
         for (i, limiter) in self.limiters.iter().enumerate() {
-            let observed = limiter.observe(outcome, &wall_now);
+            let observed = limiter.observe(outcome, now, &wall_now);
             if let Some(rate) = observed.changed {
                 tracing::info!(rate_per_second = rate, "learned rate changed");
             }
@@ -596,7 +622,7 @@ impl<'a> InFlight<'a> {
                 }
             }
         }
-        latency
+        (latency, now)
     }
 }
 
