@@ -59,6 +59,42 @@ pub(crate) trait Attempt: Send {
     }
 }
 
+/// An attempt lent to the loop: the loop's futures then hold a pointer to
+/// it, not a copy of it (with its request) in each of their frames.
+impl<A: Attempt> Attempt for &mut A {
+    type Outcome = A::Outcome;
+
+    fn attempt(&mut self, attempt: u32) -> impl Future<Output = Self::Outcome> + Send {
+        (**self).attempt(attempt)
+    }
+
+    fn attempt_at(
+        &mut self,
+        attempt: u32,
+        now: Instant,
+    ) -> impl Future<Output = Self::Outcome> + Send {
+        (**self).attempt_at(attempt, now)
+    }
+
+    fn ended_at(&self) -> Option<Instant> {
+        (**self).ended_at()
+    }
+
+    fn decide(
+        &self,
+        outcome: &Self::Outcome,
+        history: Attempted,
+        now: Instant,
+        draw: u64,
+    ) -> Verdict {
+        (**self).decide(outcome, history, now, draw)
+    }
+
+    fn status(outcome: &Self::Outcome) -> Option<u16> {
+        A::status(outcome)
+    }
+}
+
 /// The pause and the limiters every attempt of an item waits for, in the
 /// order it waits for them.
 pub(crate) struct Gate {
@@ -165,12 +201,19 @@ impl Loop<'_> {
         let started = Instant::now();
         let mut attempts = 0;
         let mut finished = None;
-        let run = self.attempts(attempt, index, started, &mut attempts, &mut finished);
+        // Each arm makes its own future: one held in a local and then moved
+        // into the timeout would be stored twice in this one.
         let ended = match self.item_timeout {
-            Some(limit) => tokio::time::timeout_at(started + limit, run)
-                .await
-                .unwrap_or(Ended::ItemTimeout),
-            None => run.await,
+            Some(limit) => tokio::time::timeout_at(
+                started + limit,
+                self.attempts(attempt, index, started, &mut attempts, &mut finished),
+            )
+            .await
+            .unwrap_or(Ended::ItemTimeout),
+            None => {
+                self.attempts(attempt, index, started, &mut attempts, &mut finished)
+                    .await
+            }
         };
         let finished = finished.unwrap_or_else(Instant::now);
         Run {
@@ -206,17 +249,59 @@ impl Loop<'_> {
                 tracing::info!(item = index, "pause over, resuming");
             }
             let outcome = what.attempt_at(attempt, now).await;
+            // The outcome is judged in a function of its own: borrowed in
+            // this body, it would keep its room through the retry's sleep.
+            let (retry_at, ended) = match self.judge(
+                &what,
+                outcome,
+                attempt,
+                index,
+                started,
+                &mut previous_delay,
+                &mut paused_by_us,
+                &mut rng,
+            ) {
+                Ok(next) => next,
+                Err((outcome, ended)) => {
+                    *finished = Some(ended);
+                    return Ended::Outcome(outcome);
+                }
+            };
+            match retry_at {
+                Some(at) => {
+                    // Boxed: a retry is the slow path; the common path keeps a small future.
+                    Box::pin(tokio::time::sleep_until(at)).await;
+                    now = Instant::now();
+                }
+                None => now = ended,
+            }
+        }
+    }
+
+    /// What follows `outcome`: `Err` with it when it is final, else when
+    /// to try again (`None`: once the pause it started ends) and the
+    /// instant it was judged at.
+    #[allow(clippy::too_many_arguments)]
+    fn judge<A: Attempt>(
+        &self,
+        what: &A,
+        outcome: A::Outcome,
+        attempt: u32,
+        index: u64,
+        started: Instant,
+        previous_delay: &mut Duration,
+        paused_by_us: &mut bool,
+        rng: &mut fastrand::Rng,
+    ) -> Result<(Option<Instant>, Instant), (A::Outcome, Instant)> {
+        {
             let ended = what.ended_at().unwrap_or_else(Instant::now);
             let history = Attempted {
                 attempts: attempt,
                 elapsed: ended.saturating_duration_since(started),
-                previous_delay,
+                previous_delay: *previous_delay,
             };
             match what.decide(&outcome, history, ended, rng.u64(..)) {
-                Verdict::Finish => {
-                    *finished = Some(ended);
-                    return Ended::Outcome(outcome);
-                }
+                Verdict::Finish => Err((outcome, ended)),
                 Verdict::Retry { delay, cause } => {
                     tracing::debug!(
                         item = index,
@@ -229,15 +314,12 @@ impl Loop<'_> {
                         stats.retried();
                     }
                     if cause == DelayCause::Policy {
-                        previous_delay = delay;
+                        *previous_delay = delay;
                     }
-                    drop(outcome);
-                    // Boxed: a retry is the slow path; the common path keeps a small future.
-                    Box::pin(tokio::time::sleep_until(ended + delay)).await;
-                    now = Instant::now();
+                    Ok((Some(ended + delay), ended))
                 }
                 Verdict::Pause { delay, cause } => {
-                    now = Instant::now();
+                    let now = Instant::now();
                     let pause = &self.gate.pause;
                     let before = pause.paused_until().unwrap_or(now);
                     let until = pause.pause_for(delay);
@@ -248,7 +330,7 @@ impl Loop<'_> {
                         stats.paused(added);
                         stats.retried();
                     }
-                    paused_by_us = true;
+                    *paused_by_us = true;
                     tracing::info!(
                         item = index,
                         attempt,
@@ -257,6 +339,7 @@ impl Loop<'_> {
                         cause = cause.as_str(),
                         "pausing every request sharing this pause handle"
                     );
+                    Ok((None, now))
                 }
             }
         }
