@@ -69,7 +69,53 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// The hand-written client the memory rows compare with:
+/// `buffer_unordered` over the mock's `send`, or over reqwest itself.
+async fn hand_written_count(mode: &str, n: u64) -> u64 {
+    if mode == "mock-hand" {
+        let mock = MockTransport::new();
+        mock.record_calls(false);
+        mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
+            &serde_json::json!({ "email": "a@example.com" }),
+        )));
+        return stream::iter(0..n)
+            .map(|id| {
+                let request = http::Request::get(format!("http://127.0.0.1:8080/items/{id}"))
+                    .body(bytes::Bytes::new())
+                    .unwrap();
+                mock.send(request)
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter(|r| futures::future::ready(r.is_ok()))
+            .count()
+            .await as u64;
+    }
+    let server = DemoServer::start(DemoConfig::default().items(n))
+        .await
+        .unwrap();
+    let http = ReqwestTransport::client_builder().build().unwrap();
+    let base = server.url();
+    let ok = stream::iter(0..n)
+        .map(|id| {
+            let http = http.clone();
+            let url = format!("{base}/items/{id}");
+            async move { http.get(url).send().await?.bytes().await }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await as u64;
+    std::mem::forget(server);
+    ok
+}
+
 fn memory_child(mode: &str, n: u64) {
+    if mode.ends_with("-hand") {
+        let ok = runtime().block_on(hand_written_count(mode, n));
+        assert_eq!(ok, n);
+        println!("{}", peak_rss_kib());
+        return;
+    }
     let ok = runtime().block_on(async {
         let client = match mode {
             "mock" => {
@@ -123,16 +169,29 @@ fn child_peak(mode: &str, n: u64) -> u64 {
 
 fn memory() {
     println!("\n## Peak memory (VmHWM of a fresh process), fetch_concurrent({CONCURRENCY})\n");
-    println!("| transport | items | peak RSS | vs the smaller run |");
-    println!("|---|---|---|---|");
+    println!(
+        "| transport | items | peak RSS | vs the smaller run | hand-written `buffer_unordered` | ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
     for (mode, small, large) in [("mock", 100_000, 1_000_000), ("http", 20_000, 200_000)] {
+        let hand = format!("{mode}-hand");
         let a = child_peak(mode, small);
+        let ha = child_peak(&hand, small);
         let b = child_peak(mode, large);
-        println!("| {mode} | {small} | {:.1} MiB | |", a as f64 / 1024.0);
+        let hb = child_peak(&hand, large);
+        let mib = |k: u64| k as f64 / 1024.0;
         println!(
-            "| {mode} | {large} | {:.1} MiB | {:+.1}% |",
-            b as f64 / 1024.0,
-            100.0 * (b as f64 - a as f64) / a as f64
+            "| {mode} | {small} | {:.1} MiB | | {:.1} MiB | {:.2}× |",
+            mib(a),
+            mib(ha),
+            a as f64 / ha as f64
+        );
+        println!(
+            "| {mode} | {large} | {:.1} MiB | {:+.1}% | {:.1} MiB | {:.2}× |",
+            mib(b),
+            100.0 * (b as f64 - a as f64) / a as f64,
+            mib(hb),
+            b as f64 / hb as f64
         );
     }
 }

@@ -27,6 +27,23 @@ pub(crate) trait Attempt: Send {
     /// Attempt number `attempt` (from 1), once the gate let it through.
     fn attempt(&mut self, attempt: u32) -> impl Future<Output = Self::Outcome> + Send;
 
+    /// [`attempt`](Self::attempt), started at `now` (the clock as the gate
+    /// let it through), for an attempt that reads the time as it starts.
+    fn attempt_at(
+        &mut self,
+        attempt: u32,
+        _now: Instant,
+    ) -> impl Future<Output = Self::Outcome> + Send {
+        self.attempt(attempt)
+    }
+
+    /// When the last attempt's outcome came, if the attempt read the clock
+    /// then: the loop judges the outcome at that instant instead of
+    /// reading the clock again.
+    fn ended_at(&self) -> Option<Instant> {
+        None
+    }
+
     /// What follows `outcome`: finish, retry after a delay, or pause.
     fn decide(
         &self,
@@ -39,6 +56,42 @@ pub(crate) trait Attempt: Send {
     /// The status to log when an outcome pauses everything, if it has one.
     fn status(_outcome: &Self::Outcome) -> Option<u16> {
         None
+    }
+}
+
+/// An attempt lent to the loop: the loop's futures then hold a pointer to
+/// it, not a copy of it (with its request) in each of their frames.
+impl<A: Attempt> Attempt for &mut A {
+    type Outcome = A::Outcome;
+
+    fn attempt(&mut self, attempt: u32) -> impl Future<Output = Self::Outcome> + Send {
+        (**self).attempt(attempt)
+    }
+
+    fn attempt_at(
+        &mut self,
+        attempt: u32,
+        now: Instant,
+    ) -> impl Future<Output = Self::Outcome> + Send {
+        (**self).attempt_at(attempt, now)
+    }
+
+    fn ended_at(&self) -> Option<Instant> {
+        (**self).ended_at()
+    }
+
+    fn decide(
+        &self,
+        outcome: &Self::Outcome,
+        history: Attempted,
+        now: Instant,
+        draw: u64,
+    ) -> Verdict {
+        (**self).decide(outcome, history, now, draw)
+    }
+
+    fn status(outcome: &Self::Outcome) -> Option<u16> {
+        A::status(outcome)
     }
 }
 
@@ -58,14 +111,14 @@ impl Gate {
     /// nothing. A token taken here while a later limiter makes the request
     /// wait is spent, not held: nothing another request waits for is held,
     /// so no order of waits can deadlock.
-    fn wait(&self) -> Option<BoxFuture<'static, Result<(), String>>> {
+    fn wait(&self, now: Instant) -> Option<BoxFuture<'static, Result<(), String>>> {
         let paused = self.pause.is_paused();
         let free = if paused {
             0
         } else {
             self.limiters
                 .iter()
-                .take_while(|limiter| limiter.check().is_ok())
+                .take_while(|limiter| limiter.check_at(now).is_ok())
                 .count()
         };
         if !paused && free == self.limiters.len() {
@@ -143,20 +196,30 @@ pub(crate) struct Loop<'a> {
 impl Loop<'_> {
     /// Runs the attempts of item number `index` to their end.
     pub(crate) async fn run<A: Attempt>(&self, attempt: A, index: u64) -> Run<A::Outcome> {
+        // The one clock reading before the first attempt: the item's
+        // start, its deadline, the gate's check and the send all share it.
         let started = Instant::now();
         let mut attempts = 0;
-        let attempts_ref = &mut attempts;
-        let run = self.attempts(attempt, index, started, attempts_ref);
+        let mut finished = None;
+        // Each arm makes its own future: one held in a local and then moved
+        // into the timeout would be stored twice in this one.
         let ended = match self.item_timeout {
-            Some(limit) => tokio::time::timeout(limit, run)
-                .await
-                .unwrap_or(Ended::ItemTimeout),
-            None => run.await,
+            Some(limit) => tokio::time::timeout_at(
+                started + limit,
+                self.attempts(attempt, index, started, &mut attempts, &mut finished),
+            )
+            .await
+            .unwrap_or(Ended::ItemTimeout),
+            None => {
+                self.attempts(attempt, index, started, &mut attempts, &mut finished)
+                    .await
+            }
         };
+        let finished = finished.unwrap_or_else(Instant::now);
         Run {
             ended,
             attempts,
-            elapsed: started.elapsed(),
+            elapsed: finished.saturating_duration_since(started),
         }
     }
 
@@ -166,30 +229,79 @@ impl Loop<'_> {
         index: u64,
         started: Instant,
         attempts: &mut u32,
+        finished: &mut Option<Instant>,
     ) -> Ended<A::Outcome> {
         let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
         let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut previous_delay = Duration::ZERO;
         let mut paused_by_us = false;
+        let mut now = started;
         loop {
             *attempts += 1;
             let attempt = *attempts;
-            if let Some(wait) = self.gate.wait() {
+            if let Some(wait) = self.gate.wait(now) {
                 if let Err(reason) = wait.await {
                     return Ended::LimiterUnavailable(reason);
                 }
+                now = Instant::now();
             }
             if std::mem::take(&mut paused_by_us) {
                 tracing::info!(item = index, "pause over, resuming");
             }
-            let outcome = what.attempt(attempt).await;
+            let outcome = what.attempt_at(attempt, now).await;
+            // The outcome is judged in a function of its own: borrowed in
+            // this body, it would keep its room through the retry's sleep.
+            let (retry_at, ended) = match self.judge(
+                &what,
+                outcome,
+                attempt,
+                index,
+                started,
+                &mut previous_delay,
+                &mut paused_by_us,
+                &mut rng,
+            ) {
+                Ok(next) => next,
+                Err((outcome, ended)) => {
+                    *finished = Some(ended);
+                    return Ended::Outcome(outcome);
+                }
+            };
+            match retry_at {
+                Some(at) => {
+                    // Boxed: a retry is the slow path; the common path keeps a small future.
+                    Box::pin(tokio::time::sleep_until(at)).await;
+                    now = Instant::now();
+                }
+                None => now = ended,
+            }
+        }
+    }
+
+    /// What follows `outcome`: `Err` with it when it is final, else when
+    /// to try again (`None`: once the pause it started ends) and the
+    /// instant it was judged at.
+    #[allow(clippy::too_many_arguments)]
+    fn judge<A: Attempt>(
+        &self,
+        what: &A,
+        outcome: A::Outcome,
+        attempt: u32,
+        index: u64,
+        started: Instant,
+        previous_delay: &mut Duration,
+        paused_by_us: &mut bool,
+        rng: &mut fastrand::Rng,
+    ) -> Result<(Option<Instant>, Instant), (A::Outcome, Instant)> {
+        {
+            let ended = what.ended_at().unwrap_or_else(Instant::now);
             let history = Attempted {
                 attempts: attempt,
-                elapsed: started.elapsed(),
-                previous_delay,
+                elapsed: ended.saturating_duration_since(started),
+                previous_delay: *previous_delay,
             };
-            match what.decide(&outcome, history, Instant::now(), rng.u64(..)) {
-                Verdict::Finish => return Ended::Outcome(outcome),
+            match what.decide(&outcome, history, ended, rng.u64(..)) {
+                Verdict::Finish => Err((outcome, ended)),
                 Verdict::Retry { delay, cause } => {
                     tracing::debug!(
                         item = index,
@@ -202,11 +314,9 @@ impl Loop<'_> {
                         stats.retried();
                     }
                     if cause == DelayCause::Policy {
-                        previous_delay = delay;
+                        *previous_delay = delay;
                     }
-                    drop(outcome);
-                    // Boxed: a retry is the slow path; the common path keeps a small future.
-                    Box::pin(tokio::time::sleep(delay)).await;
+                    Ok((Some(ended + delay), ended))
                 }
                 Verdict::Pause { delay, cause } => {
                     let now = Instant::now();
@@ -220,7 +330,7 @@ impl Loop<'_> {
                         stats.paused(added);
                         stats.retried();
                     }
-                    paused_by_us = true;
+                    *paused_by_us = true;
                     tracing::info!(
                         item = index,
                         attempt,
@@ -229,6 +339,7 @@ impl Loop<'_> {
                         cause = cause.as_str(),
                         "pausing every request sharing this pause handle"
                     );
+                    Ok((None, now))
                 }
             }
         }

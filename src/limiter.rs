@@ -200,7 +200,13 @@ impl Limiter {
     /// limiter shared through Redis always answers this way (asking Redis
     /// is not instant): use [`acquire`](Self::acquire).
     pub fn check(&self) -> Result<(), NotUntil> {
-        let now = Instant::now();
+        self.check_at(Instant::now())
+    }
+
+    /// [`check`](Self::check) at `now`, a clock reading the caller already
+    /// holds: the per-item path reads the clock once for the gate, the
+    /// in-flight count and the item's start.
+    pub(crate) fn check_at(&self, now: Instant) -> Result<(), NotUntil> {
         // A remote limit is only known by asking it, which is not instant.
         if self.shared.remote.is_some() {
             return Err(NotUntil { earliest: now });

@@ -17,7 +17,7 @@ impl<O: Send + 'static> Task<O> {
     ///
     /// Outside a tokio runtime.
     pub(crate) fn spawn(future: impl Future<Output = O> + Send + 'static) -> Self {
-        // Boxed first: an item's fetch is a large future (about 2 KB), and
+        // Boxed first: an item's fetch is a large future (over 1 KB), and
         // spawning it unboxed copies it through several frames into the
         // task; a box moves as a pointer.
         Self {

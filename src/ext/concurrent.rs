@@ -296,8 +296,10 @@ where
                                 let run = this.work.clone().run(item, index);
                                 this.driver
                                     .get_or_insert_with(Driver::start)
+                                    // A map, not an async block: awaiting the
+                                    // captured future would store it twice.
                                     .admit(Box::pin(
-                                        async move { (index, run.await.map_err(A::lift)) },
+                                        run.map(move |out| (index, out.map_err(A::lift))),
                                     ));
                                 if *this.ordered {
                                     this.waiting.push_back(None);

@@ -59,9 +59,9 @@ impl Limiter {
     pub(crate) fn observe(
         &self,
         outcome: &Result<Response<Bytes>, TransportError>,
+        now: Instant,
         wall_now: impl FnOnce() -> SystemTime,
     ) -> Observed {
-        let now = Instant::now();
         let reading = outcome
             .as_ref()
             .map(|r| advertised::read(r.headers(), wall_now))
