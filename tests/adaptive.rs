@@ -618,16 +618,7 @@ async fn after_a_reset_the_waiting_line_goes_a_quota_at_a_time() {
 /// items retried after 50 ms.
 #[tokio::test(start_paused = true)]
 async fn adaptive_pacing_learns_from_its_first_ten_refusals() {
-    let mock = MockTransport::new();
-    let limit = Limiter::new(Rate::per_second(200).burst(10));
-    mock.mount(
-        Route::get("/items/{id}")
-            .latency(Latency::uniform(ms(5), ms(15)))
-            .respond_with(move |_| match limit.check() {
-                Ok(()) => MockResponse::ok().text("{}"),
-                Err(_) => MockResponse::status(429).header("retry-after", "1"),
-            }),
-    );
+    let mock = limited_server(Rate::per_second(200).burst(10));
     let client = Client::builder()
         .transport(mock.clone())
         .base_url("http://mock")
