@@ -105,11 +105,14 @@ impl Client {
 
     /// The date now, to read an absolute time (a `Retry-After` HTTP-date, a
     /// Unix reset) that came without the server's own `Date`.
-    pub(crate) fn wall_now(&self) -> SystemTime {
-        match self.inner.wall_clock {
-            WallClock::Given(now) => now(),
-            WallClock::Anchored { date, at } => date + at.elapsed(),
-        }
+    pub(crate) fn wall_now(&self) -> Option<SystemTime> {
+        self.inner.wall_clock.now()
+    }
+
+    /// Takes in the date a response says it is, for later responses that
+    /// give an absolute time without one.
+    pub(crate) fn learn_date(&self, headers: &HeaderMap) {
+        self.inner.wall_clock.learn(headers);
     }
 
     /// What every request of this client takes its token from: the
@@ -352,25 +355,42 @@ impl Client {
 }
 
 /// The client's idea of the date. Read only to interpret an absolute time
-/// a server gave without its own `Date`.
-#[derive(Debug, Clone, Copy)]
+/// (a `Retry-After` HTTP-date, a Unix reset) that came in a response
+/// without the server's own `Date`.
+#[derive(Debug)]
 enum WallClock {
-    /// The system's date, read once when the client is built, then moved on
-    /// by tokio's clock: every later reading goes through tokio, so under a
-    /// paused clock the date moves with virtual time, as a test expects.
-    Anchored {
-        date: SystemTime,
-        at: tokio::time::Instant,
-    },
+    /// The date the servers gave: the last `Date` header seen, moved on by
+    /// tokio's clock since it arrived. No system clock is read, so under a
+    /// paused clock the date moves with virtual time, and before any server
+    /// has said a date an absolute time without one reads as unknown.
+    Learned(std::sync::Mutex<Option<(HeaderValue, tokio::time::Instant)>>),
     /// A clock the user gave ([`ClientBuilder::wall_clock`]).
     Given(fn() -> SystemTime),
 }
 
 impl WallClock {
-    fn anchored() -> Self {
-        Self::Anchored {
-            date: SystemTime::now(),
-            at: tokio::time::Instant::now(),
+    fn now(&self) -> Option<SystemTime> {
+        match self {
+            Self::Given(now) => Some(now()),
+            Self::Learned(last) => {
+                let last = last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (date, at) = last.as_ref()?;
+                let date = httpdate::parse_http_date(date.to_str().ok()?).ok()?;
+                Some(date + at.elapsed())
+            }
+        }
+    }
+
+    /// Keeps the `Date` of a response (a cheap clone; parsed only when an
+    /// absolute time needs it).
+    fn learn(&self, headers: &HeaderMap) {
+        if let (Self::Learned(last), Some(date)) = (self, headers.get(http::header::DATE)) {
+            let at = tokio::time::Instant::now();
+            *last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((date.clone(), at));
         }
     }
 }
@@ -596,9 +616,13 @@ impl ClientBuilder {
         self
     }
 
-    /// The clock against which `Retry-After` dates are read when a response
-    /// has no `Date` header (default: the system's date when the client is
-    /// built, moved on by tokio's clock, so it follows virtual time).
+    /// The clock against which absolute times (a `Retry-After` HTTP-date, a
+    /// Unix reset) are read when a response has no `Date` header.
+    ///
+    /// Default: the date the server gave in its last `Date` header, moved on
+    /// by tokio's clock (so it follows virtual time); before any `Date` was
+    /// seen, such a time is ignored rather than read against a guess. Give
+    /// `std::time::SystemTime::now` for a server that never sends `Date`.
     pub fn wall_clock(mut self, now: fn() -> SystemTime) -> Self {
         self.wall_clock = Some(now);
         self
@@ -714,7 +738,7 @@ impl ClientBuilder {
                 policy,
                 wall_clock: match self.wall_clock {
                     Some(now) => WallClock::Given(now),
-                    None => WallClock::anchored(),
+                    None => WallClock::Learned(std::sync::Mutex::new(None)),
                 },
                 stats,
                 sensitive: [AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE, SET_COOKIE]

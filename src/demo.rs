@@ -85,8 +85,8 @@
 //! `Idempotency-Key` header (then it is answered as the first time, and
 //! stored once).
 //!
-//! The server's clock is tokio's: its date is [`DemoConfig::date`] (the
-//! system's date by default) moved on by `tokio::time`, so under a paused
+//! The server's clock is tokio's: its date is [`DemoConfig::date`] (a
+//! fixed date by default, [`DemoConfig::DEFAULT_DATE`]) moved on by `tokio::time`, so under a paused
 //! clock its `Date` headers and quota windows move with virtual time.
 //!
 //! ```
@@ -220,6 +220,12 @@ impl Default for DemoConfig {
 }
 
 impl DemoConfig {
+    /// The date a demo server starts at unless told otherwise, as time
+    /// since the Unix epoch: a fixed one (2026-01-01T00:00:00Z), so that
+    /// its `Date` headers and Unix resets are the same on every run and no
+    /// system clock is read.
+    pub const DEFAULT_DATE: std::time::Duration = std::time::Duration::from_secs(1_767_225_600);
+
     /// Serves ids `0..n`.
     pub fn items(mut self, n: u64) -> Self {
         self.items = n;
@@ -300,7 +306,8 @@ impl DemoConfig {
         self
     }
 
-    /// The server's date when it starts (default: the system's), from
+    /// The server's date when it starts (default
+    /// [`DEFAULT_DATE`](Self::DEFAULT_DATE)), from
     /// which tokio's clock moves it on: a fixed date makes `Date` headers
     /// and quota resets the same on every run.
     pub fn date(mut self, date: SystemTime) -> Self {
@@ -412,7 +419,9 @@ impl DemoServer {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             limiter: config.rate_limit.map(Limiter::new),
-            date: config.date.unwrap_or_else(SystemTime::now),
+            date: config
+                .date
+                .unwrap_or(SystemTime::UNIX_EPOCH + DemoConfig::DEFAULT_DATE),
             config,
             addr,
             started: Instant::now(),

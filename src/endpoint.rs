@@ -482,6 +482,9 @@ impl<T> Endpoint<T> {
                 }),
             None => send.await,
         };
+        if let Ok(response) = &outcome {
+            self.client.learn_date(response.headers());
+        }
         let (latency, ended) = sent.finish(&outcome, || self.client.wall_now());
         match &outcome {
             Ok(response) => tracing::debug!(
@@ -627,7 +630,7 @@ impl<'a> InFlight<'a> {
     fn finish(
         mut self,
         outcome: &Result<Response<Bytes>, TransportError>,
-        wall_now: impl Fn() -> SystemTime,
+        wall_now: impl Fn() -> Option<SystemTime>,
     ) -> (Duration, Instant) {
         self.open = false;
         // Read once: the latency, what the limiters learn and the rules'

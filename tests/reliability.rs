@@ -325,10 +325,15 @@ async fn hostile_retry_after_values_change_nothing_dangerous() {
         ("/huge", "99999999999999999999"),
         ("/past", "Thu, 01 Jan 1970 00:00:00 GMT"),
     ] {
-        mock.mount(Route::get(path).sequence([
-            MockResponse::status(503).header("retry-after", value),
-            MockResponse::ok(),
-        ]));
+        mock.mount(
+            Route::get(path).sequence([
+                // A date in the past is read against the server's own Date.
+                MockResponse::status(503)
+                    .header("retry-after", value)
+                    .header("date", "Thu, 01 Jan 2026 00:00:00 GMT"),
+                MockResponse::ok(),
+            ]),
+        );
     }
     let pause = PauseHandle::with_max_pause(Duration::from_secs(30));
     let client = Client::builder()
@@ -465,4 +470,38 @@ async fn shared_limits_hold_across_threads_without_deadlock() {
         during <= 8 * 8,
         "one stage's 503 paused every stage of both clients: {during} sent"
     );
+}
+
+/// An HTTP-date `Retry-After` in a response without `Date` is read against
+/// the date the server gave earlier, moved on by tokio's clock; before the
+/// server has given any date it says nothing (the policy's wait applies).
+#[tokio::test(start_paused = true)]
+async fn a_retry_after_date_without_date_is_read_against_the_servers_last_date() {
+    let mock = MockTransport::new();
+    mock.mount(
+        Route::get("/dated")
+            .respond(MockResponse::ok().header("date", "Thu, 01 Jan 2026 00:00:00 GMT")),
+    );
+    // 00:00:10, sent without a Date of its own.
+    let later = "Thu, 01 Jan 2026 00:00:10 GMT";
+    for path in ["/early", "/late"] {
+        mock.mount(Route::get(path).sequence([
+            MockResponse::status(429).header("retry-after", later),
+            MockResponse::ok(),
+        ]));
+    }
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .retry_on(429, Backoff::constant(Duration::from_secs(1)))
+        .build()
+        .unwrap();
+    // No date known yet: the policy's 1 s.
+    let early = client.get(|_: &()| "/early").fetch(()).await.unwrap();
+    assert_eq!(early.elapsed, Duration::from_secs(1));
+    // The server says 00:00:00; 4 s later it asks to wait until 00:00:10.
+    client.get(|_: &()| "/dated").fetch(()).await.unwrap();
+    tokio::time::advance(Duration::from_secs(4)).await;
+    let late = client.get(|_: &()| "/late").fetch(()).await.unwrap();
+    assert_eq!(late.elapsed, Duration::from_secs(6));
 }

@@ -131,7 +131,7 @@ struct Policy<'a> {
 
 /// Reads the rate-limit headers of a response. `wall_now` is used only for
 /// a Unix-time reset without a `Date` header.
-pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> SystemTime) -> Reading {
+pub(crate) fn read(headers: &HeaderMap, wall_now: impl FnOnce() -> Option<SystemTime>) -> Reading {
     // Most responses carry none of these: one pass over the names decides.
     if !headers
         .keys()
@@ -290,7 +290,7 @@ fn add(
 /// and only where the IETF fields said nothing.
 fn legacy(
     headers: &HeaderMap,
-    wall_now: impl FnOnce() -> SystemTime,
+    wall_now: impl FnOnce() -> Option<SystemTime>,
     ad: &mut Advertised,
     malformed: &mut u32,
 ) {
@@ -352,11 +352,13 @@ fn legacy(
         if secs < UNIX_TIME_FROM {
             return Some(Duration::from_secs(secs));
         }
+        // Without the server's Date nor a known date, a Unix time cannot
+        // be read: the reset says nothing.
         let now = headers
             .get(DATE)
             .and_then(|d| d.to_str().ok())
             .and_then(|d| httpdate::parse_http_date(d).ok())
-            .unwrap_or_else(wall_now);
+            .or_else(wall_now)?;
         let delay = (UNIX_EPOCH + Duration::from_secs(secs))
             .duration_since(now)
             .ok();
@@ -626,7 +628,7 @@ mod tests {
     }
 
     fn ad(pairs: &[(&'static str, &'static str)]) -> (Advertised, u32) {
-        let r = read(&headers(pairs), || at(0));
+        let r = read(&headers(pairs), || Some(at(0)));
         (r.advertised.unwrap_or_default(), r.malformed)
     }
 
@@ -637,7 +639,7 @@ mod tests {
                 ("ratelimit-policy", "\"default\";q=100;w=60"),
                 ("ratelimit", "\"default\";r=7;t=30"),
             ]),
-            || at(0),
+            || Some(at(0)),
         );
         assert_eq!(
             r.advertised.map(|mut a| {
@@ -755,7 +757,7 @@ mod tests {
                 ("x-ratelimit-reset", "1000000060"),
                 ("date", "Sun, 09 Sep 2001 01:46:40 GMT"),
             ]),
-            || at(0),
+            || Some(at(0)),
         );
         let ad = unix.advertised.unwrap();
         // A limit without a window states no rate.
@@ -790,14 +792,14 @@ mod tests {
             &[("ratelimit-policy", "\"a\";q=0;w=0")][..],
             &[("ratelimit-policy", "\"a\";w=60")][..],
         ] {
-            let r = read(&headers(pairs), || at(2_000_000_000));
+            let r = read(&headers(pairs), || Some(at(2_000_000_000)));
             assert!(r.malformed >= 1, "{pairs:?}");
             assert!(
                 r.advertised.is_none_or(|a| a.limits.is_empty()),
                 "{pairs:?}: nothing to hold on"
             );
         }
-        assert_eq!(read(&HeaderMap::new(), || at(0)), Reading::default());
+        assert_eq!(read(&HeaderMap::new(), || Some(at(0))), Reading::default());
     }
 
     #[test]
@@ -808,7 +810,7 @@ mod tests {
             .collect::<Vec<_>>()
             .join(",");
         h.insert("ratelimit", HeaderValue::from_str(&many).unwrap());
-        let r = read(&h, || at(0));
+        let r = read(&h, || Some(at(0)));
         assert_eq!(r.advertised.unwrap().limits.len(), MAX_POLICIES);
         assert_eq!(r.malformed, 20 - MAX_POLICIES as u32);
     }

@@ -60,7 +60,7 @@ impl Limiter {
         &self,
         outcome: &Result<Response<Bytes>, TransportError>,
         now: Instant,
-        wall_now: impl FnOnce() -> SystemTime,
+        wall_now: impl FnOnce() -> Option<SystemTime>,
     ) -> Observed {
         let reading = outcome
             .as_ref()

@@ -29,6 +29,12 @@ use http::{HeaderMap, HeaderValue};
 /// assert_eq!(parse_retry_after(&HeaderValue::from_static("soon"), now), None);
 /// ```
 pub fn parse_retry_after(value: &HeaderValue, reference: SystemTime) -> Option<Duration> {
+    parse(value, || Some(reference))
+}
+
+/// Delay-seconds as they are; an HTTP-date against `reference`, read only
+/// for a date (and saying nothing if there is none to read it against).
+fn parse(value: &HeaderValue, reference: impl FnOnce() -> Option<SystemTime>) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         let seconds = text.bytes().fold(0u64, |acc, b| {
@@ -37,22 +43,24 @@ pub fn parse_retry_after(value: &HeaderValue, reference: SystemTime) -> Option<D
         return Some(Duration::from_secs(seconds));
     }
     let at = httpdate::parse_http_date(text).ok()?;
-    Some(at.duration_since(reference).unwrap_or(Duration::ZERO))
+    Some(at.duration_since(reference()?).unwrap_or(Duration::ZERO))
 }
 
 /// The `Retry-After` of a response, read against its `Date` header when
-/// present, else against `wall_now`.
+/// present, else against `wall_now`. An HTTP-date with neither says
+/// nothing (`None`); delay-seconds need no date at all.
 pub(crate) fn retry_after(
     headers: &HeaderMap,
-    wall_now: impl FnOnce() -> SystemTime,
+    wall_now: impl FnOnce() -> Option<SystemTime>,
 ) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?;
-    let reference = headers
-        .get(DATE)
-        .and_then(|d| d.to_str().ok())
-        .and_then(|d| httpdate::parse_http_date(d).ok())
-        .unwrap_or_else(wall_now);
-    parse_retry_after(value, reference)
+    parse(value, || {
+        headers
+            .get(DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+            .or_else(wall_now)
+    })
 }
 
 #[cfg(test)]
@@ -95,7 +103,7 @@ mod tests {
             HeaderValue::from_static("Sun, 09 Sep 2001 01:46:40 GMT"),
         );
         // The local clock is a day off; the server's own Date decides.
-        let skewed = || at(1_000_000_000 + 86_400);
+        let skewed = || Some(at(1_000_000_000 + 86_400));
         assert_eq!(retry_after(&headers, skewed), Some(Duration::from_secs(20)));
     }
 }
