@@ -9,11 +9,7 @@ async fn a_bare_status_number_is_a_matcher() {
         MockResponse::status(429),
         MockResponse::json(&serde_json::json!({ "email": "a@example.com" })),
     ]));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let fetched = client
         .get(|id: &u32| format!("/items/{id}"))
         .retry_on(429, Backoff::constant(Duration::from_millis(100)))
@@ -82,11 +78,7 @@ async fn a_retry_after_a_pause_counts_as_a_retry_and_a_pause() {
 async fn max_attempts_is_the_one_cap_on_retries() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/flaky").respond(MockResponse::status(500)));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let err = client
         .get(|_: &()| "/flaky")
         .retry_on(
@@ -105,11 +97,7 @@ async fn max_attempts_is_the_one_cap_on_retries() {
 async fn a_pause_rule_carries_its_own_cap() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/down").respond(MockResponse::status(503)));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let endpoint = client.get(|_: &()| "/down");
 
     // A bare Duration: the default cap of 10 attempts, so 9 pauses.
@@ -181,11 +169,7 @@ async fn a_third_stage_passes_failures_of_both_earlier_ones_through() {
     mock.mount(Route::get("/a/2").respond(MockResponse::status(404)));
     mock.mount(Route::get("/b/3").respond(MockResponse::status(410)));
     mock.mount(Route::any("/{stage}/{id}").respond(MockResponse::ok()));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let out: Vec<_> = stream::iter(1..=4u32)
         .fetch_concurrent(2, client.get(|id: &u32| format!("/a/{id}")))
         .map_ok(|f| u64::from(f.item))
@@ -244,11 +228,7 @@ async fn a_malformed_body_is_retried_and_decoded_once() {
         MockResponse::json(&serde_json::json!({ "oops": true })),
         MockResponse::json(&serde_json::json!({ "email": "a@example.com" })),
     ]));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let out: Vec<_> = stream::iter([7u64])
         .fetch_concurrent(
             1,
@@ -294,11 +274,7 @@ struct Customer {
 async fn an_undecodable_body_is_a_decode_error_once_the_attempts_end() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/items/{id}").respond(MockResponse::ok().text("<html>")));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let endpoint = client
         .get(|id: &u64| format!("/items/{id}"))
         .json::<Customer>();
@@ -330,11 +306,7 @@ async fn an_undecodable_body_is_a_decode_error_once_the_attempts_end() {
 async fn a_status_failure_is_not_a_decode_failure() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/gone").respond(MockResponse::status(410).text("not json")));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let err = client
         .get(|_: &()| "/gone")
         .json::<Customer>()
@@ -347,6 +319,24 @@ async fn a_status_failure_is_not_a_decode_failure() {
         .unwrap_err();
     // Only successful bodies are decoded: a 410's body is not retried.
     assert_eq!((err.status(), err.attempts()), (Some(StatusCode::GONE), 1));
+}
+
+/// A client on `mock` with no rules of its own.
+fn mock_client(mock: &MockTransport) -> Client {
+    Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .build()
+        .unwrap()
+}
+
+/// `/items/{id}` answers `{"id": id}`.
+fn mount_echo_ids(mock: &MockTransport) {
+    mock.mount(Route::get("/items/{id}").respond_with(|r| {
+        MockResponse::json(
+            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
+        )
+    }));
 }
 
 fn scratch(name: &str) -> std::path::PathBuf {
@@ -387,16 +377,8 @@ async fn a_journal_writes_a_multi_stage_pipeline_and_retries_dead_letters_when_a
         MockResponse::status(500),
         MockResponse::json(&serde_json::json!({ "id": 2 })),
     ]));
-    mock.mount(Route::get("/items/{id}").respond_with(|r| {
-        MockResponse::json(
-            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
-        )
-    }));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    mount_echo_ids(&mock);
+    let client = mock_client(&mock);
     let dir = scratch("multi-stage");
     let output = dir.join("items.jsonl");
     let key = |id: &u64| id.to_string();
@@ -435,11 +417,7 @@ async fn a_journal_writes_a_multi_stage_pipeline_and_retries_dead_letters_when_a
 async fn a_failed_list_request_is_dead_lettered_by_the_journal() {
     let mock = MockTransport::new();
     mock.mount(Route::get("/items").respond(MockResponse::status(503)));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let dir = scratch("failed-list");
     let output = dir.join("items.jsonl");
     let report = journaled_list_run(
@@ -461,16 +439,8 @@ struct Input {
 #[tokio::test(start_paused = true)]
 async fn a_bad_input_line_is_dead_lettered_in_its_place() {
     let mock = MockTransport::new();
-    mock.mount(Route::get("/items/{id}").respond_with(|r| {
-        MockResponse::json(
-            &serde_json::json!({ "id": r.param("id").unwrap().parse::<u64>().unwrap() }),
-        )
-    }));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    mount_echo_ids(&mock);
+    let client = mock_client(&mock);
     let dir = scratch("bad-line");
     let input = dir.join("ids.jsonl");
     std::fs::write(&input, "{\"id\": 1}\nnot json\n{\"id\": 2}\n").unwrap();
@@ -507,11 +477,7 @@ async fn retrying_dead_letters_survives_a_crash_between_its_two_steps() {
     mock.mount(Route::get("/items").respond(MockResponse::json(&[1, 2])));
     mock.mount(Route::get("/items/2").respond(MockResponse::status(500)));
     mock.mount(Route::get("/items/{id}").respond(MockResponse::json(&1)));
-    let client = Client::builder()
-        .transport(mock.clone())
-        .base_url("http://mock")
-        .build()
-        .unwrap();
+    let client = mock_client(&mock);
     let dir = scratch("retry-crash");
     let output = dir.join("items.jsonl");
     let key = |id: &u64| id.to_string();
