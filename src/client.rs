@@ -20,7 +20,7 @@ use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::rate::Rate;
 use crate::request::RequestSpec;
 use crate::stats::Stats;
-use crate::transport::{CredentialScope, Transport};
+use crate::transport::{CredentialScope, Prepared, Transport};
 
 /// A cheap-to-clone bundle of what every request of a pipeline shares:
 /// transport, base URL, default headers, rate limiter, pause handle,
@@ -176,7 +176,7 @@ impl Client {
             return Err(error);
         }
         if spec.link_from.is_none() {
-            if let Some(uri) = self.join_plain(&spec.target, &spec.query) {
+            if let Some((uri, url)) = self.join_plain(&spec.target, &spec.query) {
                 // A relative target under the base URL: its origin is home.
                 let mut headers = self.inner.headers.clone();
                 for name in spec.headers.keys() {
@@ -184,7 +184,7 @@ impl Client {
                 }
                 headers.extend(spec.headers);
                 self.redact(&mut headers);
-                return Ok(self.assemble(spec.method, uri, headers, spec.body));
+                return Ok(self.assemble(spec.method, uri, url, headers, spec.body));
             }
         }
         let url = self.resolve(&spec.target, &spec.query)?;
@@ -219,15 +219,19 @@ impl Client {
         }
         headers.extend(spec.headers);
         self.redact(&mut headers);
-        let uri = Uri::from_maybe_shared(Bytes::from(String::from(url)))
+        let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(url.as_str().as_bytes()))
             .map_err(|e| BuildError::new(format!("invalid URL: {e}")))?;
-        Ok(self.assemble(spec.method, uri, headers, spec.body))
+        Ok(self.assemble(spec.method, uri, url, headers, spec.body))
     }
 
+    /// The request, with what the transport is told beside it (see
+    /// [`Prepared`]): the credential scope and the parsed `url`, which
+    /// names the same target as `uri`.
     fn assemble(
         &self,
         method: http::Method,
         uri: Uri,
+        url: url::Url,
         headers: HeaderMap,
         body: Bytes,
     ) -> Request<Bytes> {
@@ -235,9 +239,12 @@ impl Client {
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        request.extensions_mut().insert(CredentialScope {
-            home: self.inner.home.clone(),
-            defaults: self.inner.default_names.clone(),
+        request.extensions_mut().insert(Prepared {
+            scope: CredentialScope {
+                home: self.inner.home.clone(),
+                defaults: self.inner.default_names.clone(),
+            },
+            url,
         });
         request
     }
@@ -253,7 +260,7 @@ impl Client {
     /// check, WHATWG with IDNA, `Uri` again) and allocates at each; on a
     /// zero-latency transport that was the largest cost per item. The only
     /// parse left here is `http`'s check of the path and query.
-    fn join_plain(&self, target: &str, query: &[(String, String)]) -> Option<Uri> {
+    fn join_plain(&self, target: &str, query: &[(String, String)]) -> Option<(Uri, url::Url)> {
         let base = self.inner.base_parts.as_ref()?;
         if is_absolute(target) || !target.bytes().all(plain_byte) {
             return None;
@@ -274,12 +281,19 @@ impl Client {
             encoder.extend_pairs(query);
             raw = encoder.finish();
         }
+        // The same path and query, joined to the parsed base: the host is
+        // not parsed again (IDNA and all), only the path and the query. (A
+        // path starting `//` would name a host to the joiner: the long way.)
+        if raw.starts_with("//") {
+            return None;
+        }
+        let url = base.url.join(&raw).ok()?;
         let path_and_query = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(raw)).ok()?;
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(base.scheme.clone());
         parts.authority = Some(base.authority.clone());
         parts.path_and_query = Some(path_and_query);
-        Uri::from_parts(parts).ok()
+        Some((Uri::from_parts(parts).ok()?, url))
     }
 
     /// Whether `origin` is the base URL's or one the user trusted: the only
@@ -421,17 +435,19 @@ fn has_dot_segment(path: &str) -> bool {
     })
 }
 
-/// The base URL split as `http::Uri` keeps it: cloning these shares
-/// their bytes.
+/// The base URL split as `http::Uri` keeps it (cloning these shares
+/// their bytes), and parsed as `url::Url`, to join paths to.
 struct BaseParts {
     scheme: http::uri::Scheme,
     authority: http::uri::Authority,
     /// The base path without its trailing `/` (empty at the root).
     path: String,
+    url: url::Url,
 }
 
 impl BaseParts {
     fn new(url: &str) -> Option<Self> {
+        let parsed = url::Url::parse(url).ok()?;
         let uri = Uri::try_from(url).ok()?;
         let parts = uri.into_parts();
         let path = parts
@@ -444,6 +460,7 @@ impl BaseParts {
             scheme: parts.scheme?,
             authority: parts.authority?,
             path,
+            url: parsed,
         })
     }
 }
@@ -993,10 +1010,14 @@ mod tests {
         ) {
             let c = client(base);
             let target: String = target.concat();
-            if let Some(short) = c.join_plain(&target, &query) {
+            if let Some((uri, url)) = c.join_plain(&target, &query) {
                 let long = c.resolve(&target, &query);
                 proptest::prop_assert!(long.is_ok(), "{target:?}: {long:?}");
-                proptest::prop_assert_eq!(short.to_string(), String::from(long.unwrap()));
+                let long = String::from(long.unwrap());
+                // The URI the transport is given and the URL handed beside it
+                // name the same target, and the long way's.
+                proptest::prop_assert_eq!(uri.to_string(), long.clone());
+                proptest::prop_assert_eq!(String::from(url), long);
             }
         }
     }

@@ -86,6 +86,19 @@ pub(crate) struct CredentialScope {
     pub(crate) defaults: Arc<[HeaderName]>,
 }
 
+/// What the client worked out for a request, handed to the transport beside
+/// it as an extension: the credential scope, and the URL the client parsed
+/// (WHATWG) while preparing it, so a transport that needs a `url::Url`
+/// (reqwest's) does not render and parse the URI again. A transport must
+/// check the URL still names the request's URI before using it: a layer
+/// between the client and the transport may have changed the URI.
+#[derive(Debug, Clone)]
+pub(crate) struct Prepared {
+    pub(crate) scope: CredentialScope,
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) url: url::Url,
+}
+
 impl CredentialScope {
     /// Whether the credentials may follow a redirect to `origin`.
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]

@@ -269,3 +269,39 @@ async fn an_own_client_keeps_its_settings() {
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     assert!(seen.lock().unwrap().contains("user-agent: my-etl/1.0"));
 }
+
+/// A layer of the user's own between the client and the transport, which
+/// sends every request to another path.
+struct Rewrite<T>(T);
+
+impl<T: Transport> Transport for Rewrite<T> {
+    fn send(
+        &self,
+        mut request: Request<Bytes>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<http::Response<Bytes>, sluicegate::TransportError>,
+    > {
+        let uri = request.uri().to_string().replace("/items/1", "/items/2");
+        *request.uri_mut() = uri.parse().unwrap();
+        self.0.send(request)
+    }
+}
+
+#[tokio::test]
+async fn a_uri_changed_between_client_and_transport_is_the_one_sent() {
+    // The client hands the transport the URL it parsed beside the request;
+    // the transport must notice the URI no longer matches and send to the
+    // URI, not to the stale URL.
+    let server = DemoServer::start(DemoConfig::default().items(5))
+        .await
+        .unwrap();
+    let client = Client::builder()
+        .transport(Rewrite(ReqwestTransport::default()))
+        .base_url(server.url())
+        .build()
+        .unwrap();
+    let response = client.send("/items/1").await.unwrap();
+    let body: serde_json::Value = serde_json::from_slice(response.body()).unwrap();
+    assert_eq!(body["email"], email(2));
+}

@@ -37,13 +37,13 @@ pub(crate) async fn read_capped<S>(
     chunks: S,
     max: usize,
     budget: &BodyBudget,
-    target: &str,
+    target: &(dyn Fn() -> String + Sync),
 ) -> Result<Bytes, TransportError>
 where
     S: Stream<Item = Result<Bytes, TransportError>>,
 {
     if announced.is_some_and(|len| len > max as u64) {
-        return Err(too_large(target, max));
+        return Err(too_large(&target(), max));
     }
     let mut chunks = std::pin::pin!(chunks);
     // Known length: reserve it before reading any of it.
@@ -53,7 +53,7 @@ where
     };
     let first = chunks.next().await.transpose()?.unwrap_or_default();
     if first.len() > max {
-        return Err(too_large(target, max));
+        return Err(too_large(&target(), max));
     }
     let body = match chunks.next().await.transpose()? {
         None => first,
@@ -76,12 +76,12 @@ where
                 let mut parts = vec![first, second];
                 let mut total = parts.iter().map(Bytes::len).sum::<usize>();
                 if total > max {
-                    return Err(too_large(target, max));
+                    return Err(too_large(&target(), max));
                 }
                 while let Some(chunk) = chunks.next().await.transpose()? {
                     total += chunk.len();
                     if total > max {
-                        return Err(too_large(target, max));
+                        return Err(too_large(&target(), max));
                     }
                     parts.push(chunk);
                 }
@@ -95,9 +95,14 @@ where
 
 /// Appends `chunk` to a buffer allocated for the announced length; a body
 /// longer than announced (hyper refuses those) still stops at `max`.
-fn append(all: &mut Vec<u8>, chunk: &[u8], max: usize, target: &str) -> Result<(), TransportError> {
+fn append(
+    all: &mut Vec<u8>,
+    chunk: &[u8],
+    max: usize,
+    target: &(dyn Fn() -> String + Sync),
+) -> Result<(), TransportError> {
     if all.len() + chunk.len() > max {
-        return Err(too_large(target, max));
+        return Err(too_large(&target(), max));
     }
     all.extend_from_slice(chunk);
     Ok(())
@@ -204,10 +209,10 @@ mod tests {
         let max = 1000;
         let mut all = Vec::with_capacity(max);
         for _ in 0..9 {
-            append(&mut all, &[7; 111], max, "t").unwrap();
+            append(&mut all, &[7; 111], max, &|| "t".into()).unwrap();
         }
         assert_eq!((all.len(), all.capacity()), (999, max));
-        let err = append(&mut all, &[7; 2], max, "t").unwrap_err();
+        let err = append(&mut all, &[7; 2], max, &|| "t".into()).unwrap_err();
         assert_eq!(err.kind(), TransportErrorKind::BodyTooLarge);
         let joined = join(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")], 3);
         assert_eq!(joined.as_ref(), b"abc");
@@ -226,13 +231,25 @@ mod tests {
     async fn bodies_come_back_whole_and_stop_at_the_cap() {
         let budget = BodyBudget::new(4096);
         for announced in [None, Some(6)] {
-            let body = read_capped(announced, chunks(&[b"ab", b"cd", b"ef"]), 6, &budget, "t")
-                .await
-                .unwrap();
+            let body = read_capped(
+                announced,
+                chunks(&[b"ab", b"cd", b"ef"]),
+                6,
+                &budget,
+                &|| "t".into(),
+            )
+            .await
+            .unwrap();
             assert_eq!(body.as_ref(), b"abcdef");
-            let err = read_capped(announced, chunks(&[b"ab", b"cd", b"efg"]), 6, &budget, "t")
-                .await
-                .unwrap_err();
+            let err = read_capped(
+                announced,
+                chunks(&[b"ab", b"cd", b"efg"]),
+                6,
+                &budget,
+                &|| "t".into(),
+            )
+            .await
+            .unwrap_err();
             assert_eq!(err.kind(), TransportErrorKind::BodyTooLarge);
         }
         // Announced over the cap: refused before a chunk is read.
@@ -241,7 +258,7 @@ mod tests {
                 panic!("read a body announced over the cap")
             },
         );
-        let err = read_capped(Some(7), never, 6, &budget, "http://h/p")
+        let err = read_capped(Some(7), never, 6, &budget, &|| "http://h/p".into())
             .await
             .unwrap_err();
         assert_eq!(

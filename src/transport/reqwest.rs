@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use super::body::{self, read_capped, without_query, BodyBudget};
 use super::Transport;
 use crate::error::{TransportError, TransportErrorKind};
-use crate::transport::CredentialScope;
+use crate::transport::{CredentialScope, Prepared};
 
 /// Sends requests with a [`reqwest::Client`] and reads bodies up to a cap.
 ///
@@ -289,46 +289,55 @@ impl fmt::Debug for ReqwestTransport {
 impl Transport for ReqwestTransport {
     fn send(
         &self,
-        request: Request<Bytes>,
+        mut request: Request<Bytes>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
         let client = self.client.clone();
         let max = self.max_body_bytes;
         let max_redirects = self.max_redirects;
         let budget = self.budget.clone();
         Box::pin(async move {
-            let scope = request.extensions().get::<CredentialScope>().cloned();
+            let prepared = request.extensions_mut().remove::<Prepared>();
             let (parts, mut body) = request.into_parts();
-            let (mut method, mut uri, mut headers, version) =
-                (parts.method, parts.uri, parts.headers, parts.version);
+            let (mut method, mut headers, version) = (parts.method, parts.headers, parts.version);
+            let (scope, url) = match prepared {
+                // The URL the client parsed, unless something between it and
+                // here changed the URI.
+                Some(Prepared { scope, url }) if names(&url, &parts.uri) => (Some(scope), url),
+                prepared => {
+                    let url = url::Url::parse(&parts.uri.to_string()).map_err(|e| {
+                        TransportError::new(
+                            TransportErrorKind::InvalidRequest,
+                            without_query(&parts.uri),
+                        )
+                        .with_source(e)
+                    })?;
+                    (prepared.map(|p| p.scope), url)
+                }
+            };
+            let mut url = url;
             let mut hops = 0;
             loop {
-                // Keep the URI (cheap: shared bytes) and render it only for an error.
-                let target = || without_query(&uri);
-                let mut request = Request::new(body.clone());
-                *request.method_mut() = method.clone();
-                *request.uri_mut() = uri.clone();
+                // Rendered only for an error: most requests never need it.
+                let target = || url_without_query(&url);
+                let mut request = reqwest::Request::new(method.clone(), url.clone());
                 *request.headers_mut() = headers.clone();
+                *request.body_mut() = Some(body.clone().into());
                 *request.version_mut() = version;
-                let request = reqwest::Request::try_from(request).map_err(|e| {
-                    TransportError::new(TransportErrorKind::InvalidRequest, target())
-                        .with_source(e.without_url())
-                })?;
-                let sent = request.url().clone();
                 let response = client
                     .execute(request)
                     .await
                     .map_err(|e| classify(e, &target()))?;
-                if *response.url() != sent {
+                if *response.url() != url {
                     // The reqwest client followed a redirect itself, past the
                     // credential checks below: say so rather than carry on.
                     return Err(followed_by_the_client(&target()));
                 }
-                let Some(next) = redirect_target(&response, &uri) else {
-                    return read_whole(response, max, &budget, &target()).await;
+                let Some(next) = redirect_target(&response, &url) else {
+                    return read_whole(response, max, &budget, &target).await;
                 };
                 if hops >= max_redirects {
                     if max_redirects == 0 {
-                        return read_whole(response, max, &budget, &target()).await;
+                        return read_whole(response, max, &budget, &target).await;
                     }
                     return Err(TransportError::new(
                         TransportErrorKind::Other,
@@ -361,15 +370,33 @@ impl Transport for ReqwestTransport {
                         headers.remove(name);
                     }
                 }
-                if origin(&uri) != origin(&next)
-                    && !scope.as_ref().is_some_and(|s| s.trusts(&origin(&next)))
+                let to = next.origin().ascii_serialization();
+                if url.origin().ascii_serialization() != to
+                    && !scope.as_ref().is_some_and(|s| s.trusts(&to))
                 {
                     strip_credentials(&mut headers, scope.as_ref());
                 }
-                uri = next;
+                url = next;
             }
         })
     }
+}
+
+/// Whether `url` names exactly the target `uri` does, compared part by
+/// part without rendering either.
+fn names(url: &url::Url, uri: &http::Uri) -> bool {
+    use url::Position;
+    uri.scheme_str() == Some(url.scheme())
+        && uri.authority().map(|a| a.as_str())
+            == Some(&url[Position::BeforeUsername..Position::AfterPort])
+        && uri.path_and_query().map(|p| p.as_str())
+            == Some(&url[Position::BeforePath..Position::AfterQuery])
+}
+
+/// A URL as errors may show it: scheme, authority and path, never the
+/// query (which often carries keys).
+fn url_without_query(url: &url::Url) -> String {
+    url[..url::Position::AfterPath].to_owned()
 }
 
 /// Reads the whole body of `response` under the cap and the budget (see
@@ -378,14 +405,14 @@ async fn read_whole(
     mut response: reqwest::Response,
     max: usize,
     budget: &BodyBudget,
-    target: &str,
+    target: &(dyn Fn() -> String + Sync),
 ) -> Result<Response<Bytes>, TransportError> {
     let announced = response.content_length();
     let status = response.status();
     let version = response.version();
     let headers = std::mem::take(response.headers_mut());
     let chunks = futures::stream::try_unfold(response, |mut response| async move {
-        let chunk = response.chunk().await.map_err(|e| classify(e, target))?;
+        let chunk = response.chunk().await.map_err(|e| classify(e, &target()))?;
         Ok(chunk.map(|chunk| (chunk, response)))
     });
     let body = read_capped(announced, chunks, max, budget, target).await?;
@@ -400,8 +427,8 @@ async fn read_whole(
 /// any other response, an error for a `Location` that cannot be followed.
 fn redirect_target(
     response: &reqwest::Response,
-    from: &http::Uri,
-) -> Option<Result<http::Uri, &'static str>> {
+    from: &url::Url,
+) -> Option<Result<url::Url, &'static str>> {
     if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
         return None;
     }
@@ -409,22 +436,19 @@ fn redirect_target(
     let next = location
         .to_str()
         .ok()
-        .and_then(|location| url::Url::parse(&from.to_string()).ok()?.join(location).ok());
+        .and_then(|location| from.join(location).ok());
     Some(match next {
         Some(mut next) if matches!(next.scheme(), "http" | "https") => {
             next.set_fragment(None);
-            http::Uri::try_from(next.as_str()).map_err(|_| "an invalid redirect")
+            // What the next request is sent to must be a valid `http::Uri`
+            // too (the contract every transport keeps).
+            http::Uri::try_from(next.as_str())
+                .map(|_| next)
+                .map_err(|_| "an invalid redirect")
         }
         Some(_) => Err("a redirect to a scheme other than http or https"),
         None => Err("an invalid redirect"),
     })
-}
-
-/// `scheme://host:port` of a URI, the unit credentials are scoped to.
-fn origin(uri: &http::Uri) -> String {
-    url::Url::parse(&uri.to_string())
-        .map(|url| url.origin().ascii_serialization())
-        .unwrap_or_default()
 }
 
 /// Removes what must not follow a redirect to an untrusted origin: every

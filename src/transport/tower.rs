@@ -238,7 +238,7 @@ where
                     }
                 }
             });
-            let body = read_capped(hint.exact(), chunks, max, &budget, &target).await?;
+            let body = read_capped(hint.exact(), chunks, max, &budget, &|| target.clone()).await?;
             Ok(Response::from_parts(parts, body))
         })
     }
