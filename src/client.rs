@@ -82,6 +82,9 @@ struct ClientInner {
     /// The default headers' names, for the transport to strip on redirects.
     default_names: Arc<[HeaderName]>,
     follow_cross_origin_links: bool,
+    /// The transport reads the parsed URL beside each request (see
+    /// [`Transport::wants_parsed_url`]).
+    wants_url: bool,
 }
 
 impl Client {
@@ -219,19 +222,25 @@ impl Client {
         }
         headers.extend(spec.headers);
         self.redact(&mut headers);
-        let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(url.as_str().as_bytes()))
-            .map_err(|e| BuildError::new(format!("invalid URL: {e}")))?;
+        let invalid = |e: http::uri::InvalidUri| BuildError::new(format!("invalid URL: {e}"));
+        let (uri, url) = if self.inner.wants_url {
+            let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(url.as_str().as_bytes()));
+            (uri.map_err(invalid)?, Some(url))
+        } else {
+            let uri = Uri::from_maybe_shared(Bytes::from(String::from(url)));
+            (uri.map_err(invalid)?, None)
+        };
         Ok(self.assemble(spec.method, uri, url, headers, spec.body))
     }
 
     /// The request, with what the transport is told beside it (see
-    /// [`Prepared`]): the credential scope and the parsed `url`, which
-    /// names the same target as `uri`.
+    /// [`Prepared`]): the credential scope and, for a transport that wants
+    /// it, the parsed `url`, which names the same target as `uri`.
     fn assemble(
         &self,
         method: http::Method,
         uri: Uri,
-        url: url::Url,
+        url: Option<url::Url>,
         headers: HeaderMap,
         body: Bytes,
     ) -> Request<Bytes> {
@@ -260,7 +269,11 @@ impl Client {
     /// check, WHATWG with IDNA, `Uri` again) and allocates at each; on a
     /// zero-latency transport that was the largest cost per item. The only
     /// parse left here is `http`'s check of the path and query.
-    fn join_plain(&self, target: &str, query: &[(String, String)]) -> Option<(Uri, url::Url)> {
+    fn join_plain(
+        &self,
+        target: &str,
+        query: &[(String, String)],
+    ) -> Option<(Uri, Option<url::Url>)> {
         let base = self.inner.base_parts.as_ref()?;
         if is_absolute(target) || !target.bytes().all(plain_byte) {
             return None;
@@ -284,10 +297,14 @@ impl Client {
         // The same path and query, joined to the parsed base: the host is
         // not parsed again (IDNA and all), only the path and the query. (A
         // path starting `//` would name a host to the joiner: the long way.)
-        if raw.starts_with("//") {
-            return None;
-        }
-        let url = base.url.join(&raw).ok()?;
+        let url = if self.inner.wants_url {
+            if raw.starts_with("//") {
+                return None;
+            }
+            Some(base.url.join(&raw).ok()?)
+        } else {
+            None
+        };
         let path_and_query = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(raw)).ok()?;
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(base.scheme.clone());
@@ -526,8 +543,13 @@ fn without_credentials(url: &str) -> String {
 }
 
 fn is_absolute(target: &str) -> bool {
-    let lower = target.get(..8).unwrap_or(target).to_ascii_lowercase();
-    lower.starts_with("http://") || lower.starts_with("https://")
+    // Compared in place: this runs for every request.
+    let has = |scheme: &str| {
+        target
+            .get(..scheme.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+    };
+    has("http://") || has("https://")
 }
 
 impl fmt::Debug for Client {
@@ -744,6 +766,7 @@ impl ClientBuilder {
         policy.rules.set_stats(stats.clone());
         policy.stats.splice(0..0, stats.clone());
         let base_parts = base.as_deref().and_then(BaseParts::new);
+        let wants_url = transport.wants_parsed_url();
         Ok(Client {
             inner: Arc::new(ClientInner {
                 transport,
@@ -768,6 +791,7 @@ impl ClientBuilder {
                 home: home.into(),
                 default_names: default_names.into(),
                 follow_cross_origin_links: self.follow_cross_origin_links,
+                wants_url,
             }),
         })
     }
@@ -908,11 +932,37 @@ fn base64(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::TransportError;
     use crate::mock::MockTransport;
 
     fn client(base: &str) -> Client {
         Client::builder()
             .transport(MockTransport::new())
+            .base_url(base)
+            .build()
+            .unwrap()
+    }
+
+    /// A transport that asks for the parsed URL, as reqwest's does.
+    struct WantsUrl(MockTransport);
+
+    impl Transport for WantsUrl {
+        fn send(
+            &self,
+            request: Request<Bytes>,
+        ) -> futures::future::BoxFuture<'static, Result<http::Response<Bytes>, TransportError>>
+        {
+            self.0.send(request)
+        }
+
+        fn wants_parsed_url(&self) -> bool {
+            true
+        }
+    }
+
+    fn client_wanting_urls(base: &str) -> Client {
+        Client::builder()
+            .transport(WantsUrl(MockTransport::new()))
             .base_url(base)
             .build()
             .unwrap()
@@ -1008,9 +1058,10 @@ mod tests {
             ),
             query in proptest::collection::vec(("[a-z&= ]{0,3}", "[a-z?#&'%]{0,3}"), 0..3),
         ) {
-            let c = client(base);
+            let c = client_wanting_urls(base);
             let target: String = target.concat();
             if let Some((uri, url)) = c.join_plain(&target, &query) {
+                let url = url.expect("the transport asked for it");
                 let long = c.resolve(&target, &query);
                 proptest::prop_assert!(long.is_ok(), "{target:?}: {long:?}");
                 let long = String::from(long.unwrap());

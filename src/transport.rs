@@ -67,6 +67,19 @@ pub trait Transport: Send + Sync + 'static {
         &self,
         request: Request<Bytes>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>>;
+
+    /// Whether this transport reads the `url::Url` the client parsed while
+    /// preparing a request, handed beside it in a private extension, so
+    /// the URL is not rendered and parsed again (reqwest's transport does;
+    /// a transport of your own has no use for it).
+    ///
+    /// Hidden: the extension is this crate's own. The client parses the
+    /// URL for the transports that say yes, and for no other: on a mock
+    /// or a tower stack it would be work for nothing.
+    #[doc(hidden)]
+    fn wants_parsed_url(&self) -> bool {
+        false
+    }
 }
 
 // Pins the decision that `Transport` stays object safe.
@@ -95,8 +108,9 @@ pub(crate) struct CredentialScope {
 #[derive(Debug, Clone)]
 pub(crate) struct Prepared {
     pub(crate) scope: CredentialScope,
+    /// Only for a transport that [wants it](Transport::wants_parsed_url).
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
-    pub(crate) url: url::Url,
+    pub(crate) url: Option<url::Url>,
 }
 
 impl CredentialScope {

@@ -287,6 +287,10 @@ impl fmt::Debug for ReqwestTransport {
 }
 
 impl Transport for ReqwestTransport {
+    fn wants_parsed_url(&self) -> bool {
+        true
+    }
+
     fn send(
         &self,
         mut request: Request<Bytes>,
@@ -302,7 +306,10 @@ impl Transport for ReqwestTransport {
             let (scope, url) = match prepared {
                 // The URL the client parsed, unless something between it and
                 // here changed the URI.
-                Some(Prepared { scope, url }) if names(&url, &parts.uri) => (Some(scope), url),
+                Some(Prepared {
+                    scope,
+                    url: Some(url),
+                }) if names(&url, &parts.uri) => (Some(scope), url),
                 prepared => {
                     let url = url::Url::parse(&parts.uri.to_string()).map_err(|e| {
                         TransportError::new(
