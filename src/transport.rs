@@ -70,12 +70,15 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Whether this transport reads the `url::Url` the client parsed while
     /// preparing a request, handed beside it in a private extension, so
-    /// the URL is not rendered and parsed again (reqwest's transport does;
-    /// a transport of your own has no use for it).
+    /// the URL is not rendered and parsed again (reqwest's transport does).
     ///
-    /// Hidden: the extension is this crate's own. The client parses the
-    /// URL for the transports that say yes, and for no other: on a mock
-    /// or a tower stack it would be work for nothing.
+    /// Hidden: the extension is this crate's own, so a transport of yours
+    /// has no use for it. The client parses the URL for the transports
+    /// that say yes and for no other: on a mock or a tower stack it would
+    /// be work for nothing. (The credential scope beside it goes with
+    /// every request, whatever the transport says: a transport of yours
+    /// wrapping reqwest's must not let a client's default headers follow
+    /// a redirect to another origin.)
     #[doc(hidden)]
     fn wants_parsed_url(&self) -> bool {
         false
@@ -86,9 +89,9 @@ pub trait Transport: Send + Sync + 'static {
 const _: Option<&dyn Transport> = None;
 
 /// Tells the transport which headers are the client's credentials and
-/// where they may go, so a redirect to another origin can drop them. The
-/// client attaches it to every request it prepares, as an extension; it
-/// is part of what a transport is given, so it lives on this floor.
+/// where they may go, so a redirect to another origin can drop them. Part
+/// of [`Prepared`]; it is part of what a transport is given, so it lives on
+/// this floor.
 #[derive(Debug, Clone)]
 pub(crate) struct CredentialScope {
     /// Origins (ASCII serialisation) the default headers may go to; empty
@@ -101,10 +104,11 @@ pub(crate) struct CredentialScope {
 
 /// What the client worked out for a request, handed to the transport beside
 /// it as an extension: the credential scope, and the URL the client parsed
-/// (WHATWG) while preparing it, so a transport that needs a `url::Url`
-/// (reqwest's) does not render and parse the URI again. A transport must
-/// check the URL still names the request's URI before using it: a layer
-/// between the client and the transport may have changed the URI.
+/// (WHATWG) while preparing it, for a transport that
+/// [wants it](Transport::wants_parsed_url), so a transport that needs a
+/// `url::Url` (reqwest's) does not render and parse the URI again. A transport must check the URL
+/// still names the request's URI before using it: a layer between the
+/// client and the transport may have changed the URI.
 #[derive(Debug, Clone)]
 pub(crate) struct Prepared {
     pub(crate) scope: CredentialScope,

@@ -15,11 +15,11 @@ use http::StatusCode;
 use sluicegate::etl::{paginate, Journal, Pagination};
 use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
 use sluicegate::retry::Backoff;
-#[cfg(feature = "reqwest")]
-use sluicegate::ReqwestTransport;
 use sluicegate::{
     Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope, WithPolicy,
 };
+#[cfg(feature = "reqwest")]
+use sluicegate::{ReqwestTransport, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -754,34 +754,74 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
         .into_bytes()
     })
     .await;
-    let build = |trust: bool| {
-        let mut builder = credentialed(
-            Client::builder()
-                .transport(ReqwestTransport::default())
-                .base_url(format!("http://{home}")),
-        );
+    let build = |trust: bool, wrapped: bool| {
+        let builder = Client::builder().base_url(format!("http://{home}"));
+        // A transport of the user's own around reqwest's (a logging layer,
+        // say) knows nothing of the client's private extensions and must
+        // not need to: the credentials stay home all the same.
+        let builder = if wrapped {
+            builder.transport(Forwarding(ReqwestTransport::default()))
+        } else {
+            builder.transport(ReqwestTransport::default())
+        };
+        // A default header not marked secret goes home only too: every
+        // default header is the client's.
+        let mut builder = credentialed(builder).default_header("x-tenant", "TENANT-789");
         if trust {
             builder = builder.trust_origin(format!("http://{elsewhere}"));
         }
         builder.build().unwrap()
     };
-    let client = build(false);
+    for (round, wrapped) in [false, true].into_iter().enumerate() {
+        let client = build(false, wrapped);
 
-    let away = client.get(|_: &()| "/away").fetch(()).await.unwrap();
-    assert_eq!(away.body().as_ref(), b"ok");
-    let landed = elsewhere_heads.lock().unwrap()[0].clone();
-    assert_eq!(request_target(&landed), "/landing");
-    assert!(!has_credentials(&landed), "{landed}");
+        let away = client.get(|_: &()| "/away").fetch(()).await.unwrap();
+        assert_eq!(away.body().as_ref(), b"ok");
+        let landed = elsewhere_heads.lock().unwrap()[2 * round].clone();
+        assert_eq!(request_target(&landed), "/landing");
+        assert!(!has_credentials(&landed), "wrapped: {wrapped}: {landed}");
+        assert!(
+            !landed.contains("TENANT-789"),
+            "wrapped: {wrapped}: {landed}"
+        );
 
-    // The same origin keeps them.
-    client.get(|_: &()| "/near").fetch(()).await.unwrap();
-    let near: Vec<String> = home_heads.lock().unwrap().clone();
-    assert_eq!(request_target(&near[2]), "/landed");
-    assert!(near.iter().all(|h| has_credentials(h)), "{near:?}");
+        // The same origin keeps them.
+        client.get(|_: &()| "/near").fetch(()).await.unwrap();
+        let near: Vec<String> = home_heads.lock().unwrap().clone();
+        assert_eq!(request_target(&near[near.len() - 1]), "/landed");
+        assert!(near.iter().all(|h| has_credentials(h)), "{near:?}");
 
-    // A trusted origin gets them.
-    build(true).get(|_: &()| "/away").fetch(()).await.unwrap();
-    assert!(has_credentials(&elsewhere_heads.lock().unwrap()[1]));
+        // A trusted origin gets them.
+        build(true, wrapped)
+            .get(|_: &()| "/away")
+            .fetch(())
+            .await
+            .unwrap();
+        let trusted = elsewhere_heads.lock().unwrap()[2 * round + 1].clone();
+        assert!(has_credentials(&trusted), "wrapped: {wrapped}: {trusted}");
+        assert!(
+            trusted.contains("TENANT-789"),
+            "wrapped: {wrapped}: {trusted}"
+        );
+    }
+}
+
+/// A transport that only hands requests on, as a user's logging or metrics
+/// layer around reqwest's would.
+#[cfg(feature = "reqwest")]
+struct Forwarding<T>(T);
+
+#[cfg(feature = "reqwest")]
+impl<T: Transport> Transport for Forwarding<T> {
+    fn send(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> futures::future::BoxFuture<
+        'static,
+        Result<http::Response<bytes::Bytes>, sluicegate::TransportError>,
+    > {
+        self.0.send(request)
+    }
 }
 
 // ---------------------------------------------------------------------------
