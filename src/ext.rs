@@ -77,13 +77,14 @@ pub trait SluiceExt: Stream {
     /// `Err(FetchError)` carrying the item: exactly one output per input.
     /// Unordered by default (a slow item holds up nobody);
     /// [`ordered`](FetchConcurrent::ordered) keeps input order. Each
-    /// admitted item runs as its own tokio task, so its request, retry
+    /// admitted item runs on the stage's driver tasks (one per runtime
+    /// worker), never on the consumer, so its request, retry
     /// waits, pause waits and rate-limit waits move whether or not anything
     /// downstream is polling: a busy consumer never makes a request late
     /// or time out, and stages sharing a limiter never wait on each other's
     /// consumers. Backpressure applies only at admission: no item is taken
     /// from upstream while `n` are outstanding (in flight, or done and not
-    /// yet yielded). Dropping the stream aborts every task and the requests
+    /// yet yielded). Dropping the stream aborts its drivers and the requests
     /// in them. Retry and pause rules
     /// come from the endpoint, its client, or
     /// [`retry_on`](crate::WithPolicy::retry_on) /
@@ -228,9 +229,9 @@ pub trait SluiceExt: Stream {
     /// Yields `Ok(`[`Decoded`]`)` (the item and the step's value) or an
     /// `Err(`[`FetchError`](crate::FetchError)`)` carrying the item:
     /// exactly one output per input. As with
-    /// [`fetch_concurrent`](Self::fetch_concurrent), each item runs as its
-    /// own task, so the step's attempts, retries and waits go on while the
-    /// consumer is busy; no new item is taken while `n` are outstanding;
+    /// [`fetch_concurrent`](Self::fetch_concurrent), each item runs on the
+    /// runtime's own tasks, never on the consumer, so the step's attempts,
+    /// retries and waits go on while the consumer is busy; no new item is taken while `n` are outstanding;
     /// dropping the stream cancels every step in flight.
     ///
     /// ```

@@ -26,19 +26,6 @@ impl<O: Send + 'static> Task<O> {
     }
 }
 
-impl<O: Send + 'static> Task<O> {
-    /// [`spawn`](Self::spawn) for a future already boxed: no second box.
-    ///
-    /// # Panics
-    ///
-    /// Outside a tokio runtime.
-    pub(crate) fn spawn_boxed(future: futures::future::BoxFuture<'static, O>) -> Self {
-        Self {
-            handle: AbortOnDropHandle::new(tokio::spawn(future)),
-        }
-    }
-}
-
 impl<O> Future for Task<O> {
     type Output = O;
 

@@ -191,3 +191,68 @@ async fn a_step_can_run_alone_and_time_out_per_item() {
     assert_eq!(*slow.item(), 2);
     assert!(slow.is_timeout());
 }
+
+/// The stage's drivers catch a panic in a step and raise it in the stream,
+/// as if the stream had polled the step itself.
+async fn a_panicking_step() {
+    let step = Step::new(|row: u32| async move {
+        if row == 3 {
+            panic!("the step blew up on row 3");
+        }
+        Ok::<_, DbError>(row)
+    });
+    let _ = stream::iter(0..8u32)
+        .map_concurrent(4, step)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+#[tokio::test]
+#[should_panic(expected = "the step blew up on row 3")]
+async fn a_panic_in_a_step_is_raised_in_the_stream() {
+    a_panicking_step().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "the step blew up on row 3")]
+async fn a_panic_in_a_step_is_raised_in_the_stream_on_two_workers() {
+    a_panicking_step().await;
+}
+
+/// Two workers, so two drivers share the stage's items: every row comes out
+/// exactly once and never more than `n` run at once. Real time on a real
+/// runtime, for races: no sleeps, only yields, and a generous bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_drivers_run_every_row_once_within_the_bound() {
+    const ROWS: u32 = 2_000;
+    const N: usize = 8;
+    let running = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let step = Step::new({
+        let (running, most) = (running.clone(), most.clone());
+        move |row: u32| {
+            let (running, most) = (running.clone(), most.clone());
+            async move {
+                use std::sync::atomic::Ordering::SeqCst;
+                let now = running.fetch_add(1, SeqCst) + 1;
+                most.fetch_max(now, SeqCst);
+                for _ in 0..(row % 4) {
+                    tokio::task::yield_now().await;
+                }
+                running.fetch_sub(1, SeqCst);
+                Ok::<_, DbError>(row)
+            }
+        }
+    });
+    let run = stream::iter(0..ROWS)
+        .map_concurrent(N, step)
+        .map(|out| out.map(|d| d.value).unwrap())
+        .collect::<Vec<u32>>();
+    let mut rows = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the stage finished");
+    rows.sort_unstable();
+    assert_eq!(rows, (0..ROWS).collect::<Vec<_>>());
+    let most = most.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=N).contains(&most), "{most} ran at once, bound {N}");
+}

@@ -1,6 +1,6 @@
 //! What [`FetchConcurrent`](super::FetchConcurrent) and
 //! [`MapConcurrent`](super::MapConcurrent) share: take items while fewer
-//! than `n` are outstanding, run each as its own task, yield each result
+//! than `n` are outstanding, run each on a driver task, yield each result
 //! (in input order if asked), pass upstream errors through.
 //!
 //! # Who drives a request: the runtime, never the consumer
@@ -13,11 +13,12 @@
 //! Backpressure applies at admission alone: no new item is taken from
 //! upstream while `n` are outstanding.
 //!
-//! What runs them depends on the runtime (see `Driver`): on a
-//! current-thread runtime, one driver task per stage owning the items'
-//! futures, fed and emptied through two channels and never polled by the
-//! consumer; on a multi-thread runtime, one task per item, so a stage's
-//! items spread over every worker.
+//! What runs them (see `Driver`): driver tasks, one per worker of the
+//! runtime (one on a current-thread runtime), each owning the futures of
+//! the items admitted to it, fed through a channel of its own, emptied
+//! through one shared with the others, and never polled by the consumer.
+//! An item goes to the driver with the fewest running, so a stage's items
+//! spread over the workers.
 //!
 //! This is a choice against two others, made on what they did:
 //! - polling the request futures only from `poll_next` (as
@@ -30,13 +31,14 @@
 //!   behind it. The driver here is never polled by the consumer, so it is
 //!   armed whenever an item is: nobody's absence can stop it.
 //!
-//! What it costs, against bare `buffer_unordered`: a boxed future per item,
-//! and either two channel messages (driver) or a spawn, a join handle and a
-//! scheduler hand-off (task per item); `benches/` measures both. It buys
-//! that progress never depends on who polls (`tests/topology.rs`). The
-//! stream owns what runs its items: dropping it aborts the driver or every
-//! task, and with them every request in flight. A panic in an item is
-//! raised in the stream, as if the stream had polled the item itself.
+//! What it costs, against bare `buffer_unordered`: a boxed future per item
+//! and two channel messages, and on a multi-thread runtime the hand-off of
+//! each output from a worker to the consumer's thread (a wake-up of that
+//! thread when it sleeps); `benches/` measures it. It buys that progress
+//! never depends on who polls (`tests/topology.rs`). The stream owns what
+//! runs its items: dropping it aborts the drivers, and with them every
+//! request in flight. A panic in an item is raised in the stream, as if
+//! the stream had polled the item itself.
 //!
 //! "Outstanding" counts items taken from upstream whose output has not been
 //! yielded yet (in flight, or done and waiting for the consumer, or waiting
@@ -60,7 +62,6 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::{Failure, FetchError};
-use crate::task::Task;
 
 /// How a concurrent stage takes its input: plain items, or the `Ok`s of a
 /// stream of results (whose `Err`s pass through untouched).
@@ -186,8 +187,8 @@ type Output<W, A, I> =
     Result<<W as Work<<A as StageInput<I>>::Item>>::Output, <A as StageInput<I>>::Error>;
 
 pin_project! {
-    /// Admission, one task per item, and collection, for a stage whose
-    /// items each run `W`.
+    /// Admission, driver tasks, and collection, for a stage whose items
+    /// each run `W`.
     pub(crate) struct Concurrent<S, A, W>
     where
         S: Stream,
@@ -209,7 +210,7 @@ pin_project! {
         // Ordered mode: outputs that arrived before their turn, at
         // `index - next_out`. At most `limit` long.
         waiting: VecDeque<Option<Output<W, A, S::Item>>>,
-        // The stage's driver, spawned at the first admission.
+        // The stage's drivers, spawned at the first admission.
         driver: Option<Driver<(u64, Output<W, A, S::Item>)>>,
         _intake: PhantomData<fn() -> A>,
     }
@@ -348,28 +349,30 @@ where
     }
 }
 
-/// What runs a stage's items, off the consumer: one driver task on a
-/// current-thread runtime, one task per item on a multi-thread one.
+/// What runs a stage's items, off the consumer: driver tasks, one per
+/// worker of the runtime (one on a current-thread runtime).
 ///
-/// Both keep progress independent of who polls. They differ in cost: on
-/// one thread the driver saves a spawn, a join handle and a scheduler
-/// hand-off per item (about 1.5 times the items/s on a zero-latency
-/// transport); on several workers it would run a stage's items on one
-/// worker at a time, and tasks per item, spread over every worker, came
-/// out as fast or faster (`benches/RESULTS.md`).
+/// Each driver task owns the futures of the items admitted to it and polls
+/// them whenever one is woken; outputs come back on one channel. It keeps
+/// progress independent of who polls, as a task per item would, for less:
+/// per item a channel message each way instead of a spawn, a join handle
+/// and a wake-up of the consumer's thread for every output, and the items
+/// of one driver woken together are polled in one pass. With a driver per
+/// worker, items spread over the workers as tasks per item would
+/// (`benches/RESULTS.md` has the comparison).
 struct Driver<O> {
-    // Admitted, output not yet collected.
+    // Admitted, output not yet collected, all drivers together.
     running: usize,
-    kind: DriverKind<O>,
+    drivers: Vec<DriverHandle<O>>,
+    outputs: mpsc::UnboundedReceiver<Result<(usize, O), Box<dyn Any + Send>>>,
 }
 
-enum DriverKind<O> {
-    Shared {
-        intake: mpsc::UnboundedSender<BoxFuture<'static, O>>,
-        outputs: mpsc::UnboundedReceiver<Result<O, Box<dyn Any + Send>>>,
-        _task: AbortOnDropHandle<()>,
-    },
-    PerItem(FuturesUnordered<Task<O>>),
+/// One driver task, as the stream sees it.
+struct DriverHandle<O> {
+    intake: mpsc::UnboundedSender<BoxFuture<'static, O>>,
+    // Admitted to this driver, output not yet collected.
+    running: usize,
+    _task: AbortOnDropHandle<()>,
 }
 
 impl<O: Send + 'static> Driver<O> {
@@ -377,72 +380,71 @@ impl<O: Send + 'static> Driver<O> {
     ///
     /// Outside a tokio runtime.
     fn start() -> Self {
-        let kind = match tokio::runtime::Handle::current().runtime_flavor() {
-            tokio::runtime::RuntimeFlavor::CurrentThread => {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        let (done, outputs) = mpsc::unbounded_channel();
+        let drivers = (0..workers.max(1))
+            .map(|index| {
                 let (intake, admitted) = mpsc::unbounded_channel();
-                let (done, outputs) = mpsc::unbounded_channel();
                 let task = tokio::spawn(Drive {
+                    index,
                     admitted,
                     closed: false,
                     running: FuturesUnordered::new(),
-                    done,
+                    done: done.clone(),
                 });
-                DriverKind::Shared {
+                DriverHandle {
                     intake,
-                    outputs,
+                    running: 0,
                     _task: AbortOnDropHandle::new(task),
                 }
-            }
-            _ => DriverKind::PerItem(FuturesUnordered::new()),
-        };
-        Self { running: 0, kind }
+            })
+            .collect();
+        Self {
+            running: 0,
+            drivers,
+            outputs,
+        }
     }
 
+    /// Hands `item` to the driver with the fewest items running.
     fn admit(&mut self, item: BoxFuture<'static, O>) {
         self.running += 1;
-        match &mut self.kind {
-            // The driver ends only once this sender is gone, or when the
-            // runtime drops it (then `poll_next` says so).
-            DriverKind::Shared { intake, .. } => {
-                let _ = intake.send(item);
-            }
-            DriverKind::PerItem(tasks) => tasks.push(Task::spawn_boxed(item)),
-        }
+        let driver = self
+            .drivers
+            .iter_mut()
+            .min_by_key(|driver| driver.running)
+            .expect("at least one driver");
+        driver.running += 1;
+        // A driver ends only once this sender is gone, or when the runtime
+        // drops it (then `poll_next` says so).
+        let _ = driver.intake.send(item);
     }
 
     /// The next output; only while some item is running.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<O>> {
-        let outputs = match &mut self.kind {
-            DriverKind::Shared { outputs, .. } => outputs,
-            DriverKind::PerItem(tasks) => {
-                let out = std::task::ready!(tasks.poll_next_unpin(cx));
-                if out.is_some() {
-                    self.running -= 1;
-                }
-                return Poll::Ready(out);
-            }
-        };
-        match std::task::ready!(outputs.poll_recv(cx)) {
-            Some(Ok(out)) => {
+        match std::task::ready!(self.outputs.poll_recv(cx)) {
+            Some(Ok((index, out))) => {
                 self.running -= 1;
+                self.drivers[index].running -= 1;
                 Poll::Ready(Some(out))
             }
             // A panic in a transport or a request builder surfaces here,
             // as it would had the stream polled the item itself.
             Some(Err(panic)) => std::panic::resume_unwind(panic),
-            // The driver is aborted only by dropping this handle, which then
-            // polls it no more: only a runtime shutting down ends here.
+            // The drivers are aborted only by dropping this handle, which then
+            // polls them no more: only a runtime shutting down ends here.
             None => panic!("a sluicegate stage's driver was cancelled by its runtime"),
         }
     }
 }
 
-/// The driver task: runs every admitted item, sends each output on.
+/// A driver task: runs every item admitted to it, sends each output on.
 struct Drive<O> {
+    index: usize,
     admitted: mpsc::UnboundedReceiver<BoxFuture<'static, O>>,
     closed: bool,
     running: FuturesUnordered<CatchUnwind<AssertUnwindSafe<BoxFuture<'static, O>>>>,
-    done: mpsc::UnboundedSender<Result<O, Box<dyn Any + Send>>>,
+    done: mpsc::UnboundedSender<Result<(usize, O), Box<dyn Any + Send>>>,
 }
 
 impl<O: Send + 'static> Future for Drive<O> {
@@ -467,7 +469,8 @@ impl<O: Send + 'static> Future for Drive<O> {
                     Poll::Ready(Some(out)) => {
                         // The stream is gone only if it was dropped, and
                         // then this task is being aborted.
-                        let _ = this.done.send(out);
+                        let index = this.index;
+                        let _ = this.done.send(out.map(|out| (index, out)));
                     }
                     Poll::Ready(None) => break,
                     // An item's waker, or `FuturesUnordered` yielding,

@@ -1,5 +1,5 @@
 //! The [`FetchConcurrent`] combinator: one request per item, at most `n`
-//! outstanding. Each item runs as its own task (see
+//! outstanding. Each item runs on the stage's driver tasks (see
 //! [`concurrent`](super::concurrent) for why, and what it costs).
 
 use std::fmt;

@@ -1,6 +1,6 @@
 //! The [`MapConcurrent`] combinator: one [`Step`] per item, at most `n`
-//! outstanding, with the flow control of a fetch stage. Each item runs as
-//! its own task (see [`concurrent`](super::concurrent)).
+//! outstanding, with the flow control of a fetch stage. Each item runs on
+//! the stage's driver tasks (see [`concurrent`](super::concurrent)).
 
 use std::fmt;
 use std::pin::Pin;
