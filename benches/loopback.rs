@@ -144,11 +144,12 @@ async fn hand_written_count(mode: &str, n: u64) -> u64 {
 }
 
 fn memory_child(mode: &str, n: u64) {
+    let detail = MemoryDetail::start();
     if mode.contains("-hand") {
         let ok = runtime().block_on(hand_written_count(mode, n));
         assert_eq!(ok, n);
         println!("{}", peak_rss_kib());
-        memory_detail();
+        detail.map(MemoryDetail::print);
         return;
     }
     let ok = runtime().block_on(async {
@@ -187,25 +188,68 @@ fn memory_child(mode: &str, n: u64) {
     });
     assert_eq!(ok, n);
     println!("{}", peak_rss_kib());
-    memory_detail();
+    detail.map(MemoryDetail::print);
 }
 
-/// With `SLUICEGATE_MEMORY_DETAIL` set, where the resident memory is at the
-/// end of a run (on stderr): file-backed against anonymous, and the
-/// anonymous part by kind of mapping.
-fn memory_detail() {
-    if std::env::var_os("SLUICEGATE_MEMORY_DETAIL").is_none() {
-        return;
+/// With `SLUICEGATE_MEMORY_DETAIL` set, where the resident memory is at its
+/// peak (on stderr): a thread samples `/proc/self` every 2 ms and keeps the
+/// breakdown of the largest resident set it saw. Diagnostic only: the
+/// sampler's own thread and reads add a little to what it measures.
+struct MemoryDetail {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<(u64, Vec<(String, u64)>)>,
+}
+
+impl MemoryDetail {
+    fn start() -> Option<Self> {
+        std::env::var_os("SLUICEGATE_MEMORY_DETAIL")?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak = (0, Vec::new());
+            loop {
+                let done = stopped.load(std::sync::atomic::Ordering::Relaxed);
+                let rss = status_kib("VmRSS");
+                if rss > peak.0 {
+                    peak = (rss, resident_by_kind());
+                }
+                if done {
+                    return peak;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Some(Self { stop, sampler })
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    for key in ["VmHWM", "VmRSS", "RssAnon", "RssFile", "Threads"] {
-        if let Some(l) = status.lines().find(|l| l.starts_with(key)) {
-            eprintln!("{l}");
+
+    fn print(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (rss, rows) = self.sampler.join().unwrap();
+        eprintln!(
+            "VmHWM {} kB, largest sampled VmRSS {rss} kB:",
+            peak_rss_kib()
+        );
+        for (kind, kib) in rows.iter().filter(|(_, kib)| *kib > 0) {
+            eprintln!("  {kind}: {kib}");
         }
     }
-    // Resident kB per kind of mapping: each file by its permissions, and
-    // the anonymous ones as the main heap, the main stack, 2 MiB thread
-    // stacks, glibc's per-thread arenas (64 MiB reservations) and the rest.
+}
+
+/// A `/proc/self/status` field, in KiB.
+fn status_kib(key: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident KiB per kind of mapping: each file's mappings by permissions,
+/// and the anonymous ones as the main heap, the main stack, 2 MiB thread
+/// stacks, glibc's per-thread arenas (parts of 64 MiB reservations) and
+/// the rest.
+fn resident_by_kind() -> Vec<(String, u64)> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
     let mut kind = String::new();
     let mut rows: Vec<(String, u64)> = Vec::new();
@@ -222,12 +266,19 @@ fn memory_detail() {
                 / 1024;
             kind = match fields.get(5) {
                 Some(name) if name.starts_with('/') => {
-                    format!("{} {perms}", name.rsplit('/').next().unwrap_or(name))
+                    let file = name.rsplit('/').next().unwrap_or(name);
+                    // The bench binary's name carries a hash.
+                    let file = if file.starts_with("loopback-") {
+                        "loopback"
+                    } else {
+                        file
+                    };
+                    format!("{file} {perms}")
                 }
                 Some(name) => name.to_string(),
                 None if perms.starts_with("---") => "guard".into(),
-                None if span == 2048 || span == 2044 => "thread stack".into(),
-                None if span >= 1024 => format!("anon {span} kB (arena)"),
+                None if span == 2048 || span == 2044 => "thread stacks".into(),
+                None if span >= 1024 => "arenas".into(),
                 None => "anon small".into(),
             };
         } else if *first == "Rss:" {
@@ -239,9 +290,7 @@ fn memory_detail() {
         }
     }
     rows.sort();
-    for (kind, rss) in rows.iter().filter(|(_, rss)| *rss > 0) {
-        eprintln!("  {kind}: {rss}");
-    }
+    rows
 }
 
 fn child_peak(mode: &str, n: u64) -> u64 {
