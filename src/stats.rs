@@ -56,7 +56,7 @@ const KINDS: [TransportErrorKind; 6] = [
 ///
 /// # Memory
 ///
-/// A new `Stats` takes about 400 bytes. Answers are counted per thread
+/// A new `Stats` takes about 330 bytes. Answers are counted per thread
 /// slot (up to 8), each slot's 464 counters (3.7 KB) allocated by the first
 /// answer recorded in it: about 3.7 KB per thread that records answers,
 /// 31 KB at most, plus 16 bytes per distinct status code seen. A
