@@ -149,7 +149,9 @@ fn memory_child(mode: &str, n: u64) {
         let ok = runtime().block_on(hand_written_count(mode, n));
         assert_eq!(ok, n);
         println!("{}", peak_rss_kib());
-        detail.map(MemoryDetail::print);
+        if let Some(detail) = detail {
+            detail.print();
+        }
         return;
     }
     let ok = runtime().block_on(async {
@@ -188,7 +190,9 @@ fn memory_child(mode: &str, n: u64) {
     });
     assert_eq!(ok, n);
     println!("{}", peak_rss_kib());
-    detail.map(MemoryDetail::print);
+    if let Some(detail) = detail {
+        detail.print();
+    }
 }
 
 /// With `SLUICEGATE_MEMORY_DETAIL` set, where the resident memory is at its
