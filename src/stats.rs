@@ -573,6 +573,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_thread_slot_is_allocated_by_its_first_answer_only() {
+        // Inline shards would make a new `Stats` 31 KB, built on the stack.
+        assert!(std::mem::size_of::<Inner>() <= 512);
+        let stats = Stats::new(None);
+        let allocated = || {
+            stats
+                .inner
+                .answers
+                .iter()
+                .filter(|s| s.get().is_some())
+                .count()
+        };
+        assert_eq!(allocated(), 0);
+        for _ in 0..3 {
+            stats.request_sent();
+            stats.request_ended(Ok((StatusCode::OK, 2)), Duration::from_millis(1));
+        }
+        assert_eq!(allocated(), 1);
+        let snapshot = stats.snapshot();
+        assert_eq!((snapshot.latency.count, snapshot.bytes_received), (3, 6));
+    }
+
+    #[test]
     fn every_latency_falls_in_the_bucket_whose_bounds_hold_it() {
         let mut last = 0;
         let mut micros = 0u64;
