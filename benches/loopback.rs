@@ -19,6 +19,9 @@ use sluicegate::demo::{DemoConfig, DemoServer};
 use sluicegate::mock::{MockResponse, MockTransport, Route};
 use sluicegate::prelude::*;
 use sluicegate::{Adaptive, ReqwestTransport};
+
+#[path = "shared/hand_written.rs"]
+mod hand_written;
 use tokio::time::Instant;
 
 const CONCURRENCY: usize = 64;
@@ -69,76 +72,21 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// The hand-written client the memory rows compare with:
-/// `buffer_unordered` over the mock's `send`, or over reqwest itself.
-///
-/// Its `-spawned` form runs each request as a tokio task, the least a
-/// client needs for its requests to progress while the consumer is busy
-/// (which `fetch_concurrent` guarantees and bare `buffer_unordered` does
-/// not): on a multi-thread runtime that wakes the worker threads, whose
-/// scheduler loop, task cells and per-thread heaps the bare form never
-/// touches. A reference for where the gap comes from, not a replacement.
+/// The hand-written client the memory rows compare with (see
+/// `shared/hand_written.rs`): over the mock or reqwest, bare or with a task
+/// per request (`-spawned`).
 async fn hand_written_count(mode: &str, n: u64) -> u64 {
-    if mode == "mock-hand-spawned" {
-        let mock = MockTransport::new();
-        mock.record_calls(false);
-        mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
-            &serde_json::json!({ "email": "a@example.com" }),
-        )));
-        return stream::iter(0..n)
-            .map(|id| {
-                let request = http::Request::get(format!("http://127.0.0.1:8080/items/{id}"))
-                    .body(bytes::Bytes::new())
-                    .unwrap();
-                let mock = mock.clone();
-                tokio::spawn(async move { mock.send(request).await })
-            })
-            .buffer_unordered(CONCURRENCY)
-            .filter(|r| futures::future::ready(matches!(r, Ok(Ok(_)))))
-            .count()
-            .await as u64;
-    }
-    if mode == "mock-hand" {
-        let mock = MockTransport::new();
-        mock.record_calls(false);
-        mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
-            &serde_json::json!({ "email": "a@example.com" }),
-        )));
-        return stream::iter(0..n)
-            .map(|id| {
-                let request = http::Request::get(format!("http://127.0.0.1:8080/items/{id}"))
-                    .body(bytes::Bytes::new())
-                    .unwrap();
-                mock.send(request)
-            })
-            .buffer_unordered(CONCURRENCY)
-            .filter(|r| futures::future::ready(r.is_ok()))
-            .count()
-            .await as u64;
+    let spawned = mode.ends_with("-spawned");
+    if mode.starts_with("mock-") {
+        let mock = hand_written::items_mock();
+        return hand_written::over_mock(&mock, "http://127.0.0.1:8080", n, CONCURRENCY, spawned)
+            .await;
     }
     let server = DemoServer::start(DemoConfig::default().items(n))
         .await
         .unwrap();
     let http = ReqwestTransport::client_builder().build().unwrap();
-    let base = server.url();
-    let spawned = mode.ends_with("-spawned");
-    let ok = stream::iter(0..n)
-        .map(|id| {
-            let http = http.clone();
-            let url = format!("{base}/items/{id}");
-            let fetch = async move { http.get(url).send().await?.bytes().await };
-            async move {
-                if spawned {
-                    tokio::spawn(fetch).await.unwrap()
-                } else {
-                    fetch.await
-                }
-            }
-        })
-        .buffer_unordered(CONCURRENCY)
-        .filter(|r| futures::future::ready(r.is_ok()))
-        .count()
-        .await as u64;
+    let ok = hand_written::over_reqwest(&http, &server.url(), n, CONCURRENCY, spawned).await;
     std::mem::forget(server);
     ok
 }

@@ -19,11 +19,12 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures::{stream, StreamExt};
 use sluicegate::demo::{DemoConfig, DemoServer};
-use sluicegate::mock::{MockResponse, MockTransport, Route};
-use sluicegate::{Client, ReqwestTransport, SluiceExt, Transport};
+use sluicegate::{Client, ReqwestTransport, SluiceExt};
+
+#[path = "shared/hand_written.rs"]
+mod hand_written;
 
 const CONCURRENCY: usize = 64;
 
@@ -49,11 +50,7 @@ fn main() {
         let server = DemoServer::start(DemoConfig::default().items(items))
             .await
             .unwrap();
-        let mock = MockTransport::new();
-        mock.record_calls(false);
-        mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
-            &serde_json::json!({ "email": "a@example.com" }),
-        )));
+        let mock = hand_written::items_mock();
         let http = ReqwestTransport::client_builder().build().unwrap();
         let (base, sluice) = match transport.as_str() {
             "mock" => (
@@ -81,29 +78,11 @@ fn main() {
                         .await
                 }
                 ("mock", "hand") => {
-                    stream::iter(0..items)
-                        .map(|id| {
-                            let request = http::Request::get(format!("{base}/items/{id}"))
-                                .body(Bytes::new())
-                                .unwrap();
-                            mock.send(request)
-                        })
-                        .buffer_unordered(CONCURRENCY)
-                        .filter(|r| futures::future::ready(r.is_ok()))
-                        .count()
-                        .await
+                    hand_written::over_mock(&mock, &base, items, CONCURRENCY, false).await as usize
                 }
                 (_, "hand") => {
-                    stream::iter(0..items)
-                        .map(|id| {
-                            let http = http.clone();
-                            let url = format!("{base}/items/{id}");
-                            async move { http.get(url).send().await?.bytes().await }
-                        })
-                        .buffer_unordered(CONCURRENCY)
-                        .filter(|r| futures::future::ready(r.is_ok()))
-                        .count()
-                        .await
+                    hand_written::over_reqwest(&http, &base, items, CONCURRENCY, false).await
+                        as usize
                 }
                 (_, other) => panic!("client {other:?}: sluicegate or hand"),
             };

@@ -17,6 +17,8 @@ mod common;
 mod fetch_overhead;
 #[path = "sluicegate/flat_unpack.rs"]
 mod flat_unpack;
+#[path = "shared/hand_written.rs"]
+mod hand_written;
 #[path = "sluicegate/rate_accuracy.rs"]
 mod rate_accuracy;
 #[path = "sluicegate/real_http.rs"]

@@ -5,36 +5,23 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::{stream, StreamExt};
-use sluicegate::mock::{MockResponse, MockTransport, Route};
-use sluicegate::{Client, Rate, SluiceExt, Transport};
+use sluicegate::mock::MockTransport;
+use sluicegate::{Client, Rate, SluiceExt};
 
 const ITEMS: u64 = 20_000;
 const CONCURRENCY: usize = 64;
 
-fn mock() -> MockTransport {
-    let mock = MockTransport::new();
-    mock.record_calls(false);
-    mock.mount(Route::get("/items/{id}").respond(MockResponse::json(
-        &serde_json::json!({ "email": "a@example.com" }),
-    )));
-    mock
-}
-
 async fn hand_written(transport: &MockTransport) -> u64 {
-    stream::iter(0..ITEMS)
-        .map(|id| {
-            let request = http::Request::get(format!("http://127.0.0.1:8080/items/{id}"))
-                .body(Bytes::new())
-                .unwrap();
-            transport.send(request)
-        })
-        .buffer_unordered(CONCURRENCY)
-        .filter(|r| futures::future::ready(r.is_ok()))
-        .count()
-        .await as u64
+    crate::hand_written::over_mock(
+        transport,
+        "http://127.0.0.1:8080",
+        ITEMS,
+        CONCURRENCY,
+        false,
+    )
+    .await
 }
 
 async fn pipeline(client: &Client) -> u64 {
@@ -53,7 +40,7 @@ pub(crate) fn bench(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(8));
     let runtimes = crate::runtimes();
     for (name, runtime) in &runtimes {
-        let transport = mock();
+        let transport = crate::hand_written::items_mock();
         let client = runtime.block_on(async {
             Client::builder()
                 .transport(transport.clone())
@@ -97,7 +84,7 @@ fn observability_overhead(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let transport = mock();
+    let transport = crate::hand_written::items_mock();
     let (plain, observed) = runtime.block_on(async {
         let builder = || {
             Client::builder()

@@ -37,17 +37,8 @@ pub(crate) fn bench(c: &mut Criterion) {
         group.bench_function(
             BenchmarkId::new("hand_written_reqwest_buffer_unordered", flavor),
             |b| {
-                b.to_async(runtime).iter(|| async {
-                    stream::iter(0..REQUESTS)
-                        .map(|id| {
-                            let http = http.clone();
-                            let url = format!("{base}/items/{id}");
-                            async move { http.get(url).send().await?.bytes().await }
-                        })
-                        .buffer_unordered(CONCURRENCY)
-                        .filter(|r| futures::future::ready(r.is_ok()))
-                        .count()
-                        .await
+                b.to_async(runtime).iter(|| {
+                    crate::hand_written::over_reqwest(&http, &base, REQUESTS, CONCURRENCY, false)
                 })
             },
         );
