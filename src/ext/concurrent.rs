@@ -358,8 +358,9 @@ where
 /// per item a channel message each way instead of a spawn, a join handle
 /// and a wake-up of the consumer's thread for every output, and the items
 /// of one driver woken together are polled in one pass. With a driver per
-/// worker, items spread over the workers as tasks per item would
-/// (`benches/RESULTS.md` has the comparison).
+/// worker, the runtime can run a stage's items on every worker at once (it
+/// moves driver tasks between workers as it moves any task), which a single
+/// driver could not (`benches/RESULTS.md` has the comparison).
 struct Driver<O> {
     // Admitted, output not yet collected, all drivers together.
     running: usize,
