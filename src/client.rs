@@ -165,10 +165,7 @@ impl Client {
         if self.inner.log_query {
             return uri.to_string();
         }
-        match (uri.scheme_str(), uri.authority()) {
-            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
-            _ => uri.path().to_owned(),
-        }
+        crate::transport::without_query(uri)
     }
 
     /// Turns a spec into a request: target joined to the base URL, query
@@ -661,7 +658,8 @@ impl ClientBuilder {
     /// Default: the date the server gave in its last `Date` header, moved on
     /// by tokio's clock (so it follows virtual time); before any `Date` was
     /// seen, such a time is ignored rather than read against a guess. Give
-    /// `std::time::SystemTime::now` for a server that never sends `Date`.
+    /// the system's clock (or a fixed one, in a test) for a server that
+    /// never sends `Date`.
     pub fn wall_clock(mut self, now: fn() -> SystemTime) -> Self {
         self.wall_clock = Some(now);
         self

@@ -111,6 +111,7 @@ pub(crate) struct CredentialScope {
 /// client and the transport may have changed the URI.
 #[derive(Debug, Clone)]
 pub(crate) struct Prepared {
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
     pub(crate) scope: CredentialScope,
     /// Only for a transport that [wants it](Transport::wants_parsed_url).
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
@@ -122,5 +123,57 @@ impl CredentialScope {
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
     pub(crate) fn trusts(&self, origin: &str) -> bool {
         self.home.iter().any(|h| h == origin)
+    }
+}
+
+/// A URI as errors and logs may show it: scheme, host, port and path,
+/// never the userinfo or the query (which often carry keys).
+pub(crate) fn without_query(uri: &http::Uri) -> String {
+    shown(
+        uri.scheme_str(),
+        uri.authority().map(|a| a.as_str()),
+        uri.path(),
+    )
+}
+
+/// [`without_query`] for a `url::Url`.
+#[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+pub(crate) fn url_without_query(url: &url::Url) -> String {
+    use url::Position;
+    shown(
+        Some(url.scheme()),
+        Some(&url[Position::BeforeUsername..Position::AfterPort]),
+        url.path(),
+    )
+}
+
+/// `scheme://host:port/path`, with no userinfo even if the authority has
+/// one (it is a password, or a token in its place).
+fn shown(scheme: Option<&str>, authority: Option<&str>, path: &str) -> String {
+    match (scheme, authority) {
+        (Some(scheme), Some(authority)) => {
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        _ => path.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_shown_without_userinfo_or_query() {
+        let raw = "http://user:hunter2@h.example:8080/a/b?key=SECRET#f";
+        let uri: http::Uri = raw.parse().unwrap();
+        assert_eq!(without_query(&uri), "http://h.example:8080/a/b");
+        let url = url::Url::parse(raw).unwrap();
+        assert_eq!(url_without_query(&url), "http://h.example:8080/a/b");
+        let token_only = url::Url::parse("https://TOKEN@h/p").unwrap();
+        assert_eq!(url_without_query(&token_only), "https://h/p");
+        assert_eq!(without_query(&"/p?k=v".parse().unwrap()), "/p");
     }
 }

@@ -159,15 +159,6 @@ impl BodyBudget {
     }
 }
 
-/// A URI as errors may show it: scheme, authority and path, never the
-/// query (which often carries keys).
-pub(crate) fn without_query(uri: &http::Uri) -> String {
-    match (uri.scheme_str(), uri.authority()) {
-        (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
-        _ => uri.path().to_owned(),
-    }
-}
-
 pub(crate) fn too_large(target: &str, max: usize) -> TransportError {
     TransportError::new(
         TransportErrorKind::BodyTooLarge,
@@ -178,6 +169,7 @@ pub(crate) fn too_large(target: &str, max: usize) -> TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use futures::{stream, FutureExt as _};
 
     #[tokio::test]

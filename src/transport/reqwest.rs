@@ -16,8 +16,9 @@ use http::header::{
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 
-use super::body::{self, read_capped, without_query, BodyBudget};
+use super::body::{self, read_capped, BodyBudget};
 use super::Transport;
+use super::{url_without_query, without_query};
 use crate::error::{TransportError, TransportErrorKind};
 use crate::transport::{CredentialScope, Prepared};
 
@@ -398,12 +399,6 @@ fn names(url: &url::Url, uri: &http::Uri) -> bool {
             == Some(&url[Position::BeforeUsername..Position::AfterPort])
         && uri.path_and_query().map(|p| p.as_str())
             == Some(&url[Position::BeforePath..Position::AfterQuery])
-}
-
-/// A URL as errors may show it: scheme, authority and path, never the
-/// query (which often carries keys).
-fn url_without_query(url: &url::Url) -> String {
-    url[..url::Position::AfterPath].to_owned()
 }
 
 /// Reads the whole body of `response` under the cap and the budget (see

@@ -14,7 +14,8 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 
-use super::body::{self, read_capped, too_large, without_query, BodyBudget};
+use super::body::{self, read_capped, too_large, BodyBudget};
+use super::without_query;
 use super::Transport;
 use crate::error::{TransportError, TransportErrorKind};
 
