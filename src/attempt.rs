@@ -193,87 +193,105 @@ pub(crate) struct Loop<'a> {
     pub(crate) seed: Option<u64>,
 }
 
-impl Loop<'_> {
+impl<'a> Loop<'a> {
     /// Runs the attempts of item number `index` to their end.
-    pub(crate) async fn run<A: Attempt>(&self, attempt: A, index: u64) -> Run<A::Outcome> {
-        // The one clock reading before the first attempt: the item's
-        // start, its deadline, the gate's check and the send all share it.
-        let started = Instant::now();
-        let mut attempts = 0;
-        let mut finished = None;
-        // Each arm makes its own future: one held in a local and then moved
-        // into the timeout would be stored twice in this one.
-        let ended = match self.item_timeout {
-            Some(limit) => tokio::time::timeout_at(
-                started + limit,
-                self.attempts(attempt, index, started, &mut attempts, &mut finished),
-            )
-            .await
-            .unwrap_or(Ended::ItemTimeout),
-            None => {
-                self.attempts(attempt, index, started, &mut attempts, &mut finished)
-                    .await
+    ///
+    /// An `async` block, not an `async fn`, here and in
+    /// [`attempts`](Self::attempts): an `async fn` keeps each argument
+    /// twice in its future (as passed and as moved into the body), and
+    /// this future is part of what every admitted item keeps.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    pub(crate) fn run<A: Attempt + 'a>(
+        self,
+        attempt: A,
+        index: u64,
+    ) -> impl Future<Output = Run<A::Outcome>> + 'a {
+        async move {
+            // The one clock reading before the first attempt: the item's
+            // start, its deadline, the gate's check and the send all share it.
+            let started = Instant::now();
+            let mut attempts = 0;
+            let mut finished = None;
+            let ended = match self.item_timeout {
+                // Boxed: the item's own deadline is opt-in, and its timer
+                // held in place would make every item's future larger.
+                Some(limit) => Box::pin(tokio::time::timeout_at(
+                    started + limit,
+                    self.attempts(attempt, index, started, &mut attempts, &mut finished),
+                ))
+                .await
+                .unwrap_or(Ended::ItemTimeout),
+                None => {
+                    self.attempts(attempt, index, started, &mut attempts, &mut finished)
+                        .await
+                }
+            };
+            let finished = finished.unwrap_or_else(Instant::now);
+            Run {
+                ended,
+                attempts,
+                elapsed: finished.saturating_duration_since(started),
             }
-        };
-        let finished = finished.unwrap_or_else(Instant::now);
-        Run {
-            ended,
-            attempts,
-            elapsed: finished.saturating_duration_since(started),
         }
     }
 
-    async fn attempts<A: Attempt>(
-        &self,
+    fn attempts<'s, A: Attempt + 's>(
+        &'s self,
         mut what: A,
         index: u64,
         started: Instant,
-        attempts: &mut u32,
-        finished: &mut Option<Instant>,
-    ) -> Ended<A::Outcome> {
-        let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
-        let mut rng = fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let mut previous_delay = Duration::ZERO;
-        let mut paused_by_us = false;
-        let mut now = started;
-        loop {
-            *attempts += 1;
-            let attempt = *attempts;
-            if let Some(wait) = self.gate.wait(now) {
-                if let Err(reason) = wait.await {
-                    return Ended::LimiterUnavailable(reason);
-                }
-                now = Instant::now();
-            }
-            if std::mem::take(&mut paused_by_us) {
-                tracing::info!(item = index, "pause over, resuming");
-            }
-            let outcome = what.attempt_at(attempt, now).await;
-            // The outcome is judged in a function of its own: borrowed in
-            // this body, it would keep its room through the retry's sleep.
-            let (retry_at, ended) = match self.judge(
-                &what,
-                outcome,
-                attempt,
-                index,
-                started,
-                &mut previous_delay,
-                &mut paused_by_us,
-                &mut rng,
-            ) {
-                Ok(next) => next,
-                Err((outcome, ended)) => {
-                    *finished = Some(ended);
-                    return Ended::Outcome(outcome);
-                }
-            };
-            match retry_at {
-                Some(at) => {
-                    // Boxed: a retry is the slow path; the common path keeps a small future.
-                    Box::pin(tokio::time::sleep_until(at)).await;
+        attempts: &'s mut u32,
+        finished: &'s mut Option<Instant>,
+    ) -> impl Future<Output = Ended<A::Outcome>> + 's {
+        async move {
+            let seed = self.seed.unwrap_or_else(|| fastrand::u64(..));
+            let mut rng =
+                fastrand::Rng::with_seed(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut previous_delay = Duration::ZERO;
+            let mut paused_by_us = false;
+            let mut now = started;
+            loop {
+                *attempts += 1;
+                let attempt = *attempts;
+                if let Some(wait) = self.gate.wait(now) {
+                    if let Err(reason) = wait.await {
+                        return Ended::LimiterUnavailable(reason);
+                    }
                     now = Instant::now();
                 }
-                None => now = ended,
+                if std::mem::take(&mut paused_by_us) {
+                    tracing::info!(item = index, "pause over, resuming");
+                }
+                let outcome = what.attempt_at(attempt, now).await;
+                // The outcome is judged in a function of its own: borrowed in
+                // this body, it would keep its room through the retry's sleep.
+                let (retry_at, ended) = match self.judge(
+                    &what,
+                    outcome,
+                    attempt,
+                    index,
+                    started,
+                    &mut previous_delay,
+                    &mut paused_by_us,
+                    &mut rng,
+                ) {
+                    Ok(next) => next,
+                    Err((outcome, ended)) => {
+                        *finished = Some(ended);
+                        return Ended::Outcome(outcome);
+                    }
+                };
+                match retry_at {
+                    Some(at) => {
+                        // Boxed: a retry is the slow path; the common path keeps a small future.
+                        Box::pin(tokio::time::sleep_until(at)).await;
+                        now = Instant::now();
+                    }
+                    None => now = ended,
+                }
             }
         }
     }

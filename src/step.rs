@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::attempt::{Attempt, Ended, Gate, Loop};
+use crate::attempt::{Attempt, Ended, Gate, Loop, Run};
 use crate::body::Decoded;
 use crate::error::{BoxError, FetchError, FetchErrorKind, TimeoutScope};
 use crate::limiter::Limiter;
@@ -225,59 +225,74 @@ where
     /// Dropping the future cancels the attempt in flight and takes no
     /// further token.
     pub async fn run(&self, item: T) -> Result<Decoded<T, U>, FetchError<T>> {
-        self.run_indexed(item, 0).await
+        Self::run_indexed(self, item, 0).await
     }
 
-    pub(crate) async fn run_indexed(
-        &self,
+    /// Item number `index`, start to end. `this` owns the step: a borrow
+    /// for [`run`](Self::run), the stage's `Arc` for `map_concurrent`.
+    /// One `async` block: an `async fn` keeps its arguments twice, so a
+    /// chain of them kept the item once per layer.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps its arguments twice in its future"
+    )]
+    pub(crate) fn run_indexed<S>(
+        this: S,
         item: T,
         index: u64,
-    ) -> Result<Decoded<T, U>, FetchError<T>> {
-        for stats in &self.stats {
-            stats.item_started();
-        }
-        let gate = Gate {
-            pause: self.pause.clone(),
-            limiters: self.limiters.clone(),
-        };
-        let run = Loop {
-            gate: &gate,
-            stats: &self.stats,
-            item_timeout: self.item_timeout,
-            seed: self.rules.seed(),
-        }
-        .run(
-            StepAttempt {
-                step: self,
-                item: &item,
-            },
-            index,
-        )
-        .await;
-        let (kind, source) = match run.ended {
-            Ended::Outcome(Ok(value)) => {
-                for stats in &self.stats {
-                    stats.item_finished(true);
-                }
-                return Ok(Decoded { item, value });
+    ) -> impl Future<Output = Result<Decoded<T, U>, FetchError<T>>>
+    where
+        S: std::ops::Deref<Target = Self>,
+    {
+        async move {
+            let step = &*this;
+            for stats in &step.stats {
+                stats.item_started();
             }
-            Ended::Outcome(Err(e)) => (FetchErrorKind::Step, Some(e.into())),
-            Ended::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None),
-            Ended::LimiterUnavailable(reason) => {
-                (FetchErrorKind::LimiterUnavailable, Some(reason.into()))
+            let gate = Gate {
+                pause: step.pause.clone(),
+                limiters: step.limiters.clone(),
+            };
+            let run = Loop {
+                gate: &gate,
+                stats: &step.stats,
+                item_timeout: step.item_timeout,
+                seed: step.rules.seed(),
             }
-        };
-        for stats in &self.stats {
-            stats.item_finished(false);
+            .run(StepAttempt { step, item: &item }, index)
+            .await;
+            let result = finish(item, run);
+            for stats in &step.stats {
+                stats.item_finished(result.is_ok());
+            }
+            if let Err(error) = &result {
+                tracing::warn!(item = index, kind = %error.kind(), attempts = error.attempts(), "item failed");
+            }
+            result
         }
-        let mut error = FetchError::new(item, kind).with_attempts(run.attempts, run.elapsed);
-        if let Some(source) = source {
-            let source: BoxError = source;
-            error = error.with_detail(source.to_string()).with_source(source);
-        }
-        tracing::warn!(item = index, kind = %error.kind(), attempts = error.attempts(), "item failed");
-        Err(error)
     }
+}
+
+/// What a step's attempts came to: the item with its value, else the
+/// error carrying it.
+fn finish<T, U, E: Into<BoxError>>(
+    item: T,
+    run: Run<Result<U, E>>,
+) -> Result<Decoded<T, U>, FetchError<T>> {
+    let (kind, source) = match run.ended {
+        Ended::Outcome(Ok(value)) => return Ok(Decoded { item, value }),
+        Ended::Outcome(Err(e)) => (FetchErrorKind::Step, Some(e.into())),
+        Ended::ItemTimeout => (FetchErrorKind::Timeout(TimeoutScope::Item), None),
+        Ended::LimiterUnavailable(reason) => {
+            (FetchErrorKind::LimiterUnavailable, Some(reason.into()))
+        }
+    };
+    let mut error = FetchError::new(item, kind).with_attempts(run.attempts, run.elapsed);
+    if let Some(source) = source {
+        let source: BoxError = source;
+        error = error.with_detail(source.to_string()).with_source(source);
+    }
+    Err(error)
 }
 
 /// One item's attempts at a step.

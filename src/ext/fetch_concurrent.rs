@@ -18,8 +18,14 @@ use crate::policy::{Policy, Sealed, WithPolicy};
 impl<T: Send + 'static> Work<T> for Endpoint<T> {
     type Output = Fetched<T>;
 
-    async fn run(self: Arc<Self>, item: T, index: u64) -> Result<Fetched<T>, FetchError<T>> {
-        self.fetch_indexed(item, index).await
+    fn run(
+        self: Arc<Self>,
+        item: T,
+        index: u64,
+    ) -> impl std::future::Future<Output = Result<Fetched<T>, FetchError<T>>> + Send + 'static {
+        // The item's future itself, with the stage's `Arc` in it: no
+        // wrapper keeping the item a second time.
+        Endpoint::fetch_indexed(self, item, index)
     }
 }
 

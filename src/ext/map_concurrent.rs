@@ -23,8 +23,14 @@ where
 {
     type Output = Decoded<T, U>;
 
-    async fn run(self: Arc<Self>, item: T, index: u64) -> Result<Decoded<T, U>, FetchError<T>> {
-        self.run_indexed(item, index).await
+    fn run(
+        self: Arc<Self>,
+        item: T,
+        index: u64,
+    ) -> impl std::future::Future<Output = Result<Decoded<T, U>, FetchError<T>>> + Send + 'static
+    {
+        // The item's future itself: no wrapper keeping the item again.
+        Step::run_indexed(self, item, index)
     }
 }
 
