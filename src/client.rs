@@ -18,7 +18,7 @@ use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::rate::Rate;
-use crate::request::RequestSpec;
+use crate::request::{BuiltRequest, RequestSpec};
 use crate::stats::Stats;
 use crate::transport::{CredentialScope, Prepared, Transport};
 
@@ -76,11 +76,10 @@ struct ClientInner {
     /// The base URL already split for `http::Uri`, so a plain relative
     /// target is joined without parsing the base again.
     base_parts: Option<BaseParts>,
-    /// Origins that get the default headers: the base URL's and the trusted
-    /// ones. Empty (no base URL, nothing trusted) means every origin.
-    home: Arc<[String]>,
-    /// The default headers' names, for the transport to strip on redirects.
-    default_names: Arc<[HeaderName]>,
+    /// Where the default headers may go (the base URL's origin and the
+    /// trusted ones; none without a base URL) and their names, for the
+    /// transport to strip on a redirect elsewhere. One for all requests.
+    scope: Arc<CredentialScope>,
     follow_cross_origin_links: bool,
     /// The transport reads the parsed URL beside each request (see
     /// [`Transport::wants_parsed_url`]).
@@ -171,7 +170,7 @@ impl Client {
     /// Turns a spec into a request: target joined to the base URL, query
     /// encoded, default headers under the spec's own (only at a home
     /// origin).
-    pub(crate) fn prepare(&self, spec: RequestSpec) -> Result<Request<Bytes>, BuildError> {
+    pub(crate) fn prepare(&self, spec: RequestSpec) -> Result<BuiltRequest, BuildError> {
         if let Some(error) = spec.error {
             return Err(error);
         }
@@ -240,19 +239,18 @@ impl Client {
         url: Option<url::Url>,
         headers: HeaderMap,
         body: Bytes,
-    ) -> Request<Bytes> {
+    ) -> BuiltRequest {
         let mut request = Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = uri;
         *request.headers_mut() = headers;
-        request.extensions_mut().insert(Prepared {
-            scope: CredentialScope {
-                home: self.inner.home.clone(),
-                defaults: self.inner.default_names.clone(),
+        BuiltRequest::new(
+            request,
+            Prepared {
+                scope: self.inner.scope.clone(),
+                url: url.map(Box::new),
             },
-            url,
-        });
-        request
+        )
     }
 
     /// The common case of [`resolve`](Self::resolve) without its parsers:
@@ -315,7 +313,7 @@ impl Client {
     /// without a base URL has no home, so its credentials go nowhere it was
     /// not told to trust.
     fn is_trusted(&self, origin: &str) -> bool {
-        self.inner.home.iter().any(|h| h == origin)
+        self.inner.scope.trusts(origin)
     }
 
     /// The URL a target means, in the one form every transport is given.
@@ -786,8 +784,10 @@ impl ClientBuilder {
                 log_query: self.log_query,
                 base_parts,
                 base_path,
-                home: home.into(),
-                default_names: default_names.into(),
+                scope: Arc::new(CredentialScope {
+                    home: home.into(),
+                    defaults: default_names.into(),
+                }),
                 follow_cross_origin_links: self.follow_cross_origin_links,
                 wants_url,
             }),

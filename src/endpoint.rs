@@ -28,6 +28,7 @@ use crate::policy::{Policy, Sealed, WithPolicy};
 use crate::request::{BuiltRequest, RequestSpec};
 use crate::retry::{self, Attempted, Verdict};
 use crate::stats::Stats;
+use crate::transport::Prepared;
 use tracing::Instrument as _;
 
 type BuildFn<T> = dyn Fn(&T) -> RequestSpec + Send + Sync;
@@ -314,7 +315,7 @@ impl<T> Endpoint<T> {
     ///
     /// When the builder's spec cannot become a valid request.
     pub fn build_request(&self, item: &T) -> Result<BuiltRequest, BuildError> {
-        self.client.prepare((self.build)(item)).map(BuiltRequest)
+        self.client.prepare((self.build)(item))
     }
 
     /// Fetches one item: waits for the pause and a rate token before every
@@ -359,7 +360,7 @@ impl<T> Endpoint<T> {
             let result = 'item: {
                 // Bound by a `let`: a `match` on the call would keep the
                 // prepared pair's room in this future until the end.
-                let (request, gate) = match endpoint.prepare_item(&item) {
+                let (request, prepared, gate) = match endpoint.prepare_item(&item) {
                     Ok(prepared) => prepared,
                     Err(e) => {
                         break 'item Err(FetchError::new(item, FetchErrorKind::Build)
@@ -372,7 +373,7 @@ impl<T> Endpoint<T> {
                 let mut attempt = HttpAttempt {
                     endpoint,
                     limiters: &gate.limiters,
-                    spare: Some(request),
+                    spare: Some((request, prepared)),
                     index,
                     ended: None,
                 };
@@ -399,10 +400,10 @@ impl<T> Endpoint<T> {
     /// The item's request and the gate it waits at. Outside the async
     /// body: a request borrowed there (for the gate's host) would keep a
     /// second room in the item's future after it moved on.
-    fn prepare_item(&self, item: &T) -> Result<(Request<Bytes>, Gate), BuildError> {
-        let request = self.build_request(item)?.into_request();
+    fn prepare_item(&self, item: &T) -> Result<(Request<Bytes>, Prepared, Gate), BuildError> {
+        let (request, prepared) = self.build_request(item)?.into_parts();
         let gate = self.gate_for(&request);
-        Ok((request, gate))
+        Ok((request, prepared, gate))
     }
 
     /// What the requests of an item wait for: the client's pause, the
@@ -426,13 +427,13 @@ impl<T> Endpoint<T> {
     /// made, so that the future does not carry it.
     fn send<'s>(
         &'s self,
-        request: Request<Bytes>,
+        (request, prepared): (Request<Bytes>, Prepared),
         limiters: &'s [Limiter],
         now: Instant,
     ) -> impl Future<Output = (Result<Response<Bytes>, TransportError>, Instant)> + Send + 's {
         tracing::debug!("sending");
         let sent = InFlight::start(&self.policy.stats, limiters, now);
-        let send = self.client.transport().send(request);
+        let send = self.client.transport().send_prepared(request, prepared);
         self.sent(sent, send, now)
     }
 
@@ -547,9 +548,9 @@ fn finish<T>(
 struct HttpAttempt<'a, T> {
     endpoint: &'a Endpoint<T>,
     limiters: &'a [Limiter],
-    /// The request, kept for retries (taken by the only attempt when there
-    /// are no rules).
-    spare: Option<Request<Bytes>>,
+    /// The request and what the transport is told beside it, kept for
+    /// retries (taken by the only attempt when there are no rules).
+    spare: Option<(Request<Bytes>, Prepared)>,
     index: u64,
     /// When the last attempt's outcome came (read once, as it came).
     ended: Option<Instant>,
@@ -583,11 +584,12 @@ impl<T> Attempt for HttpAttempt<'_, T> {
         let request = if rules.is_empty() {
             self.spare.take().expect("one attempt without rules")
         } else {
-            clone_request(self.spare.as_ref().expect("kept for retries"))
+            let (request, prepared) = self.spare.as_ref().expect("kept for retries");
+            (clone_request(request), prepared.clone())
         };
         let span = tracing::debug_span!(
             "sluicegate::fetch",
-            method = %request.method(),
+            method = %request.0.method(),
             url = tracing::field::Empty,
             item = self.index,
             attempt,
@@ -598,7 +600,7 @@ impl<T> Attempt for HttpAttempt<'_, T> {
         } else {
             span.record(
                 "url",
-                tracing::field::display(endpoint.client.loggable_url(request.uri())),
+                tracing::field::display(endpoint.client.loggable_url(request.0.uri())),
             );
             let sending = span.in_scope(|| endpoint.send(request, self.limiters, now));
             Either::Right(sending.instrument(span))

@@ -7,6 +7,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request};
 
 use crate::error::BuildError;
+use crate::transport::Prepared;
 
 /// What to send for one item: method, target, query, headers and body.
 ///
@@ -214,12 +215,31 @@ impl<T: fmt::Display> fmt::Display for Segment<T> {
 /// assert_eq!(request.uri().query(), Some("api_key=K3Y"));
 /// assert!(format!("{request:?}").contains("/x?api_key=***"));
 /// ```
-pub struct BuiltRequest(pub(crate) Request<Bytes>);
+pub struct BuiltRequest {
+    request: Request<Bytes>,
+    /// What the transport is told beside the request.
+    prepared: Prepared,
+}
 
 impl BuiltRequest {
-    /// The request itself.
+    pub(crate) fn new(request: Request<Bytes>, prepared: Prepared) -> Self {
+        Self { request, prepared }
+    }
+
+    /// The request itself. It carries the client's credential scope in its
+    /// extensions, so that a [`ReqwestTransport`](crate::ReqwestTransport)
+    /// it is handed to still drops the client's default headers on a
+    /// redirect to another origin.
     pub fn into_request(self) -> Request<Bytes> {
-        self.0
+        let mut request = self.request;
+        request.extensions_mut().insert(self.prepared);
+        request
+    }
+
+    /// The request and what the transport is told beside it, for
+    /// [`Transport::send_prepared`](crate::Transport::send_prepared).
+    pub(crate) fn into_parts(self) -> (Request<Bytes>, Prepared) {
+        (self.request, self.prepared)
     }
 }
 
@@ -227,19 +247,19 @@ impl std::ops::Deref for BuiltRequest {
     type Target = Request<Bytes>;
 
     fn deref(&self) -> &Request<Bytes> {
-        &self.0
+        &self.request
     }
 }
 
 impl From<BuiltRequest> for Request<Bytes> {
     fn from(request: BuiltRequest) -> Self {
-        request.0
+        request.into_request()
     }
 }
 
 impl fmt::Debug for BuiltRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let uri = self.0.uri();
+        let uri = self.request.uri();
         let mut shown = match (uri.scheme_str(), uri.authority()) {
             (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
             _ => uri.path().to_owned(),
@@ -260,10 +280,10 @@ impl fmt::Debug for BuiltRequest {
             }
         }
         f.debug_struct("BuiltRequest")
-            .field("method", self.0.method())
+            .field("method", self.request.method())
             .field("uri", &format_args!("{shown}"))
-            .field("headers", self.0.headers())
-            .field("body_len", &self.0.body().len())
+            .field("headers", self.request.headers())
+            .field("body_len", &self.request.body().len())
             .finish()
     }
 }

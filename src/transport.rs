@@ -68,17 +68,36 @@ pub trait Transport: Send + Sync + 'static {
         request: Request<Bytes>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>>;
 
-    /// Whether this transport reads the `url::Url` the client parsed while
-    /// preparing a request, handed beside it in a private extension, so
-    /// the URL is not rendered and parsed again (reqwest's transport does).
+    /// Sends a request the client prepared, with what the client worked
+    /// out for it beside it (see [`Prepared`]), not in the request's
+    /// extensions: putting it there costs three allocations per request,
+    /// for a transport that may never read it.
     ///
-    /// Hidden: the extension is this crate's own, so a transport of yours
-    /// has no use for it. The client parses the URL for the transports
-    /// that say yes and for no other: on a mock or a tower stack it would
-    /// be work for nothing. (The credential scope beside it goes with
-    /// every request, whatever the transport says: a transport of yours
-    /// wrapping reqwest's must not let a client's default headers follow
-    /// a redirect to another origin.)
+    /// Hidden: a transport of yours implements [`send`](Self::send) only,
+    /// and this default hands it the request with [`Prepared`] in its
+    /// extensions, where a reqwest transport it wraps still finds the
+    /// credential scope (so a client's default headers never follow a
+    /// redirect to another origin, whatever sits in between). Only this
+    /// crate's own transports override it.
+    #[doc(hidden)]
+    fn send_prepared(
+        &self,
+        mut request: Request<Bytes>,
+        prepared: Prepared,
+    ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
+        request.extensions_mut().insert(prepared);
+        self.send(request)
+    }
+
+    /// Whether this transport reads the `url::Url` the client parsed while
+    /// preparing a request, handed beside it in [`Prepared`], so the URL
+    /// is not rendered and parsed again (reqwest's transport does).
+    ///
+    /// Hidden: the URL is handed in a type of this crate's own, so a
+    /// transport of yours has no use for it. The client parses the URL for
+    /// the transports that say yes and for no other: on a mock or a tower
+    /// stack it would be work for nothing. (The credential scope beside it
+    /// goes with every request, whatever the transport says.)
     #[doc(hidden)]
     fn wants_parsed_url(&self) -> bool {
         false
@@ -91,7 +110,7 @@ const _: Option<&dyn Transport> = None;
 /// Tells the transport which headers are the client's credentials and
 /// where they may go, so a redirect to another origin can drop them. Part
 /// of [`Prepared`]; it is part of what a transport is given, so it lives on
-/// this floor.
+/// this floor. A client keeps one, shared by all its requests.
 #[derive(Debug, Clone)]
 pub(crate) struct CredentialScope {
     /// Origins (ASCII serialisation) the default headers may go to; empty
@@ -103,19 +122,25 @@ pub(crate) struct CredentialScope {
 }
 
 /// What the client worked out for a request, handed to the transport beside
-/// it as an extension: the credential scope, and the URL the client parsed
-/// (WHATWG) while preparing it, for a transport that
+/// it ([`Transport::send_prepared`]): the credential scope, and the URL the
+/// client parsed (WHATWG) while preparing it, for a transport that
 /// [wants it](Transport::wants_parsed_url), so a transport that needs a
-/// `url::Url` (reqwest's) does not render and parse the URI again. A transport must check the URL
-/// still names the request's URI before using it: a layer between the
-/// client and the transport may have changed the URI.
+/// `url::Url` (reqwest's) does not render and parse the URI again. A
+/// transport must check the URL still names the request's URI before using
+/// it: a layer between the client and the transport may have changed the
+/// URI.
+///
+/// Public only to appear in [`Transport::send_prepared`]; nothing outside
+/// this crate can make one or read it. Two pointers, so that it adds little
+/// to the future every item keeps.
+#[doc(hidden)]
 #[derive(Debug, Clone)]
-pub(crate) struct Prepared {
+pub struct Prepared {
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
-    pub(crate) scope: CredentialScope,
+    pub(crate) scope: Arc<CredentialScope>,
     /// Only for a transport that [wants it](Transport::wants_parsed_url).
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
-    pub(crate) url: Option<url::Url>,
+    pub(crate) url: Option<Box<url::Url>>,
 }
 
 impl CredentialScope {

@@ -804,6 +804,19 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
             "wrapped: {wrapped}: {trusted}"
         );
     }
+
+    // A request built by the endpoint and sent by hand carries the scope too.
+    let request = build(false, false)
+        .get(|_: &()| "/away")
+        .build_request(&())
+        .unwrap()
+        .into_request();
+    let away = ReqwestTransport::default().send(request).await.unwrap();
+    assert_eq!(away.body().as_ref(), b"ok");
+    let landed = elsewhere_heads.lock().unwrap()[4].clone();
+    assert_eq!(request_target(&landed), "/landing");
+    assert!(!has_credentials(&landed), "by hand: {landed}");
+    assert!(!landed.contains("TENANT-789"), "by hand: {landed}");
 }
 
 /// A transport that only hands requests on, as a user's logging or metrics

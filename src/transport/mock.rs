@@ -46,7 +46,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use tokio::time::Instant;
 
-use super::Transport;
+use super::{Prepared, Transport};
 use crate::error::{TransportError, TransportErrorKind};
 
 /// An in-process transport that answers from scripted routes, for tests and
@@ -225,6 +225,16 @@ impl MockTransport {
 }
 
 impl Transport for MockTransport {
+    /// The mock follows no redirect, so it has no use for the credential
+    /// scope: the request goes as it is, without the extension.
+    fn send_prepared(
+        &self,
+        request: Request<Bytes>,
+        _prepared: Prepared,
+    ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
+        self.send(request)
+    }
+
     fn send(
         &self,
         request: Request<Bytes>,

@@ -292,16 +292,38 @@ impl Transport for ReqwestTransport {
         true
     }
 
+    /// A request handed on by a transport of the user's, or built by hand:
+    /// what the client prepared for it, if anything, is in its extensions.
     fn send(
         &self,
         mut request: Request<Bytes>,
+    ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
+        let prepared = request.extensions_mut().remove::<Prepared>();
+        self.dispatch(request, prepared)
+    }
+
+    fn send_prepared(
+        &self,
+        request: Request<Bytes>,
+        prepared: Prepared,
+    ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
+        self.dispatch(request, Some(prepared))
+    }
+}
+
+impl ReqwestTransport {
+    /// Sends `request`, with the credential scope and parsed URL the
+    /// client prepared for it, if any.
+    fn dispatch(
+        &self,
+        request: Request<Bytes>,
+        prepared: Option<Prepared>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
         let client = self.client.clone();
         let max = self.max_body_bytes;
         let max_redirects = self.max_redirects;
         let budget = self.budget.clone();
         Box::pin(async move {
-            let prepared = request.extensions_mut().remove::<Prepared>();
             let (parts, mut body) = request.into_parts();
             let (mut method, mut headers, version) = (parts.method, parts.headers, parts.version);
             let (scope, url) = match prepared {
@@ -310,7 +332,7 @@ impl Transport for ReqwestTransport {
                 Some(Prepared {
                     scope,
                     url: Some(url),
-                }) if names(&url, &parts.uri) => (Some(scope), url),
+                }) if names(&url, &parts.uri) => (Some(scope), *url),
                 prepared => {
                     let url = url::Url::parse(&parts.uri.to_string()).map_err(|e| {
                         TransportError::new(
@@ -382,7 +404,7 @@ impl Transport for ReqwestTransport {
                 if url.origin().ascii_serialization() != to
                     && !scope.as_ref().is_some_and(|s| s.trusts(&to))
                 {
-                    strip_credentials(&mut headers, scope.as_ref());
+                    strip_credentials(&mut headers, scope.as_deref());
                 }
                 url = next;
             }
