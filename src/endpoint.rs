@@ -24,7 +24,7 @@ use crate::error::{
     BuildError, FetchError, FetchErrorKind, TimeoutScope, TransportError, TransportErrorKind,
 };
 use crate::limiter::Limiter;
-use crate::policy::{Policy, Sealed, WithPolicy};
+use crate::policy::{Limit, Policy, Sealed, WithPolicy};
 use crate::request::{BuiltRequest, RequestSpec};
 use crate::retry::{self, Attempted, Verdict};
 use crate::stats::Stats;
@@ -86,6 +86,9 @@ pub struct Endpoint<T> {
     build: Arc<BuildFn<T>>,
     policy: Policy,
     decode: Option<Arc<DecodeFn>>,
+    /// The gate every item waits at, made once when it is the same for
+    /// all (no per-host limit), instead of once per item.
+    gate: Option<Arc<Gate>>,
 }
 
 impl<T> Clone for Endpoint<T> {
@@ -95,6 +98,7 @@ impl<T> Clone for Endpoint<T> {
             build: self.build.clone(),
             policy: self.policy.clone(),
             decode: self.decode.clone(),
+            gate: self.gate.clone(),
         }
     }
 }
@@ -113,6 +117,7 @@ impl<T> Sealed for Endpoint<T> {}
 impl<T> WithPolicy for Endpoint<T> {
     fn map_policy(mut self, change: impl FnOnce(&mut Policy)) -> Self {
         change(&mut self.policy);
+        self.gate = shared_gate(&self.client, &self.policy);
         self
     }
 }
@@ -231,6 +236,7 @@ impl<T> Endpoint<T> {
     {
         let policy = client.policy().inherited();
         Self {
+            gate: shared_gate(&client, &policy),
             client,
             build: Arc::new(build),
             policy,
@@ -360,7 +366,7 @@ impl<T> Endpoint<T> {
             let result = 'item: {
                 // Bound by a `let`: a `match` on the call would keep the
                 // prepared pair's room in this future until the end.
-                let (request, prepared, gate) = match endpoint.prepare_item(&item) {
+                let (request, prepared, own_gate) = match endpoint.prepare_item(&item) {
                     Ok(prepared) => prepared,
                     Err(e) => {
                         break 'item Err(FetchError::new(item, FetchErrorKind::Build)
@@ -368,6 +374,10 @@ impl<T> Endpoint<T> {
                             .with_source(e))
                     }
                 };
+                let gate = own_gate
+                    .as_ref()
+                    .or(endpoint.gate.as_deref())
+                    .expect("the endpoint's gate, or the item's own");
                 // Lent to the loop, so that the request is stored once in
                 // this item's future, not once per frame it passes through.
                 let mut attempt = HttpAttempt {
@@ -378,7 +388,7 @@ impl<T> Endpoint<T> {
                     ended: None,
                 };
                 let run = Loop {
-                    gate: &gate,
+                    gate,
                     stats: &endpoint.policy.stats,
                     item_timeout: endpoint.policy.item_timeout,
                     seed: endpoint.policy.rules.seed(),
@@ -400,24 +410,19 @@ impl<T> Endpoint<T> {
     /// The item's request and the gate it waits at. Outside the async
     /// body: a request borrowed there (for the gate's host) would keep a
     /// second room in the item's future after it moved on.
-    fn prepare_item(&self, item: &T) -> Result<(Request<Bytes>, Prepared, Gate), BuildError> {
+    ///
+    /// The gate is the item's own only when a per-host limit makes it
+    /// depend on the request's host; else the endpoint's serves.
+    fn prepare_item(
+        &self,
+        item: &T,
+    ) -> Result<(Request<Bytes>, Prepared, Option<Gate>), BuildError> {
         let (request, prepared) = self.build_request(item)?.into_parts();
-        let gate = self.gate_for(&request);
+        let gate = self.gate.is_none().then(|| {
+            let host = request.uri().authority().map_or("", |a| a.as_str());
+            gate_for(&self.client, &self.policy, host)
+        });
         Ok((request, prepared, gate))
-    }
-
-    /// What the requests of an item wait for: the client's pause, the
-    /// client's limiter, then the policy's own limits in the order added
-    /// (a per-host one for the request's host).
-    fn gate_for(&self, request: &Request<Bytes>) -> Gate {
-        let client = self.client.gate();
-        let host = request.uri().authority().map_or("", |a| a.as_str());
-        Gate {
-            pause: self.client.pause_handle().clone(),
-            limiters: std::iter::once(client.clone())
-                .chain(self.policy.limits.iter().map(|limit| limit.for_host(host)))
-                .collect(),
-        }
     }
 
     /// One attempt, sent at `now`: send with the attempt timeout, count it,
@@ -485,6 +490,24 @@ impl<T> Endpoint<T> {
             (outcome, ended)
         }
     }
+}
+
+/// What the requests to `host` wait for: the client's pause, the
+/// client's limiter, then the policy's own limits in the order added (a
+/// per-host one for `host`).
+fn gate_for(client: &Client, policy: &Policy, host: &str) -> Gate {
+    Gate {
+        pause: client.pause_handle().clone(),
+        limiters: std::iter::once(client.gate().clone())
+            .chain(policy.limits.iter().map(|limit| limit.for_host(host)))
+            .collect(),
+    }
+}
+
+/// The gate of every request, if it does not depend on the host.
+fn shared_gate(client: &Client, policy: &Policy) -> Option<Arc<Gate>> {
+    let per_host = policy.limits.iter().any(Limit::is_per_host);
+    (!per_host).then(|| Arc::new(gate_for(client, policy, "")))
 }
 
 /// What the item's attempts came to: the item with its response on a

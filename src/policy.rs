@@ -47,6 +47,11 @@ pub(crate) enum Limit {
 }
 
 impl Limit {
+    /// Whether the limiter depends on the request's host.
+    pub(crate) fn is_per_host(&self) -> bool {
+        matches!(self, Self::PerHost(_))
+    }
+
     /// The limiter a request to `host` (`host:port` when the URL has a
     /// port) waits on.
     pub(crate) fn for_host(&self, host: &str) -> Limiter {
