@@ -201,13 +201,17 @@ async fn a_panicking_step() {
         }
         Ok::<_, DbError>(row)
     });
-    let _ = stream::iter(0..8u32)
+    // A lost panic would leave the stream waiting: bounded, so that
+    // fails (with another message) instead of hanging.
+    let run = stream::iter(0..8u32)
         .map_concurrent(4, step)
-        .collect::<Vec<_>>()
-        .await;
+        .collect::<Vec<_>>();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the stream ended or panicked within the bound");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 #[should_panic(expected = "the step blew up on row 3")]
 async fn a_panic_in_a_step_is_raised_in_the_stream() {
     a_panicking_step().await;
