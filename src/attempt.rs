@@ -14,6 +14,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
+use crate::error::FetchError;
 use crate::limiter::Limiter;
 use crate::pause::PauseHandle;
 use crate::retry::{Attempted, DelayCause, Verdict};
@@ -164,6 +165,24 @@ impl Drop for Taken {
                 limiter.abandoned();
             }
         }
+    }
+}
+
+/// An item begins: every counter it reports to hears of it.
+pub(crate) fn item_started(stats: &[Stats]) {
+    for stats in stats {
+        stats.item_started();
+    }
+}
+
+/// Item number `index` ended with `result`: every counter hears how, and
+/// a failure is logged.
+pub(crate) fn item_ended<U, T>(stats: &[Stats], index: u64, result: &Result<U, FetchError<T>>) {
+    for stats in stats {
+        stats.item_finished(result.is_ok());
+    }
+    if let Err(error) = result {
+        tracing::warn!(item = index, kind = %error.kind(), attempts = error.attempts(), "item failed");
     }
 }
 

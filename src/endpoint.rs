@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use tokio::time::Instant;
 
-use crate::attempt::{Attempt, Ended, Gate, Loop, Run};
+use crate::attempt::{self, Attempt, Ended, Gate, Loop, Run};
 use crate::body::{decode_detail, Decoded, DecodedBody, Undecodable};
 use crate::client::Client;
 use crate::error::{
@@ -360,9 +360,7 @@ impl<T> Endpoint<T> {
     {
         async move {
             let endpoint = &*this;
-            for stats in &endpoint.policy.stats {
-                stats.item_started();
-            }
+            attempt::item_started(&endpoint.policy.stats);
             let result = 'item: {
                 // Bound by a `let`: a `match` on the call would keep the
                 // prepared pair's room in this future until the end.
@@ -397,12 +395,7 @@ impl<T> Endpoint<T> {
                 .await;
                 finish(item, run)
             };
-            for stats in &endpoint.policy.stats {
-                stats.item_finished(result.is_ok());
-            }
-            if let Err(e) = &result {
-                tracing::warn!(item = index, kind = %e.kind(), attempts = e.attempts(), "item failed");
-            }
+            attempt::item_ended(&endpoint.policy.stats, index, &result);
             result
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
 
-use crate::attempt::{Attempt, Ended, Gate, Loop, Run};
+use crate::attempt::{self, Attempt, Ended, Gate, Loop, Run};
 use crate::body::Decoded;
 use crate::error::{BoxError, FetchError, FetchErrorKind, TimeoutScope};
 use crate::limiter::Limiter;
@@ -246,9 +246,7 @@ where
     {
         async move {
             let step = &*this;
-            for stats in &step.stats {
-                stats.item_started();
-            }
+            attempt::item_started(&step.stats);
             let gate = Gate {
                 pause: step.pause.clone(),
                 limiters: step.limiters.clone(),
@@ -262,12 +260,7 @@ where
             .run(StepAttempt { step, item: &item }, index)
             .await;
             let result = finish(item, run);
-            for stats in &step.stats {
-                stats.item_finished(result.is_ok());
-            }
-            if let Err(error) = &result {
-                tracing::warn!(item = index, kind = %error.kind(), attempts = error.attempts(), "item failed");
-            }
+            attempt::item_ended(&step.stats, index, &result);
             result
         }
     }
