@@ -742,6 +742,14 @@ fn clone_request(request: &Request<Bytes>) -> Request<Bytes> {
 
 #[cfg(test)]
 mod tests {
+    fn mock_client() -> crate::Client {
+        crate::Client::builder()
+            .transport(crate::mock::MockTransport::new())
+            .base_url("http://mock")
+            .build()
+            .unwrap()
+    }
+
     /// The future of one item is what every admitted item keeps (in the
     /// stage's driver) and what is moved as it starts. It was 2 688 bytes
     /// before the clock reads were shared and the request stopped being
@@ -751,26 +759,17 @@ mod tests {
     /// consolidating.
     #[tokio::test(start_paused = true)]
     async fn an_item_future_stays_small() {
-        let client = crate::Client::builder()
-            .transport(crate::mock::MockTransport::new())
-            .base_url("http://mock")
-            .build()
-            .unwrap();
+        let client = mock_client();
         let endpoint = std::sync::Arc::new(client.get(|id: &u64| format!("/items/{id}")));
         let future = super::Endpoint::fetch_indexed(endpoint, 1u64, 0);
         let size = std::mem::size_of_val(&future);
-        eprintln!("item future: {size} bytes");
         assert!(size <= 1_000, "an item's future is {size} bytes");
     }
 
     /// An item is kept once in its future, not once per layer it passes.
     #[tokio::test(start_paused = true)]
     async fn an_item_is_kept_once_in_its_future() {
-        let client = crate::Client::builder()
-            .transport(crate::mock::MockTransport::new())
-            .base_url("http://mock")
-            .build()
-            .unwrap();
+        let client = mock_client();
         let small = std::sync::Arc::new(client.get(|_: &u64| "/x".to_owned()));
         let large = std::sync::Arc::new(client.get(|_: &[u64; 64]| "/x".to_owned()));
         let small = std::mem::size_of_val(&super::Endpoint::fetch_indexed(small, 1u64, 0));

@@ -260,10 +260,9 @@ impl From<BuiltRequest> for Request<Bytes> {
 impl fmt::Debug for BuiltRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let uri = self.request.uri();
-        let mut shown = match (uri.scheme_str(), uri.authority()) {
-            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
-            _ => uri.path().to_owned(),
-        };
+        // The target as errors and logs show it (never a userinfo), then
+        // the query with its values hidden.
+        let mut shown = crate::transport::without_query(uri);
         if let Some(query) = uri.query() {
             shown.push('?');
             for (i, pair) in query.split('&').enumerate() {
@@ -285,5 +284,36 @@ impl fmt::Debug for BuiltRequest {
             .field("headers", self.request.headers())
             .field("body_len", &self.request.body().len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::transport::CredentialScope;
+
+    /// Whatever URI a built request holds, its `Debug` shows neither a
+    /// userinfo nor a query value.
+    #[test]
+    fn a_built_request_never_shows_userinfo_or_query_values() {
+        let mut request = Request::new(Bytes::new());
+        *request.uri_mut() = "http://user:hunter2@h.example/a?key=SECRET&flag"
+            .parse()
+            .unwrap();
+        let prepared = Prepared {
+            scope: Arc::new(CredentialScope {
+                home: Arc::new([]),
+                defaults: Arc::new([]),
+            }),
+            url: None,
+        };
+        let shown = format!("{:?}", BuiltRequest::new(request, prepared));
+        assert!(shown.contains("http://h.example/a?key=***&***"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("SECRET"),
+            "{shown}"
+        );
     }
 }
