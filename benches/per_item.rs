@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Arguments: the transport (`mock`: a zero-latency `MockTransport`;
-//! `http`: the demo server in the same process, over loopback), the client
+//! `http`: the demo server in the same process, over loopback, through
+//! `ReqwestTransport`; `hyper`: the same server through `HyperTransport`,
+//! with feature `hyper-transport`), the client
 //! (`sluicegate`: `fetch_concurrent(64)`; `hand`: `buffer_unordered(64)`
 //! over the mock's `send`, or over reqwest itself), the runtime (`current`
 //! or `multi`, two workers, the pipeline in `block_on` as under
@@ -61,7 +63,12 @@ fn main() {
                 server.url(),
                 Client::builder().transport(ReqwestTransport::new(http.clone())),
             ),
-            other => panic!("transport {other:?}: mock or http"),
+            #[cfg(feature = "hyper-transport")]
+            "hyper" => (
+                server.url(),
+                Client::builder().transport(sluicegate::HyperTransport::new()),
+            ),
+            other => panic!("transport {other:?}: mock, http or hyper"),
         };
         let sluice = sluice.base_url(base.clone()).build().unwrap();
         for round in 0..rounds {

@@ -158,6 +158,8 @@ pub use crate::rate::{Rate, RateMode};
 pub use crate::request::{BuiltRequest, RequestSpec};
 pub use crate::stats::{LatencySummary, Stats, StatsSnapshot};
 pub use crate::step::Step;
+#[cfg(feature = "hyper-transport")]
+pub use crate::transport::HyperTransport;
 #[cfg(feature = "reqwest")]
 pub use crate::transport::ReqwestTransport;
 #[cfg(feature = "tower")]

@@ -13,14 +13,22 @@ use http::{Request, Response};
 
 use crate::error::TransportError;
 
-#[cfg(any(feature = "reqwest", feature = "tower"))]
+#[cfg(any(feature = "reqwest", feature = "tower", feature = "hyper-transport"))]
 mod body;
+#[cfg(any(feature = "tower", feature = "hyper-transport"))]
+mod classify;
+#[cfg(feature = "hyper-transport")]
+mod hyper;
 pub mod mock;
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
+mod redirect;
 #[cfg(feature = "reqwest")]
 mod reqwest;
 #[cfg(feature = "tower")]
 mod tower;
 
+#[cfg(feature = "hyper-transport")]
+pub use self::hyper::HyperTransport;
 #[cfg(feature = "reqwest")]
 pub use self::reqwest::ReqwestTransport;
 #[cfg(feature = "tower")]
@@ -117,7 +125,10 @@ pub(crate) struct CredentialScope {
     /// when there is no base URL and nothing is trusted.
     pub(crate) home: Arc<[String]>,
     /// The names of the client's default headers.
-    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "reqwest", feature = "hyper-transport")),
+        allow(dead_code)
+    )]
     pub(crate) defaults: Arc<[HeaderName]>,
 }
 
@@ -136,7 +147,10 @@ pub(crate) struct CredentialScope {
 #[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "reqwest", feature = "hyper-transport")),
+        allow(dead_code)
+    )]
     pub(crate) scope: Arc<CredentialScope>,
     /// Only for a transport that [wants it](Transport::wants_parsed_url).
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
@@ -145,7 +159,10 @@ pub struct Prepared {
 
 impl CredentialScope {
     /// Whether the credentials may follow a redirect to `origin`.
-    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(feature = "reqwest", feature = "hyper-transport")),
+        allow(dead_code)
+    )]
     pub(crate) fn trusts(&self, origin: &str) -> bool {
         self.home.iter().any(|h| h == origin)
     }
@@ -162,7 +179,10 @@ pub(crate) fn without_query(uri: &http::Uri) -> String {
 }
 
 /// [`without_query`] for a `url::Url`.
-#[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+#[cfg_attr(
+    not(any(feature = "reqwest", feature = "hyper-transport")),
+    allow(dead_code)
+)]
 pub(crate) fn url_without_query(url: &url::Url) -> String {
     use url::Position;
     shown(

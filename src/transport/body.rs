@@ -1,7 +1,7 @@
 //! Reading a response body whole under a cap and a shared budget: the part
 //! of every real transport that keeps memory bounded, so that
-//! [`ReqwestTransport`](super::ReqwestTransport) and `TowerTransport` bound
-//! it the same way.
+//! [`ReqwestTransport`](super::ReqwestTransport), `HyperTransport` and
+//! `TowerTransport` bound it the same way.
 
 use std::sync::Arc;
 
@@ -157,6 +157,49 @@ impl BodyBudget {
     fn permits_total(&self) -> usize {
         self.bytes.div_ceil(1024).max(1)
     }
+}
+
+/// Reads an [`http_body::Body`] whole under the cap and the budget (see
+/// [`read_capped`]), frame by frame, so the cap stops a body while it
+/// streams in; a size hint already over the cap is refused before a frame
+/// is read. Trailers are dropped (they carry nothing the pipeline reads);
+/// a frame's error becomes what `classify` makes of it.
+#[cfg(any(feature = "tower", feature = "hyper-transport"))]
+pub(crate) async fn read_body<B>(
+    body: B,
+    max: usize,
+    budget: &BodyBudget,
+    target: &(dyn Fn() -> String + Sync),
+    classify: impl Fn(B::Error, &str) -> TransportError,
+) -> Result<Bytes, TransportError>
+where
+    B: http_body::Body,
+{
+    use bytes::Buf;
+    use http_body_util::BodyExt;
+
+    let hint = body.size_hint();
+    if hint.lower() > max as u64 {
+        return Err(too_large(&target(), max));
+    }
+    let classify = &classify;
+    let chunks = futures::stream::try_unfold(Box::pin(body), |mut body| async move {
+        loop {
+            match body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(classify(e, &target())),
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        if data.has_remaining() {
+                            let chunk = data.copy_to_bytes(data.remaining());
+                            return Ok(Some((chunk, body)));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    read_capped(hint.exact(), chunks, max, budget, target).await
 }
 
 pub(crate) fn too_large(target: &str, max: usize) -> TransportError {

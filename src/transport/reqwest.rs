@@ -10,17 +10,15 @@ use std::io;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use http::header::{
-    HeaderName, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, LOCATION,
-    PROXY_AUTHORIZATION, TRANSFER_ENCODING, WWW_AUTHENTICATE,
-};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::header::{HeaderValue, LOCATION};
+use http::{Request, Response, StatusCode};
 
 use super::body::{self, read_capped, BodyBudget};
+use super::redirect::{self, Answer, Hop};
 use super::Transport;
 use super::{url_without_query, without_query};
 use crate::error::{TransportError, TransportErrorKind};
-use crate::transport::{CredentialScope, Prepared};
+use crate::transport::Prepared;
 
 /// Sends requests with a [`reqwest::Client`] and reads bodies up to a cap.
 ///
@@ -324,8 +322,7 @@ impl ReqwestTransport {
         let max_redirects = self.max_redirects;
         let budget = self.budget.clone();
         Box::pin(async move {
-            let (parts, mut body) = request.into_parts();
-            let (mut method, mut headers, version) = (parts.method, parts.headers, parts.version);
+            let (parts, body) = request.into_parts();
             let (scope, url) = match prepared {
                 // The URL the client parsed, unless something between it and
                 // here changed the URI.
@@ -344,71 +341,46 @@ impl ReqwestTransport {
                     (prepared.map(|p| p.scope), url)
                 }
             };
-            let mut url = url;
-            let mut hops = 0;
-            loop {
-                // Rendered only for an error: most requests never need it.
-                let target = || url_without_query(&url);
-                let mut request = reqwest::Request::new(method.clone(), url.clone());
-                *request.headers_mut() = headers.clone();
-                *request.body_mut() = Some(body.clone().into());
-                *request.version_mut() = version;
-                let response = client
-                    .execute(request)
-                    .await
-                    .map_err(|e| classify(e, &target()))?;
-                if *response.url() != url {
-                    // The reqwest client followed a redirect itself, past the
-                    // credential checks below: say so rather than carry on.
-                    return Err(followed_by_the_client(&target()));
-                }
-                let Some(next) = redirect_target(&response, &url) else {
-                    return read_whole(response, max, &budget, &target).await;
-                };
-                if hops >= max_redirects {
-                    if max_redirects == 0 {
-                        return read_whole(response, max, &budget, &target).await;
+            let hop = Hop {
+                method: parts.method,
+                target: url,
+                headers: parts.headers,
+                version: parts.version,
+                body,
+            };
+            let send = |hop: &Hop<url::Url>| {
+                let mut request = reqwest::Request::new(hop.method.clone(), hop.target.clone());
+                *request.headers_mut() = hop.headers.clone();
+                *request.body_mut() = Some(hop.body.clone().into());
+                *request.version_mut() = hop.version;
+                let url = hop.target.clone();
+                let sent = client.execute(request);
+                async move {
+                    let response = sent
+                        .await
+                        .map_err(|e| classify(e, &url_without_query(&url)))?;
+                    if *response.url() != url {
+                        // The reqwest client followed a redirect itself, past
+                        // the credential checks: say so rather than carry on.
+                        return Err(followed_by_the_client(&url_without_query(&url)));
                     }
-                    return Err(TransportError::new(
-                        TransportErrorKind::Other,
-                        format!(
-                            "too many redirects (more than {max_redirects}) from {}",
-                            target()
-                        ),
-                    ));
+                    Ok(response)
                 }
-                hops += 1;
-                let next = next.map_err(|message| {
-                    TransportError::new(
-                        TransportErrorKind::InvalidRequest,
-                        format!("{message} from {}", target()),
-                    )
-                })?;
-                let status = response.status();
-                drop(response);
-                if status == StatusCode::SEE_OTHER && method != Method::HEAD
-                    || matches!(status.as_u16(), 301 | 302) && method == Method::POST
-                {
-                    method = Method::GET;
-                    body = Bytes::new();
-                    for name in [
-                        CONTENT_TYPE,
-                        CONTENT_LENGTH,
-                        CONTENT_ENCODING,
-                        TRANSFER_ENCODING,
-                    ] {
-                        headers.remove(name);
-                    }
-                }
-                let to = next.origin().ascii_serialization();
-                if url.origin().ascii_serialization() != to
-                    && !scope.as_ref().is_some_and(|s| s.trusts(&to))
-                {
-                    strip_credentials(&mut headers, scope.as_deref());
-                }
-                url = next;
-            }
+            };
+            let (response, url) =
+                redirect::follow(hop, scope.as_deref(), max_redirects, send).await?;
+            read_whole(response, max, &budget, &|| url_without_query(&url)).await
         })
+    }
+}
+
+impl Answer for reqwest::Response {
+    fn status(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn location(&self) -> Option<&HeaderValue> {
+        self.headers().get(LOCATION)
     }
 }
 
@@ -445,54 +417,6 @@ async fn read_whole(
     *out.version_mut() = version;
     *out.headers_mut() = headers;
     Ok(out)
-}
-
-/// Where a redirect response points, if it is one to follow: `None` for
-/// any other response, an error for a `Location` that cannot be followed.
-fn redirect_target(
-    response: &reqwest::Response,
-    from: &url::Url,
-) -> Option<Result<url::Url, &'static str>> {
-    if !matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-        return None;
-    }
-    let location = response.headers().get(LOCATION)?;
-    let next = location
-        .to_str()
-        .ok()
-        .and_then(|location| from.join(location).ok());
-    Some(match next {
-        Some(mut next) if matches!(next.scheme(), "http" | "https") => {
-            next.set_fragment(None);
-            // What the next request is sent to must be a valid `http::Uri`
-            // too (the contract every transport keeps).
-            http::Uri::try_from(next.as_str())
-                .map(|_| next)
-                .map_err(|_| "an invalid redirect")
-        }
-        Some(_) => Err("a redirect to a scheme other than http or https"),
-        None => Err("an invalid redirect"),
-    })
-}
-
-/// Removes what must not follow a redirect to an untrusted origin: every
-/// header marked secret, the client's default headers, and the standard
-/// credential headers.
-fn strip_credentials(headers: &mut HeaderMap, scope: Option<&CredentialScope>) {
-    let secret: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(_, value)| value.is_sensitive())
-        .map(|(name, _)| name.clone())
-        .collect();
-    let defaults = scope.map_or(&[][..], |s| &s.defaults[..]);
-    for name in secret.iter().chain(defaults).chain(&[
-        AUTHORIZATION,
-        PROXY_AUTHORIZATION,
-        COOKIE,
-        WWW_AUTHENTICATE,
-    ]) {
-        headers.remove(name);
-    }
 }
 
 fn followed_by_the_client(target: &str) -> TransportError {

@@ -3,23 +3,19 @@
 //! service, tower-http, limits, timeouts, a load balancer) sit beneath the
 //! pipeline's own limits, pauses and retries.
 
-use std::error::Error as StdError;
 use std::fmt;
-use std::io;
 
 use ::tower::Service;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::future::{poll_fn, BoxFuture};
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 
-use super::body::{self, read_capped, too_large, BodyBudget};
+use super::body::{self, read_body, BodyBudget};
+use super::classify::{classify, BoxError};
 use super::without_query;
 use super::Transport;
-use crate::error::{TransportError, TransportErrorKind};
-
-type BoxError = Box<dyn StdError + Send + Sync>;
+use crate::error::TransportError;
 
 /// Sends requests through a tower [`Service`] and reads each response body
 /// whole, up to a cap.
@@ -50,7 +46,7 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 /// # Errors
 ///
 /// A [`TransportError`], whose kind comes from the service's error and its
-/// [source](StdError::source) chain: a [`TransportError`] keeps its own
+/// [source](std::error::Error::source) chain: a [`TransportError`] keeps its own
 /// kind (so a service can report exactly what happened), tower's and tokio's
 /// timeout `Elapsed` and an `io::Error` of kind `TimedOut` are `Timeout`,
 /// `ConnectionRefused` is `Connect`, `ConnectionReset`, `ConnectionAborted`,
@@ -215,132 +211,11 @@ where
             // permit travels with the response future, not the clone).
             drop(service);
             let (parts, body) = response.into_parts();
-            let hint = body.size_hint();
-            if hint.lower() > max as u64 {
-                return Err(too_large(&target, max));
-            }
-            let chunks = futures::stream::try_unfold(Box::pin(body), |mut body| {
-                let target = &target;
-                async move {
-                    loop {
-                        match body.frame().await {
-                            None => return Ok(None),
-                            Some(Err(e)) => return Err(classify(e.into(), target)),
-                            Some(Ok(frame)) => {
-                                // Trailers carry nothing the pipeline reads.
-                                if let Ok(mut data) = frame.into_data() {
-                                    if data.has_remaining() {
-                                        let chunk = data.copy_to_bytes(data.remaining());
-                                        return Ok(Some((chunk, body)));
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            });
-            let body = read_capped(hint.exact(), chunks, max, &budget, &|| target.clone()).await?;
+            let body = read_body(body, max, &budget, &|| target.clone(), |e, target| {
+                classify(e.into(), target)
+            })
+            .await?;
             Ok(Response::from_parts(parts, body))
         })
-    }
-}
-
-/// A service's error as a [`TransportError`] naming `target`, with the
-/// error as its source (or the error itself, if it is one).
-fn classify(error: BoxError, target: &str) -> TransportError {
-    match error.downcast::<TransportError>() {
-        Ok(own) => *own,
-        Err(error) => TransportError::new(kind_of(&*error), target).with_source(error),
-    }
-}
-
-/// The kind of the first error down the source chain that says what
-/// happened; layers (`Buffer`, hyper-util) wrap the cause.
-fn kind_of(error: &(dyn StdError + 'static)) -> TransportErrorKind {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if e.is::<::tower::timeout::error::Elapsed>() || e.is::<tokio::time::error::Elapsed>() {
-            return TransportErrorKind::Timeout;
-        }
-        if let Some(own) = e.downcast_ref::<TransportError>() {
-            return own.kind();
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            match io.kind() {
-                io::ErrorKind::TimedOut => return TransportErrorKind::Timeout,
-                io::ErrorKind::ConnectionRefused => return TransportErrorKind::Connect,
-                io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::UnexpectedEof => return TransportErrorKind::Reset,
-                _ => {}
-            }
-        }
-        next = e.source();
-    }
-    TransportErrorKind::Other
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug)]
-    struct Wrapped(BoxError);
-
-    impl fmt::Display for Wrapped {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("wrapped")
-        }
-    }
-
-    impl StdError for Wrapped {
-        fn source(&self) -> Option<&(dyn StdError + 'static)> {
-            Some(&*self.0)
-        }
-    }
-
-    #[test]
-    fn kinds_come_from_down_the_source_chain() {
-        let io = |kind| -> BoxError { Box::new(io::Error::new(kind, "x")) };
-        let cases: Vec<(BoxError, TransportErrorKind)> = vec![
-            (
-                Box::new(::tower::timeout::error::Elapsed::new()),
-                TransportErrorKind::Timeout,
-            ),
-            (io(io::ErrorKind::TimedOut), TransportErrorKind::Timeout),
-            (
-                io(io::ErrorKind::ConnectionRefused),
-                TransportErrorKind::Connect,
-            ),
-            (io(io::ErrorKind::BrokenPipe), TransportErrorKind::Reset),
-            (
-                Box::new(Wrapped(io(io::ErrorKind::ConnectionReset))),
-                TransportErrorKind::Reset,
-            ),
-            (
-                Box::new(Wrapped(Box::new(TransportError::new(
-                    TransportErrorKind::BodyTooLarge,
-                    "",
-                )))),
-                TransportErrorKind::BodyTooLarge,
-            ),
-            (io(io::ErrorKind::Other), TransportErrorKind::Other),
-            ("plain".into(), TransportErrorKind::Other),
-        ];
-        for (error, kind) in cases {
-            let shown = error.to_string();
-            let classified = classify(error, "http://h/p");
-            assert_eq!(classified.kind(), kind, "{shown}");
-            assert_eq!(classified.message(), "http://h/p");
-            assert!(classified.source().is_some(), "{shown}");
-        }
-        // A service's own TransportError is kept as it is.
-        let own = TransportError::new(TransportErrorKind::Reset, "its own words");
-        let kept = classify(Box::new(own), "http://h/p");
-        assert_eq!(
-            (kept.kind(), kept.message()),
-            (TransportErrorKind::Reset, "its own words")
-        );
     }
 }
