@@ -120,11 +120,13 @@ fn memory_child(mode: &str, n: u64) {
                 let server = DemoServer::start(DemoConfig::default().items(n))
                     .await
                     .unwrap();
-                let client = Client::builder()
-                    .transport(ReqwestTransport::default())
-                    .base_url(server.url())
-                    .build()
-                    .unwrap();
+                let builder = Client::builder();
+                let builder = match mode {
+                    #[cfg(feature = "hyper-transport")]
+                    "hyper" => builder.transport(sluicegate::HyperTransport::new()),
+                    _ => builder.transport(ReqwestTransport::default()),
+                };
+                let client = builder.base_url(server.url()).build().unwrap();
                 // The server lives as long as the process.
                 std::mem::forget(server);
                 client
@@ -264,9 +266,15 @@ fn memory() {
         "| transport | items | peak RSS | vs the smaller run | hand-written `buffer_unordered` | ratio | hand-written, a task per request | ratio |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (mode, small, large) in [("mock", 100_000, 1_000_000), ("http", 20_000, 200_000)] {
-        let hand = format!("{mode}-hand");
-        let spawned = format!("{mode}-hand-spawned");
+    let mut rows = vec![("mock", 100_000, 1_000_000), ("http", 20_000, 200_000)];
+    // `HyperTransport`, against the same hand-written reqwest clients.
+    if cfg!(feature = "hyper-transport") {
+        rows.push(("hyper", 20_000, 200_000));
+    }
+    for (mode, small, large) in rows {
+        let base = if mode == "mock" { "mock" } else { "http" };
+        let hand = format!("{base}-hand");
+        let spawned = format!("{base}-hand-spawned");
         let mib = |k: u64| k as f64 / 1024.0;
         let mut first = 0;
         for n in [small, large] {

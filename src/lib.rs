@@ -54,7 +54,9 @@
 //!
 //! - A [`Transport`] sends one `http::Request<Bytes>` and returns the whole
 //!   response. [`ReqwestTransport`] (feature `reqwest`, default) for real
-//!   HTTP; [`MockTransport`](mock::MockTransport) (always built) for tests,
+//!   HTTP, or `HyperTransport` (feature `hyper-transport`: straight over
+//!   hyper-util's pool, the fastest, without proxy support);
+//!   [`MockTransport`](mock::MockTransport) (always built) for tests,
 //!   with scripted routes, latency and faults on tokio's clock, and a call log.
 //! - A [`Client`] bundles a transport, base URL, default headers, a shared
 //!   [`Limiter`], a shared [`PauseHandle`], timeouts and default retry rules.
@@ -204,6 +206,8 @@ pub mod prelude {
     pub use crate::etl::{paginate, read_jsonl, Journal, Pagination, Report};
     pub use crate::mock::{MockResponse, MockTransport, Route};
     pub use crate::retry::{Backoff, Matcher, PausePolicy, RetryBudget};
+    #[cfg(feature = "hyper-transport")]
+    pub use crate::HyperTransport;
     #[cfg(feature = "reqwest")]
     pub use crate::ReqwestTransport;
     #[cfg(feature = "tower")]

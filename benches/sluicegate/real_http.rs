@@ -1,6 +1,7 @@
 //! Real HTTP over loopback: the demo server with zero latency, 20 000
 //! requests, 64 in flight. sluicegate against hand-written `reqwest` +
-//! `buffer_unordered(64)` sharing one connection pool, same run.
+//! `buffer_unordered(64)` sharing one connection pool, same run; with
+//! feature `hyper-transport`, sluicegate over `HyperTransport` too.
 
 use std::time::Duration;
 
@@ -51,6 +52,28 @@ pub(crate) fn bench(c: &mut Criterion) {
                     .await
             })
         });
+        #[cfg(feature = "hyper-transport")]
+        {
+            let over_hyper = runtime.block_on(async {
+                Client::builder()
+                    .transport(sluicegate::HyperTransport::new())
+                    .base_url(server.url())
+                    .build()
+                    .unwrap()
+            });
+            group.bench_function(BenchmarkId::new("fetch_concurrent_hyper", flavor), |b| {
+                b.to_async(runtime).iter(|| async {
+                    stream::iter(0..REQUESTS)
+                        .fetch_concurrent(
+                            CONCURRENCY,
+                            over_hyper.get(|id: &u64| format!("/items/{id}")),
+                        )
+                        .filter(|r| futures::future::ready(r.is_ok()))
+                        .count()
+                        .await
+                })
+            });
+        }
         runtime.block_on(async move { drop(server) });
     }
     group.finish();
