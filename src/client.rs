@@ -626,7 +626,8 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// Sends through `transport` (default: [`ReqwestTransport`](crate::ReqwestTransport)
-    /// with the `reqwest` feature).
+    /// with the `reqwest` feature, else `HyperTransport` with the
+    /// `hyper-transport` feature).
     pub fn transport(mut self, transport: impl Transport) -> Self {
         self.transport = Some(Arc::new(transport));
         self
@@ -774,7 +775,7 @@ impl ClientBuilder {
     /// # Errors
     ///
     /// An invalid base URL or default header, or no transport given while
-    /// the `reqwest` feature is off.
+    /// the `reqwest` and `hyper-transport` features are both off.
     pub fn build(self) -> Result<Client, BuildError> {
         if let Some(error) = self.error {
             return Err(error);
@@ -877,10 +878,15 @@ fn default_transport() -> Result<Arc<dyn Transport>, BuildError> {
     Ok(Arc::new(crate::ReqwestTransport::default()))
 }
 
-#[cfg(not(feature = "reqwest"))]
+#[cfg(all(not(feature = "reqwest"), feature = "hyper-transport"))]
+fn default_transport() -> Result<Arc<dyn Transport>, BuildError> {
+    Ok(Arc::new(crate::HyperTransport::default()))
+}
+
+#[cfg(not(any(feature = "reqwest", feature = "hyper-transport")))]
 fn default_transport() -> Result<Arc<dyn Transport>, BuildError> {
     Err(BuildError::new(
-        "no transport given (enable the `reqwest` feature or call `transport`)",
+        "no transport given (enable the `reqwest` or `hyper-transport` feature, or call `transport`)",
     ))
 }
 
