@@ -1,0 +1,306 @@
+//! HyperTransport over TLS on 127.0.0.1: a certificate made at test time, a
+//! rustls server behind hyper, and the client's ALPN choosing HTTP/2 or
+//! HTTP/1.1. Real sockets and real time, every wait bounded.
+#![cfg(feature = "hyper-transport")]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{stream, StreamExt};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sluicegate::{Client, HyperTransport, SluiceExt, Transport, TransportErrorKind};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::AbortOnDropHandle;
+
+/// A hang is a failure, not a stuck CI job.
+const BOUND: Duration = Duration::from_secs(30);
+
+async fn within<F: Future>(what: &str, future: F) -> F::Output {
+    tokio::time::timeout(BOUND, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within {BOUND:?}"))
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1` (an IP SAN,
+/// so `https://127.0.0.1:PORT` verifies against it), and its key.
+fn self_signed() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let made = rcgen::generate_simple_self_signed(["localhost".into(), "127.0.0.1".into()])
+        .expect("rcgen makes a certificate");
+    let key = PrivatePkcs8KeyDer::from(made.signing_key.serialize_der());
+    (made.cert.der().clone(), key.into())
+}
+
+fn ring() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A client config trusting exactly `roots`.
+fn trusting(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root.clone()).expect("a valid root");
+    }
+    rustls::ClientConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth()
+}
+
+/// What the server saw of one connection's TLS handshake: the protocol
+/// chosen by ALPN, or the handshake's error.
+type Handshake = Result<Option<Vec<u8>>, String>;
+
+struct TlsServer {
+    addr: SocketAddr,
+    cert: CertificateDer<'static>,
+    /// Requests that reached the handler.
+    hits: Arc<AtomicUsize>,
+    handshakes: mpsc::UnboundedReceiver<Handshake>,
+    _accepting: AbortOnDropHandle<()>,
+}
+
+impl TlsServer {
+    /// Serves HTTPS on 127.0.0.1 with a fresh self-signed certificate,
+    /// offering `alpn` (in order of preference). Each request is answered
+    /// `203` with `"{version:?} {path}"` as the server saw it; `203` rather
+    /// than `200` so a status made up on the way would show.
+    async fn start(alpn: &[&[u8]]) -> Self {
+        let (cert, key) = self_signed();
+        let mut config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("the key fits the certificate");
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (tell, handshakes) = mpsc::unbounded_channel();
+        let counted = hits.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, tell, hits) = (acceptor.clone(), tell.clone(), counted.clone());
+                tokio::spawn(async move {
+                    let tls = match acceptor.accept(tcp).await {
+                        Ok(tls) => tls,
+                        Err(e) => {
+                            let _ = tell.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let chosen = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    let h2 = chosen.as_deref() == Some(b"h2");
+                    let _ = tell.send(Ok(chosen));
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let body = format!("{:?} {}", request.version(), request.uri().path());
+                        async move {
+                            Ok::<_, Infallible>(
+                                Response::builder()
+                                    .status(StatusCode::NON_AUTHORITATIVE_INFORMATION)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                    let io = TokioIo::new(tls);
+                    // The protocol is the one ALPN chose, as a real server's is.
+                    let _ = if h2 {
+                        http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, service)
+                            .await
+                    } else {
+                        http1::Builder::new().serve_connection(io, service).await
+                    };
+                });
+            }
+        });
+        Self {
+            addr,
+            cert,
+            hits,
+            handshakes,
+            _accepting: AbortOnDropHandle::new(accepting),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
+    }
+
+    async fn next_handshake(&mut self) -> Handshake {
+        within("the server's handshake", self.handshakes.recv())
+            .await
+            .expect("the server is running")
+    }
+}
+
+fn get(url: String) -> Request<Bytes> {
+    Request::get(url).body(Bytes::new()).unwrap()
+}
+
+#[tokio::test]
+async fn a_pipeline_fetches_over_https_with_the_callers_roots() {
+    let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let client = Client::builder()
+        .transport(HyperTransport::with_tls_config(trusting(&[server
+            .cert
+            .clone()])))
+        .base_url(format!("https://{}", server.addr))
+        .build()
+        .unwrap();
+
+    let fetched = within(
+        "the pipeline",
+        stream::iter(0u64..8)
+            .fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+
+    let mut seen: Vec<u64> = Vec::new();
+    for result in fetched {
+        let fetched = result.unwrap_or_else(|e| panic!("a fetch over TLS failed: {e}"));
+        assert_eq!(fetched.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
+        assert_eq!(fetched.body(), &format!("HTTP/2.0 /items/{}", fetched.item));
+        seen.push(fetched.item);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    assert_eq!(server.hits.load(Ordering::SeqCst), 8);
+}
+
+#[tokio::test]
+async fn alpn_picks_http2_where_offered_and_http11_otherwise() {
+    let cases: [(&[&[u8]], Option<&[u8]>, Version); 3] = [
+        (&[b"h2", b"http/1.1"], Some(b"h2"), Version::HTTP_2),
+        (&[b"http/1.1"], Some(b"http/1.1"), Version::HTTP_11),
+        // A server that says nothing by ALPN gets HTTP/1.1, never a guess
+        // at HTTP/2 (which such a server would not understand).
+        (&[], None, Version::HTTP_11),
+    ];
+    for (offered, chosen, version) in cases {
+        let mut server = TlsServer::start(offered).await;
+        let transport = HyperTransport::with_tls_config(trusting(&[server.cert.clone()]));
+
+        let response = within("a request", transport.send(get(server.url("/v"))))
+            .await
+            .unwrap_or_else(|e| panic!("offering {offered:?}: {e}"));
+
+        assert_eq!(response.version(), version, "offering {offered:?}");
+        assert_eq!(response.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
+        assert_eq!(response.body(), &format!("{version:?} /v"));
+        assert_eq!(
+            server.next_handshake().await,
+            Ok(chosen.map(<[u8]>::to_vec))
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_platform_verifier_refuses_a_self_signed_certificate() {
+    let mut server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let transport = HyperTransport::new();
+
+    let err = within(
+        "a refused request",
+        transport.send(get(server.url("/secret?token=abc"))),
+    )
+    .await
+    .expect_err("a certificate no system root signed is refused");
+
+    // The refusal is the certificate's, not some other failure on the way.
+    // Its kind should be `Connect`, as documented; it is `Other` for now,
+    // see the ignored `a_refused_certificate_is_a_connect_error`.
+    assert!(
+        is_unknown_issuer(&err),
+        "expected rustls' UnknownIssuer down the source chain: {err:?}"
+    );
+    // The message names the URL without its query.
+    assert!(!err.to_string().contains("token"), "{err}");
+    // The server's side of the handshake failed too: the client hung up.
+    let handshake = server.next_handshake().await;
+    assert!(handshake.is_err(), "{handshake:?}");
+    assert_eq!(server.hits.load(Ordering::SeqCst), 0);
+}
+
+/// rustls' verdict on a certificate no trusted root signed, found down the
+/// error's source chain. An `io::Error`'s `source()` skips the error it
+/// wraps (and hyper-rustls wraps one `io::Error` in another), so each one
+/// is opened with `get_ref` too.
+fn is_unknown_issuer(err: &(dyn std::error::Error + 'static)) -> bool {
+    if matches!(
+        err.downcast_ref::<rustls::Error>(),
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer
+        ))
+    ) {
+        return true;
+    }
+    let wrapped = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref());
+    wrapped.is_some_and(|inner| is_unknown_issuer(inner))
+        || err.source().is_some_and(is_unknown_issuer)
+}
+
+/// `HyperTransport`'s docs promise `Connect` for "TLS refused", and
+/// `ReqwestTransport` says `Connect` for the same refusal (reqwest marks a
+/// failed handshake `is_connect`).
+#[tokio::test]
+#[ignore = "HyperTransport classifies a refused certificate as Other: its classify() \
+            does not read hyper-util's Error::is_connect(), and the rustls error sits in an \
+            io::Error of kind InvalidData inside one of kind Other"]
+async fn a_refused_certificate_is_a_connect_error() {
+    let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let (stranger, _) = self_signed();
+    let refusing = [
+        ("the platform verifier", HyperTransport::new()),
+        (
+            "roots without the server's certificate",
+            HyperTransport::with_tls_config(trusting(&[stranger])),
+        ),
+    ];
+    for (what, transport) in refusing {
+        let err = within("a refused request", transport.send(get(server.url("/"))))
+            .await
+            .expect_err(what);
+        assert!(is_unknown_issuer(&err), "{what}: {err:?}");
+        assert_eq!(err.kind(), TransportErrorKind::Connect, "{what}: {err:?}");
+    }
+    assert_eq!(server.hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_closed_port_over_https_is_a_connect_error() {
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let (cert, _) = self_signed();
+    let transport = HyperTransport::with_tls_config(trusting(&[cert]));
+    let err = within(
+        "a refused connection",
+        transport.send(get(format!("https://{closed}/"))),
+    )
+    .await
+    .expect_err("nothing listens there");
+    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err:?}");
+}
