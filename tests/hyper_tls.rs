@@ -159,10 +159,9 @@ fn get(url: String) -> Request<Bytes> {
 #[tokio::test]
 async fn a_pipeline_fetches_over_https_with_the_callers_roots() {
     let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let roots = [server.cert.clone()];
     let client = Client::builder()
-        .transport(HyperTransport::with_tls_config(trusting(&[server
-            .cert
-            .clone()])))
+        .transport(HyperTransport::with_tls_config(trusting(&roots)))
         .base_url(format!("https://{}", server.addr))
         .build()
         .unwrap();
@@ -198,6 +197,7 @@ async fn alpn_picks_http2_where_offered_and_http11_otherwise() {
     ];
     for (offered, chosen, version) in cases {
         let mut server = TlsServer::start(offered).await;
+        let offered: Vec<_> = offered.iter().map(|p| String::from_utf8_lossy(p)).collect();
         let transport = HyperTransport::with_tls_config(trusting(&[server.cert.clone()]));
 
         let response = within("a request", transport.send(get(server.url("/v"))))
