@@ -60,6 +60,9 @@ fn trusting(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
         .with_no_client_auth()
 }
 
+/// ALPN protocol ids, in order of preference.
+type ProtocolIds<'a> = &'a [&'a [u8]];
+
 /// What the server saw of one connection's TLS handshake: the protocol
 /// chosen by ALPN, or the handshake's error.
 type Handshake = Result<Option<Vec<u8>>, String>;
@@ -78,7 +81,7 @@ impl TlsServer {
     /// offering `alpn` (in order of preference). Each request is answered
     /// `203` with `"{version:?} {path}"` as the server saw it; `203` rather
     /// than `200` so a status made up on the way would show.
-    async fn start(alpn: &[&[u8]]) -> Self {
+    async fn start(alpn: ProtocolIds<'_>) -> Self {
         let (cert, key) = self_signed();
         let mut config = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
@@ -188,7 +191,8 @@ async fn a_pipeline_fetches_over_https_with_the_callers_roots() {
 
 #[tokio::test]
 async fn alpn_picks_http2_where_offered_and_http11_otherwise() {
-    let cases: [(&[&[u8]], Option<&[u8]>, Version); 3] = [
+    // (what the server offers, what it chooses, what the client gets back)
+    let cases: [(ProtocolIds<'_>, Option<&[u8]>, Version); 3] = [
         (&[b"h2", b"http/1.1"], Some(b"h2"), Version::HTTP_2),
         (&[b"http/1.1"], Some(b"http/1.1"), Version::HTTP_11),
         // A server that says nothing by ALPN gets HTTP/1.1, never a guess
