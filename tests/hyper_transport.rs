@@ -13,8 +13,8 @@ use futures::{stream, StreamExt};
 use http::{Method, Request, StatusCode};
 use sluicegate::demo::{email, DemoConfig, DemoServer};
 use sluicegate::{
-    Client, ClientBuilder, HyperTransport, Rate, RequestSpec, SluiceExt, Transport,
-    TransportError, TransportErrorKind,
+    Client, ClientBuilder, HyperTransport, Rate, RequestSpec, SluiceExt, Transport, TransportError,
+    TransportErrorKind,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,7 +32,10 @@ fn get(url: String) -> Request<Bytes> {
     Request::get(url).body(Bytes::new()).unwrap()
 }
 
-async fn send(transport: &HyperTransport, request: Request<Bytes>) -> Result<http::Response<Bytes>, TransportError> {
+async fn send(
+    transport: &HyperTransport,
+    request: Request<Bytes>,
+) -> Result<http::Response<Bytes>, TransportError> {
     bounded(transport.send(request)).await
 }
 
@@ -196,7 +199,8 @@ async fn a_raw_reply_comes_back_byte_for_byte() {
     .into_bytes();
     reply.extend_from_slice(&body);
     // And the same body chunked, in uneven pieces, with no length.
-    let mut chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    let mut chunked =
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
     for piece in body.chunks(7_777) {
         chunked.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
         chunked.extend_from_slice(piece);
@@ -322,6 +326,34 @@ async fn an_unannounced_body_passing_the_cap_is_refused() {
     assert_eq!(ok.body().len(), cap);
 }
 
+#[tokio::test]
+async fn bodies_larger_than_the_shared_budget_still_come_back() {
+    // A budget of 1 KiB, far below every body: each read waits for the
+    // whole budget in turn and none of them waits for ever.
+    let body = vec![b'y'; 100_000];
+    let mut announced = format!(
+        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    announced.extend_from_slice(&body);
+    let mut unannounced = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n".to_vec();
+    unannounced.extend_from_slice(&body);
+    let transport = HyperTransport::new().max_body_bytes_in_flight(1024);
+    for reply in [announced, unannounced] {
+        let addr = raw_server(reply).await;
+        let lengths: Vec<usize> = bounded(
+            stream::iter(0..8)
+                .map(|_| transport.send(get(format!("http://{addr}/"))))
+                .buffer_unordered(8)
+                .map(|r| r.unwrap().body().len())
+                .collect(),
+        )
+        .await;
+        assert_eq!(lengths, [body.len(); 8]);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Failures and what they show.
 // ---------------------------------------------------------------------------
@@ -344,7 +376,10 @@ async fn a_refused_connection_is_a_connect_error() {
         std::error::Error::source(&err).is_some(),
         "hyper's error stays reachable"
     );
-    assert!(err.to_string().contains(&format!("http://{addr}/x")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("http://{addr}/x")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -365,7 +400,8 @@ async fn a_query_key_never_shows_in_an_error() {
     };
     let cut = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc".to_vec()).await;
     let (looping, _) = recording_server(|_| redirect_reply("302 Found", "/again?key=SECRET")).await;
-    let (ftp, _) = recording_server(|_| redirect_reply("302 Found", "ftp://127.0.0.1/f?key=SECRET")).await;
+    let (ftp, _) =
+        recording_server(|_| redirect_reply("302 Found", "ftp://127.0.0.1/f?key=SECRET")).await;
     let transport = HyperTransport::new().max_redirects(2);
     let mut kinds = Vec::new();
     for addr in [refused, cut, looping, ftp] {
@@ -436,9 +472,12 @@ async fn a_relative_location_is_followed() {
         _ => ok_reply(request),
     })
     .await;
-    let response = send(&HyperTransport::new(), get(format!("http://{addr}/a/start?q=1")))
-        .await
-        .unwrap();
+    let response = send(
+        &HyperTransport::new(),
+        get(format!("http://{addr}/a/start?q=1")),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.body().as_ref(), b"ok");
     let targets: Vec<String> = seen
@@ -447,7 +486,10 @@ async fn a_relative_location_is_followed() {
         .iter()
         .map(|s| format!("{} {}", s.method(), s.target()))
         .collect();
-    assert_eq!(targets, ["GET /a/start?q=1", "GET /a/next", "GET /b/last?z=2"]);
+    assert_eq!(
+        targets,
+        ["GET /a/start?q=1", "GET /a/next", "GET /b/last?z=2"]
+    );
 }
 
 fn post(url: String, body: &'static str) -> Request<Bytes> {
@@ -464,9 +506,12 @@ async fn a_see_other_after_a_post_becomes_a_get_without_a_body() {
         _ => ok_reply(request),
     })
     .await;
-    let response = send(&HyperTransport::new(), post(format!("http://{addr}/form"), "name=x"))
-        .await
-        .unwrap();
+    let response = send(
+        &HyperTransport::new(),
+        post(format!("http://{addr}/form"), "name=x"),
+    )
+    .await
+    .unwrap();
     assert_eq!(response.body().as_ref(), b"ok");
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 2);
@@ -489,9 +534,12 @@ async fn a_found_after_a_post_becomes_a_get_too() {
         _ => ok_reply(request),
     })
     .await;
-    send(&HyperTransport::new(), post(format!("http://{addr}/form"), "name=x"))
-        .await
-        .unwrap();
+    send(
+        &HyperTransport::new(),
+        post(format!("http://{addr}/form"), "name=x"),
+    )
+    .await
+    .unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!((seen[1].method(), seen[1].target()), ("GET", "/result"));
     assert!(seen[1].body.is_empty(), "{seen:?}");
@@ -533,6 +581,17 @@ async fn with_no_redirects_allowed_the_redirect_comes_back() {
     assert_eq!(response.status(), StatusCode::FOUND);
     assert_eq!(response.headers()["location"], "/next");
     assert_eq!(seen.lock().unwrap().len(), 1, "nothing followed");
+
+    // A redirect status without a Location is an answer, not a redirect.
+    let bare = raw_server(
+        b"HTTP/1.1 302 Found\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbare".to_vec(),
+    )
+    .await;
+    let response = send(&HyperTransport::new(), get(format!("http://{bare}/")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FOUND);
+    assert_eq!(response.body().as_ref(), b"bare");
 }
 
 #[tokio::test]
@@ -546,7 +605,11 @@ async fn a_redirect_loop_ends_past_the_limit() {
     .unwrap_err();
     assert_eq!(err.kind(), TransportErrorKind::Other, "{err}");
     assert!(err.to_string().contains("too many redirects"), "{err}");
-    assert_eq!(seen.lock().unwrap().len(), 4, "the first request and 3 hops");
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        4,
+        "the first request and 3 hops"
+    );
 
     // The default limit is 10.
     assert_eq!(HyperTransport::DEFAULT_MAX_REDIRECTS, 10);
@@ -560,12 +623,20 @@ async fn a_redirect_loop_ends_past_the_limit() {
 
 #[tokio::test]
 async fn a_location_with_another_scheme_is_an_invalid_request() {
-    for location in ["ftp://127.0.0.1/file", "file:///etc/passwd", "javascript:alert(1)"] {
+    for location in [
+        "ftp://127.0.0.1/file",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+    ] {
         let (addr, seen) = recording_server(move |_| redirect_reply("302 Found", location)).await;
         let err = send(&HyperTransport::new(), get(format!("http://{addr}/x")))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), TransportErrorKind::InvalidRequest, "{location}: {err}");
+        assert_eq!(
+            err.kind(),
+            TransportErrorKind::InvalidRequest,
+            "{location}: {err}"
+        );
         assert_eq!(seen.lock().unwrap().len(), 1);
     }
 }
@@ -642,6 +713,13 @@ async fn a_redirect_to_another_origin_drops_every_credential() {
     }
     // A header of the request's own, not marked secret, is the user's.
     assert_eq!(landed.header("x-plain"), Some("PLAIN"), "{}", landed.head);
+    let host = elsewhere.to_string();
+    assert_eq!(
+        landed.header("host"),
+        Some(host.as_str()),
+        "{}",
+        landed.head
+    );
 }
 
 #[tokio::test]
@@ -710,5 +788,24 @@ async fn a_request_built_by_the_client_and_sent_by_hand_drops_them_too() {
     assert_eq!(response.body().as_ref(), b"ok");
     let landed = elsewhere_seen.lock().unwrap()[0].clone();
     assert_eq!(landed.target(), "/landing");
+    assert!(secrets_in(&landed).is_empty(), "{}", landed.head);
+}
+
+#[tokio::test]
+async fn trust_in_one_origin_does_not_carry_on_to_a_third() {
+    let (third, third_seen) = recording_server(ok_reply).await;
+    let (trusted, trusted_seen) =
+        recording_server(move |_| redirect_reply("302 Found", &format!("http://{third}/stolen")))
+            .await;
+    let (home, _) = home_server(trusted).await;
+    let client = credentialed(Client::builder().base_url(format!("http://{home}")))
+        .trust_origin(format!("http://{trusted}"))
+        .build()
+        .unwrap();
+    fetch_with_session(&client, "/away").await;
+    let via = trusted_seen.lock().unwrap()[0].clone();
+    assert_eq!(secrets_in(&via), SECRETS, "{}", via.head);
+    let landed = third_seen.lock().unwrap()[0].clone();
+    assert_eq!(landed.target(), "/stolen");
     assert!(secrets_in(&landed).is_empty(), "{}", landed.head);
 }

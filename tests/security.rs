@@ -15,15 +15,15 @@ use http::StatusCode;
 use sluicegate::etl::{paginate, Journal, Pagination};
 use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
 use sluicegate::retry::Backoff;
-use sluicegate::{
-    Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope, WithPolicy,
-};
+#[cfg(feature = "hyper-transport")]
+use sluicegate::HyperTransport;
 #[cfg(feature = "reqwest")]
 use sluicegate::ReqwestTransport;
 #[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
 use sluicegate::Transport;
-#[cfg(feature = "hyper-transport")]
-use sluicegate::HyperTransport;
+use sluicegate::{
+    Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope, WithPolicy,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
