@@ -655,10 +655,10 @@ fn credentialed(builder: ClientBuilder) -> ClientBuilder {
         .default_header("x-api-key", "KEY-456")
         .default_header("x-tenant", "TENANT-789")
         .redact_header("x-api-key")
-        .redact_header("x-session")
+        .redact_header("x-login")
 }
 
-const SECRETS: [&str; 4] = ["TOKEN-123", "KEY-456", "TENANT-789", "SESSION-000"];
+const SECRETS: [&str; 4] = ["TOKEN-123", "KEY-456", "TENANT-789", "LOGIN-000"];
 
 /// Which of [`SECRETS`] a request carried.
 fn secrets_in(seen: &Seen) -> Vec<&'static str> {
@@ -679,12 +679,12 @@ async fn home_server(elsewhere: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<Seen>>
     .await
 }
 
-async fn fetch_with_session(client: &Client, path: &'static str) {
+async fn fetch_with_login(client: &Client, path: &'static str) {
     let fetched = bounded(
         client
             .request(move |_: &()| {
                 RequestSpec::get(path)
-                    .header("x-session", "SESSION-000")
+                    .header("x-login", "LOGIN-000")
                     .header("x-plain", "PLAIN")
             })
             .fetch(()),
@@ -701,14 +701,14 @@ async fn a_redirect_to_another_origin_drops_every_credential() {
     let client = credentialed(Client::builder().base_url(format!("http://{home}")))
         .build()
         .unwrap();
-    fetch_with_session(&client, "/away").await;
+    fetch_with_login(&client, "/away").await;
 
     let sent = home_seen.lock().unwrap()[0].clone();
     assert_eq!(secrets_in(&sent), SECRETS, "home gets them: {}", sent.head);
     let landed = elsewhere_seen.lock().unwrap()[0].clone();
     assert_eq!(landed.target(), "/landing");
     assert!(secrets_in(&landed).is_empty(), "{}", landed.head);
-    for name in ["authorization", "x-api-key", "x-tenant", "x-session"] {
+    for name in ["authorization", "x-api-key", "x-tenant", "x-login"] {
         assert_eq!(landed.header(name), None, "{name}: {}", landed.head);
     }
     // A header of the request's own, not marked secret, is the user's.
@@ -748,7 +748,7 @@ async fn a_redirect_within_the_origin_keeps_every_credential() {
     let client = credentialed(Client::builder().base_url(format!("http://{home}")))
         .build()
         .unwrap();
-    fetch_with_session(&client, "/near").await;
+    fetch_with_login(&client, "/near").await;
     let seen = home_seen.lock().unwrap().clone();
     let targets: Vec<&str> = seen.iter().map(Seen::target).collect();
     assert_eq!(targets, ["/near", "/landed"]);
@@ -766,7 +766,7 @@ async fn a_trusted_origin_keeps_every_credential() {
         .trust_origin(format!("http://{elsewhere}"))
         .build()
         .unwrap();
-    fetch_with_session(&client, "/away").await;
+    fetch_with_login(&client, "/away").await;
     let landed = elsewhere_seen.lock().unwrap()[0].clone();
     assert_eq!(landed.target(), "/landing");
     assert_eq!(secrets_in(&landed), SECRETS, "{}", landed.head);
@@ -802,7 +802,7 @@ async fn trust_in_one_origin_does_not_carry_on_to_a_third() {
         .trust_origin(format!("http://{trusted}"))
         .build()
         .unwrap();
-    fetch_with_session(&client, "/away").await;
+    fetch_with_login(&client, "/away").await;
     let via = trusted_seen.lock().unwrap()[0].clone();
     assert_eq!(secrets_in(&via), SECRETS, "{}", via.head);
     let landed = third_seen.lock().unwrap()[0].clone();
