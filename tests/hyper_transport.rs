@@ -742,6 +742,26 @@ async fn another_port_on_the_same_host_is_another_origin() {
 }
 
 #[tokio::test]
+async fn a_host_set_by_hand_does_not_follow_a_redirect_to_another_origin() {
+    let (elsewhere, elsewhere_seen) = recording_server(ok_reply).await;
+    let (home, home_seen) = home_server(elsewhere).await;
+    let request = Request::get(format!("http://{home}/away"))
+        .header("host", format!("{home}"))
+        .body(Bytes::new())
+        .unwrap();
+    send(&HyperTransport::new(), request).await.unwrap();
+    let left = home_seen.lock().unwrap()[0].clone();
+    assert_eq!(left.header("host"), Some(home.to_string().as_str()));
+    let landed = elsewhere_seen.lock().unwrap()[0].clone();
+    assert_eq!(
+        landed.header("host"),
+        Some(elsewhere.to_string().as_str()),
+        "{}",
+        landed.head
+    );
+}
+
+#[tokio::test]
 async fn a_redirect_within_the_origin_keeps_every_credential() {
     let (elsewhere, elsewhere_seen) = recording_server(ok_reply).await;
     let (home, home_seen) = home_server(elsewhere).await;
