@@ -15,11 +15,15 @@ use http::StatusCode;
 use sluicegate::etl::{paginate, Journal, Pagination};
 use sluicegate::mock::{Latency, MockResponse, MockTransport, Route};
 use sluicegate::retry::Backoff;
+#[cfg(feature = "hyper-transport")]
+use sluicegate::HyperTransport;
+#[cfg(feature = "reqwest")]
+use sluicegate::ReqwestTransport;
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
+use sluicegate::Transport;
 use sluicegate::{
     Client, FetchErrorKind, PauseHandle, RequestSpec, SluiceExt, TimeoutScope, WithPolicy,
 };
-#[cfg(feature = "reqwest")]
-use sluicegate::{ReqwestTransport, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -739,6 +743,18 @@ async fn an_absolute_target_elsewhere_gets_no_default_credentials() {
 #[cfg(feature = "reqwest")]
 #[tokio::test]
 async fn a_redirect_to_another_origin_drops_every_secret_header() {
+    redirect_to_another_origin_drops_every_secret_header(ReqwestTransport::default).await;
+}
+
+#[cfg(feature = "hyper-transport")]
+#[tokio::test]
+async fn a_redirect_to_another_origin_drops_every_secret_header_over_hyper() {
+    redirect_to_another_origin_drops_every_secret_header(HyperTransport::default).await;
+}
+
+/// Both transports that follow redirects themselves keep the same promise.
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
+async fn redirect_to_another_origin_drops_every_secret_header<T: Transport>(transport: fn() -> T) {
     let (elsewhere, elsewhere_heads) = recording_server(ok_reply).await;
     let (home, home_heads) = recording_server(move |head| {
         let location = if request_target(head) == "/away" {
@@ -760,9 +776,9 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
         // say) knows nothing of the client's private extensions and must
         // not need to: the credentials stay home all the same.
         let builder = if wrapped {
-            builder.transport(Forwarding(ReqwestTransport::default()))
+            builder.transport(Forwarding(transport()))
         } else {
-            builder.transport(ReqwestTransport::default())
+            builder.transport(transport())
         };
         // A default header not marked secret goes home only too: every
         // default header is the client's.
@@ -811,7 +827,7 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
         .build_request(&())
         .unwrap()
         .into_request();
-    let away = ReqwestTransport::default().send(request).await.unwrap();
+    let away = transport().send(request).await.unwrap();
     assert_eq!(away.body().as_ref(), b"ok");
     let landed = elsewhere_heads.lock().unwrap()[4].clone();
     assert_eq!(request_target(&landed), "/landing");
@@ -821,10 +837,10 @@ async fn a_redirect_to_another_origin_drops_every_secret_header() {
 
 /// A transport that only hands requests on, as a user's logging or metrics
 /// layer around reqwest's would.
-#[cfg(feature = "reqwest")]
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
 struct Forwarding<T>(T);
 
-#[cfg(feature = "reqwest")]
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
 impl<T: Transport> Transport for Forwarding<T> {
     fn send(
         &self,
@@ -929,6 +945,17 @@ fn everything_shown(err: &(dyn std::error::Error + 'static)) -> Vec<String> {
 #[cfg(feature = "reqwest")]
 #[tokio::test]
 async fn a_query_key_never_shows_in_transport_errors() {
+    query_key_never_shows_in_transport_errors(ReqwestTransport::default).await;
+}
+
+#[cfg(feature = "hyper-transport")]
+#[tokio::test]
+async fn a_query_key_never_shows_in_transport_errors_over_hyper() {
+    query_key_never_shows_in_transport_errors(HyperTransport::default).await;
+}
+
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
+async fn query_key_never_shows_in_transport_errors<T: Transport>(transport: fn() -> T) {
     // Bound, then closed: connecting is refused.
     let refused = {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -941,7 +968,7 @@ async fn a_query_key_never_shows_in_transport_errors() {
     .await;
     for addr in [refused, cut] {
         let client = Client::builder()
-            .transport(ReqwestTransport::default())
+            .transport(transport())
             .base_url(format!("http://{addr}"))
             .build()
             .unwrap();

@@ -51,7 +51,29 @@ fn kind_of(error: &(dyn StdError + 'static)) -> TransportErrorKind {
         }
         next = e.source();
     }
-    TransportErrorKind::Other
+    if no_connection(error) {
+        TransportErrorKind::Connect
+    } else {
+        TransportErrorKind::Other
+    }
+}
+
+/// Whether hyper-util's client says no connection was made (a TLS
+/// handshake refused, a name that does not resolve), for a cause no more
+/// precise than that: a connect timeout or a refusal says so itself.
+fn no_connection(error: &(dyn StdError + 'static)) -> bool {
+    #[cfg(feature = "hyper-transport")]
+    {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(pool) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+                return pool.is_connect();
+            }
+            next = e.source();
+        }
+    }
+    let _ = error;
+    false
 }
 
 /// A timer's `Elapsed`: tokio's, or tower's timeout layer's.

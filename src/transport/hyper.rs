@@ -16,7 +16,7 @@ use super::body::{self, read_body, BodyBudget};
 use super::classify::classify;
 use super::redirect::{self, Hop};
 use super::{without_query, CredentialScope, Prepared, Transport};
-use crate::error::TransportError;
+use crate::error::{TransportError, TransportErrorKind};
 
 type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -60,6 +60,7 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Fu
 /// A [`TransportError`]: `Connect` when no connection could be made
 /// (refused, unknown host, TLS refused), `Reset` when one broke
 /// mid-exchange, `BodyTooLarge` from the cap, `InvalidRequest` for a
+/// request whose URI is not an absolute `http` or `https` URL or a
 /// redirect that cannot be followed, `Other` past the redirect limit.
 /// Messages name the URL without its query; hyper's error is the
 /// [`source`](std::error::Error::source).
@@ -186,6 +187,17 @@ impl HyperTransport {
         let budget = self.budget.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
+            if !matches!(parts.uri.scheme_str(), Some("http" | "https"))
+                || parts.uri.authority().is_none()
+            {
+                return Err(TransportError::new(
+                    TransportErrorKind::InvalidRequest,
+                    format!(
+                        "not an absolute http or https URL: {}",
+                        without_query(&parts.uri)
+                    ),
+                ));
+            }
             let hop = Hop {
                 method: parts.method,
                 target: parts.uri,
@@ -260,5 +272,21 @@ impl Transport for HyperTransport {
         prepared: Prepared,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
         self.dispatch(request, Some(prepared.scope))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_target_that_is_not_an_absolute_http_url_is_refused_before_sending() {
+        let transport = HyperTransport::new();
+        for target in ["/relative?key=SECRET", "ftp://127.0.0.1/f?key=SECRET"] {
+            let request = Request::get(target).body(Bytes::new()).unwrap();
+            let error = transport.send(request).await.unwrap_err();
+            assert_eq!(error.kind(), TransportErrorKind::InvalidRequest, "{target}");
+            assert!(!error.to_string().contains("SECRET"), "{error}");
+        }
     }
 }

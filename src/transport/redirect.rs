@@ -11,7 +11,7 @@ use std::future::Future;
 use bytes::Bytes;
 use http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
-    LOCATION, PROXY_AUTHORIZATION, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+    HOST, LOCATION, PROXY_AUTHORIZATION, TRANSFER_ENCODING, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, StatusCode, Version};
 
@@ -191,8 +191,13 @@ fn redirect<U: Target>(
     let trusted = to
         .as_deref()
         .is_some_and(|to| scope.is_some_and(|s| s.trusts(to)));
-    if !same && !trusted {
-        strip_credentials(&mut hop.headers, scope);
+    if !same {
+        // A `Host` set by hand names the origin left behind; the next one's
+        // comes from its URL.
+        hop.headers.remove(HOST);
+        if !trusted {
+            strip_credentials(&mut hop.headers, scope);
+        }
     }
     hop.target = next;
 }
@@ -255,6 +260,7 @@ mod tests {
         marked.set_sensitive(true);
         headers.insert("x-key", marked);
         headers.insert("x-plain", HeaderValue::from_static("p"));
+        headers.insert(HOST, HeaderValue::from_static("127.0.0.1:1"));
         let mut hop = Hop {
             method: Method::POST,
             target: "http://127.0.0.1:1/a".parse::<http::Uri>().unwrap(),
@@ -266,6 +272,7 @@ mod tests {
         redirect(&mut hop, StatusCode::TEMPORARY_REDIRECT, same, None);
         assert_eq!((hop.method.clone(), hop.body.len()), (Method::POST, 4));
         assert!(hop.headers.contains_key(AUTHORIZATION));
+        assert!(hop.headers.contains_key(HOST));
         let away = "http://127.0.0.1:2/c".parse().unwrap();
         redirect(&mut hop, StatusCode::SEE_OTHER, away, None);
         assert_eq!((hop.method.clone(), hop.body.len()), (Method::GET, 0));
