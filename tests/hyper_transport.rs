@@ -358,12 +358,15 @@ async fn bodies_larger_than_the_shared_budget_still_come_back() {
 // Failures and what they show.
 // ---------------------------------------------------------------------------
 
+/// A port on 127.0.0.1 that nothing listens on any more.
+async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
 #[tokio::test]
 async fn a_refused_connection_is_a_connect_error() {
-    let addr = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let addr = closed_port().await;
     let err = send(
         &HyperTransport::new(),
         get(format!("http://{addr}/x?key=SECRET")),
@@ -394,10 +397,7 @@ async fn a_body_cut_off_mid_way_is_a_reset() {
 
 #[tokio::test]
 async fn a_query_key_never_shows_in_an_error() {
-    let refused = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let refused = closed_port().await;
     let cut = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc".to_vec()).await;
     let (looping, _) = recording_server(|_| redirect_reply("302 Found", "/again?key=SECRET")).await;
     let (ftp, _) =
@@ -445,10 +445,7 @@ async fn a_query_key_never_shows_in_an_error() {
 
 #[tokio::test]
 async fn userinfo_in_the_url_never_shows_in_an_error() {
-    let refused = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let refused = closed_port().await;
     let err = send(
         &HyperTransport::new(),
         get(format!("http://user:PASSW0RD@{refused}/x")),
