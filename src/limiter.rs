@@ -33,7 +33,10 @@ pub use self::keyed::KeyedLimiter;
 use self::line::State;
 use self::pacing::Pacing;
 
-/// tokio's timer resolution: a timer fires up to this late, by design.
+/// tokio's timer tick. A deadline is rounded up to the next tick, and the
+/// driver sleeps whole ticks counted from a `now` rounded down, so a timer
+/// can fire up to two ticks late by design. Tokens are forgiven one tick of
+/// lateness (see `line`).
 const TIMER_TICK_NANOS: u64 = 1_000_000;
 
 /// A shared rate budget. Clones share one budget, across stages, branches

@@ -18,10 +18,15 @@
 //!
 //! Tokens are dated at their ideal instant (when the waiter was due), not
 //! at the moment somebody looked, so a timer that fires late costs no
-//! capacity and the rate is exact at every burst. Only lateness up to one
-//! timer tick is forgiven this way: a waiter looked at later than that was
-//! held up by something else, and dating it far back would let it go out
-//! in a burst with those on time. A waiter dropped before
+//! capacity. Only lateness up to one timer tick is forgiven this way:
+//! dating a token further back would let its request go out in a burst
+//! with those on time. A timer can be late by up to two ticks by itself
+//! (see `TIMER_TICK_NANOS`), and a busy thread or a consumer that did not
+//! poll adds more; a token looked at that late is dated one tick before
+//! the look, and the lateness beyond that is lost. So in virtual time the
+//! rate is exact at every burst (a paused clock wakes a timer on its tick),
+//! and in real time at burst 1 and an interval of one tick it runs a few
+//! percent under (`benches/RESULTS.md`). A waiter dropped before
 //! its token was granted takes nothing, and those behind it move up. A
 //! waiter honouring a [`PauseHandle`] keeps its place during the pause but
 //! is dated no earlier than the pause's end, so the end is not a burst.
@@ -141,10 +146,11 @@ impl State {
                 break;
             }
             // Dated at its due instant if looked at less than a timer tick
-            // after it (a late timer costs nothing); a waiter looked at later than
-            // that was held up by something else (a busy thread, a consumer
-            // that did not poll), and a token dated far back would let its
-            // request go out in a burst with those on time.
+            // after it (a late timer costs nothing); looked at later than
+            // that (the timer's second tick of slack, a busy thread, a
+            // consumer that did not poll), one tick before the look: a
+            // token dated far back would let its request go out in a burst
+            // with those on time.
             let dated = due.max(now.saturating_sub(TIMER_TICK_NANOS - 1));
             self.take(dated);
             previous = dated;
