@@ -63,7 +63,8 @@ struct Args {
     worker: Option<Vec<String>>,
 }
 
-/// How long an item may stay pending with a worker before another takes it.
+/// How long an item may stay pending with a worker that shows no sign of
+/// life (its running pipeline renews it) before another takes it.
 const CLAIM_AFTER: Duration = Duration::from_secs(2);
 
 #[tokio::main]

@@ -734,6 +734,22 @@ fn union_of_outputs(dir: &std::path::Path, workers: &[String]) -> HashMap<u64, u
     seen
 }
 
+/// The workers whose outputs hold `key`, for a failure's message.
+fn writers_of(dir: &std::path::Path, workers: &[String], key: u64) -> Vec<String> {
+    let key = format!("\"key\":\"{key}\"");
+    workers
+        .iter()
+        .filter(|worker| {
+            [".jsonl", ".failed.jsonl"].iter().any(|suffix| {
+                lines_of(&dir.join(format!("{worker}{suffix}")))
+                    .iter()
+                    .any(|line| line.contains(&key))
+            })
+        })
+        .cloned()
+        .collect()
+}
+
 /// The keys committed more than once, sorted.
 fn duplicates(seen: &HashMap<u64, u32>) -> Vec<u64> {
     let mut twice: Vec<u64> = seen
@@ -844,7 +860,11 @@ async fn workers_drain_a_shared_queue_exactly_once_through_a_kill() {
     let names: Vec<String> = (0..5).map(|w| format!("w{w}")).collect();
     let seen = union_of_outputs(&dir, &names);
     let twice = duplicates(&seen);
-    eprintln!("items written twice (committed, then killed before the ack): {twice:?}");
+    let writers: Vec<(u64, Vec<String>)> = twice
+        .iter()
+        .map(|&key| (key, writers_of(&dir, &names, key)))
+        .collect();
+    eprintln!("items written twice (committed, then killed before the ack): {writers:?}");
     assert_eq!(seen.len() as u64, QUEUE_ITEMS, "every item is in the union");
     assert!(seen.keys().all(|&id| id < QUEUE_ITEMS));
     assert!(
@@ -999,6 +1019,69 @@ async fn drain(queue: &WorkQueue, consumer: &str) -> Vec<String> {
         .collect()
         .await;
     done
+}
+
+/// A worker whose pipeline takes twice `claim_after` over each item (a
+/// slow server, one request at a time) keeps the items it read: they are
+/// renewed while it holds them, though the pipeline does not ask for more
+/// meanwhile, so another worker idle at the queue's end claims none of
+/// them, and each is done once. Two queues on two connections stand for
+/// two worker processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_worker_keeps_its_items_past_claim_after() {
+    let _measuring = MEASURING.lock().await;
+    let Some(redis) = Redis::start() else { return };
+    let claim_after = Duration::from_secs(1);
+    let worker = || {
+        let coordinator = RedisCoordinator::new(&redis.url(), "slow").unwrap();
+        WorkQueue::new(&coordinator, "items").claim_after(claim_after)
+    };
+    let (slow_queue, idle_queue) = (worker(), worker());
+    slow_queue
+        .push_all((0..3u64).map(|id| (id.to_string(), id)))
+        .await
+        .unwrap();
+
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::ok().delay(2 * claim_after)));
+    let slow_client = Client::builder()
+        .transport(mock)
+        .base_url("http://mock")
+        .build()
+        .unwrap();
+    let slow = async {
+        let results = slow_queue
+            .jobs::<u64>("slow")
+            .until_drained()
+            .fetch_concurrent(
+                1,
+                slow_client.get(|job: &Job<u64>| format!("/items/{}", job.item)),
+            );
+        let done: Vec<String> = slow_queue
+            .ack_after_commit(results)
+            .map(|result| result.unwrap().item.key().to_owned())
+            .collect()
+            .await;
+        done
+    };
+    // The idle worker starts once the slow one holds every item.
+    let idle = async {
+        while slow_queue.pending().await.unwrap() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drain(&idle_queue, "idle").await
+    };
+    let (mut slow_done, idle_done) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(slow, idle) })
+            .await
+            .expect("both workers end");
+    slow_done.sort();
+    assert_eq!(slow_done, ["0", "1", "2"]);
+    assert!(
+        idle_done.is_empty(),
+        "the idle worker claimed {idle_done:?} from a worker still on them"
+    );
+    assert_eq!(slow_queue.pending().await.unwrap(), 0);
 }
 
 /// Entries that do not decode become dead letters in Redis, with their

@@ -14,20 +14,25 @@
 //! letter: the sink asks for the next result only after committing the
 //! last, and that is when the last is acknowledged.
 //!
-//! A worker killed with items pending leaves them to the others: after
-//! [`claim_after`](WorkQueue::claim_after) without progress they are
-//! claimed (`XAUTOCLAIM`) and done again. A worker restarted under its
-//! consumer name and journal first reads its own pending items and
-//! acknowledges, without redoing, those its journal already committed
-//! ([`Jobs::skip_done`]).
+//! A running worker renews the items it holds (resets their idle time in
+//! Redis) every quarter of [`claim_after`](WorkQueue::claim_after), from
+//! a task of its own, however long its pipeline takes over them: retries,
+//! pauses and waits for the rate limit do not make it lose them. A worker
+//! killed with items pending leaves them to the others: once they have
+//! gone `claim_after` without renewal they are claimed (`XAUTOCLAIM`) and
+//! done again. A worker restarted under its consumer name and journal
+//! first reads its own pending items and acknowledges, without redoing,
+//! those its journal already committed ([`Jobs::skip_done`]).
 //!
 //! The one gap: an item committed by a worker and claimed by another
 //! before the first acknowledged it is in two outputs. That takes a worker
 //! killed between its commit and its acknowledgement (at most one item
 //! per worker killed, since each is acknowledged as soon as the next is
-//! asked for), or an acknowledgement held up by a Redis outage longer than
-//! `claim_after`. Delivery is at-least-once; deduplicate the union of
-//! outputs by key to make it exactly once.
+//! asked for), a worker frozen (say, stopped by its machine) for longer
+//! than `claim_after`, or a Redis outage longer than `claim_after`, which
+//! holds up acknowledgements and renewals alike. Delivery is
+//! at-least-once; deduplicate the union of outputs by key to make it
+//! exactly once.
 //!
 //! # When Redis goes away
 //!
@@ -84,6 +89,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RedisCoordinator;
 use crate::etl::HasItem;
+use crate::task::Task;
 
 /// Adds items whose key is not remembered: `KEYS` = the stream, then the
 /// key marker of each item; `ARGV` = key, item, key, item... Returns how
@@ -128,6 +134,36 @@ return 1
 ";
 
 static DEAD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(DEAD));
+
+/// Renews the entries still pending with a consumer: resets their idle
+/// time, so that [`XAUTOCLAIM`](WorkQueue::claim_after) leaves them to the
+/// worker that holds them. An entry another consumer claimed meanwhile is
+/// left to it. `KEYS` = stream; `ARGV` = group, consumer, entry ids.
+/// Returns how many were renewed.
+const RENEW: &str = r"
+local mine = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+if #mine == 0 then
+  return 0
+end
+local renewed = #mine
+mine[#mine + 1] = 'JUSTID'
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+return renewed
+";
+
+static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
+
+/// Entries per renewal call.
+const RENEW_CHUNK: usize = 500;
+
+/// The shortest time between two renewals, however short
+/// [`claim_after`](WorkQueue::claim_after) is.
+const RENEW_FLOOR: Duration = Duration::from_millis(10);
 
 /// Items per call when pushing many.
 const PUSH_CHUNK: usize = 500;
@@ -338,9 +374,12 @@ impl WorkQueue {
         self
     }
 
-    /// How long an item may stay pending with a consumer before another
-    /// claims it (default 30 s): longer than a worker may take over one
-    /// item, waits for the rate limit included.
+    /// How long an item may stay pending with a worker that shows no sign
+    /// of life before another claims it (default 30 s). A running
+    /// [`Jobs`] stream renews the items it holds every quarter of this,
+    /// however long the pipeline takes over them (retries, pauses and
+    /// waits for the rate limit included), so only a worker that stopped,
+    /// or froze for longer than this, loses its items to the others.
     ///
     /// # Panics
     ///
@@ -836,6 +875,41 @@ impl WorkQueue {
             .remove(id);
     }
 
+    /// The entries `reader` holds.
+    fn held_by(&self, reader: &Weak<()>) -> Vec<String> {
+        self.inner
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|(_, r)| Weak::ptr_eq(r, reader))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Renews, every quarter of [`claim_after`](Self::claim_after), the
+    /// entries `reader` holds for `consumer`, until `reader` is dropped.
+    /// One call tried once: a renewal Redis misses is made at the next.
+    async fn renew_while_held(self, consumer: String, reader: Weak<()>) {
+        let every = (self.inner.claim_after / 4).max(RENEW_FLOOR);
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while reader.strong_count() > 0 {
+            ticks.tick().await;
+            for ids in self.held_by(&reader).chunks(RENEW_CHUNK) {
+                let mut invocation = RENEW_SCRIPT.prepare_invoke();
+                invocation
+                    .key(&self.inner.stream)
+                    .arg(&self.inner.group)
+                    .arg(&consumer)
+                    .arg(ids);
+                if let Err(e) = self.timed::<u64>(Call::Script(&invocation)).await {
+                    tracing::warn!(error = %e, "could not renew the items held; trying again");
+                }
+            }
+        }
+    }
+
     /// Reads up to `count` entries with `XREADGROUP` from `from` (`>` for
     /// new ones, an id for this consumer's pending ones after it).
     async fn read(
@@ -1005,6 +1079,7 @@ impl<T: DeserializeOwned + Send + 'static> Jobs<T> {
     }
 
     fn start(&mut self) -> BoxStream<'static, Job<T>> {
+        let holder = Arc::new(());
         let state = Reader {
             queue: self.queue.clone(),
             consumer: self.consumer.clone(),
@@ -1013,7 +1088,12 @@ impl<T: DeserializeOwned + Send + 'static> Jobs<T> {
             batch: self.batch,
             buffer: VecDeque::new(),
             own_pending_from: Some("0".to_owned()),
-            holder: Arc::new(()),
+            _renewal: Task::spawn(
+                self.queue
+                    .clone()
+                    .renew_while_held(self.consumer.clone(), Arc::downgrade(&holder)),
+            ),
+            holder,
             delay: self.queue.inner.poll_every,
         };
         futures::stream::unfold(state, |mut state| async move {
@@ -1052,6 +1132,9 @@ struct Reader<T> {
     /// What this reader's held entries point to: once it is dropped, they
     /// are free to read again.
     holder: Arc<()>,
+    /// Renews the held entries while the pipeline works on them, however
+    /// long that takes; ends with the reader.
+    _renewal: Task<()>,
     /// The wait before trying Redis again after a failure.
     delay: Duration,
 }
