@@ -599,6 +599,11 @@ async fn the_local_line_is_fifo_cancel_safe_and_honours_the_pause() {
 /// The shared quota of the work-queue test, and its items.
 const QUEUE_RATE: u32 = 400;
 const QUEUE_ITEMS: u64 = 4_000;
+/// The queue workers' `claim_after`: the items of a killed worker wait
+/// this long for another, and a Redis outage shorter than this duplicates
+/// nothing. Held items are renewed every quarter of it, so it is the
+/// longest a worker process may freeze on a busy machine.
+const QUEUE_CLAIM_AFTER: Duration = Duration::from_secs(5);
 
 /// Not a test on its own: a worker draining the work queue into its own
 /// journaled output, one per
@@ -610,7 +615,7 @@ async fn redis_queue_worker_process() {
     };
     let parts: Vec<&str> = spec.split(' ').collect();
     let redis = RedisCoordinator::new(parts[0], "queue").unwrap();
-    let queue = WorkQueue::new(&redis, "items").claim_after(Duration::from_secs(2));
+    let queue = WorkQueue::new(&redis, "items").claim_after(QUEUE_CLAIM_AFTER);
     let client = Client::builder()
         .transport(ReqwestTransport::default())
         .base_url(parts[1])
@@ -927,7 +932,7 @@ fn redis_cli(redis: &Redis, args: &[&str]) -> String {
 /// Duplicates: an item committed and claimed by another worker before its
 /// acknowledgement reached Redis would be in two outputs. Here the outage
 /// (about a second, with the workers' back-off) is shorter than the
-/// workers' `claim_after` (2 s), so none may be; the test asserts none.
+/// workers' `claim_after` (5 s), so none may be; the test asserts none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_mid_run_loses_and_duplicates_nothing() {
     const ITEMS: u64 = 2_000;
