@@ -1089,6 +1089,57 @@ async fn a_slow_worker_keeps_its_items_past_claim_after() {
     assert_eq!(slow_queue.pending().await.unwrap(), 0);
 }
 
+/// Renewal keeps what a worker holds and never takes back what another
+/// claimed: an entry claimed away from a running worker (as when it froze
+/// past `claim_after`) stays with the claimant through many renewals,
+/// while the worker's other entry stays with it and keeps being renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_never_takes_back_a_claimed_item() {
+    let _measuring = MEASURING.lock().await;
+    let Some(redis) = Redis::start() else { return };
+    let claim_after = Duration::from_millis(400);
+    let coordinator = RedisCoordinator::new(&redis.url(), "renew").unwrap();
+    let queue = WorkQueue::new(&coordinator, "items").claim_after(claim_after);
+    queue.push("1", &1u64).await.unwrap();
+    queue.push("2", &2u64).await.unwrap();
+    let mut jobs = queue.jobs::<u64>("worker");
+    let first = jobs.next().await.unwrap();
+    let second = jobs.next().await.unwrap();
+    let stream = "renew:queue:items";
+    redis_cli(
+        &redis,
+        &[
+            "XCLAIM",
+            stream,
+            "workers",
+            "thief",
+            "0",
+            first.id(),
+            "JUSTID",
+        ],
+    );
+
+    // Five claim_afters: twenty renewals.
+    tokio::time::sleep(5 * claim_after).await;
+    let owners = redis_cli(&redis, &["XPENDING", stream, "workers", "-", "+", "10"]);
+    let owners: Vec<&str> = owners.lines().collect();
+    // Each entry: id, consumer, idle (ms), deliveries.
+    assert_eq!(owners.len(), 8, "{owners:?}");
+    assert_eq!((owners[0], owners[1]), (first.id(), "thief"), "{owners:?}");
+    assert_eq!(
+        (owners[4], owners[5]),
+        (second.id(), "worker"),
+        "{owners:?}"
+    );
+    let idle: u64 = owners[6].parse().unwrap();
+    assert!(
+        idle < claim_after.as_millis() as u64,
+        "held for {:?} and idle {idle} ms: not renewed",
+        5 * claim_after
+    );
+    drop(jobs);
+}
+
 /// Entries that do not decode become dead letters in Redis, with their
 /// raw id and fields, acknowledged and gone from the stream; the good
 /// ones around them go through.

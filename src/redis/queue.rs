@@ -71,7 +71,7 @@
 //! and the keys of those done within the window, never the queue's whole
 //! history.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -139,21 +139,26 @@ static DEAD_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(DEAD));
 /// time, so that [`XAUTOCLAIM`](WorkQueue::claim_after) leaves them to the
 /// worker that holds them. An entry another consumer claimed meanwhile is
 /// left to it. `KEYS` = stream; `ARGV` = group, consumer, entry ids.
-/// Returns how many were renewed.
+/// Returns the ids another consumer holds now (the rest were renewed, or
+/// acknowledged meanwhile).
 const RENEW: &str = r"
 local mine = {}
+local taken = {}
 for i = 3, #ARGV do
-  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
-    mine[#mine + 1] = ARGV[i]
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #pending > 0 then
+    if pending[1][2] == ARGV[2] then
+      mine[#mine + 1] = ARGV[i]
+    else
+      taken[#taken + 1] = ARGV[i]
+    end
   end
 end
-if #mine == 0 then
-  return 0
+if #mine > 0 then
+  mine[#mine + 1] = 'JUSTID'
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
 end
-local renewed = #mine
-mine[#mine + 1] = 'JUSTID'
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
-return renewed
+return taken
 ";
 
 static RENEW_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW));
@@ -894,17 +899,39 @@ impl WorkQueue {
         let every = (self.inner.claim_after / 4).max(RENEW_FLOOR);
         let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Held entries found claimed by another worker, said once each.
+        let mut taken_away = HashSet::new();
         while reader.strong_count() > 0 {
             ticks.tick().await;
-            for ids in self.held_by(&reader).chunks(RENEW_CHUNK) {
+            let held = self.held_by(&reader);
+            taken_away.retain(|id| held.contains(id));
+            for ids in held.chunks(RENEW_CHUNK) {
                 let mut invocation = RENEW_SCRIPT.prepare_invoke();
                 invocation
                     .key(&self.inner.stream)
                     .arg(&self.inner.group)
                     .arg(&consumer)
                     .arg(ids);
-                if let Err(e) = self.timed::<u64>(Call::Script(&invocation)).await {
-                    tracing::warn!(error = %e, "could not renew the items held; trying again");
+                match self.timed::<Vec<String>>(Call::Script(&invocation)).await {
+                    Ok(taken) => {
+                        let new = taken
+                            .into_iter()
+                            .filter(|id| taken_away.insert(id.clone()))
+                            .count();
+                        if new > 0 {
+                            // Stopped, or cut off from Redis, for longer
+                            // than claim_after: another worker claimed them.
+                            tracing::warn!(
+                                queue = %self.inner.name,
+                                consumer = %consumer,
+                                items = new,
+                                "items held here were claimed by another worker and may be done twice"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not renew the items held; trying again");
+                    }
                 }
             }
         }
