@@ -20,6 +20,8 @@ mod classify;
 #[cfg(feature = "hyper-transport")]
 mod hyper;
 pub mod mock;
+#[cfg(feature = "hyper-transport")]
+mod proxy;
 #[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
 mod redirect;
 #[cfg(feature = "reqwest")]

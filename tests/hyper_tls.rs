@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +20,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sluicegate::{Client, HyperTransport, SluiceExt, Transport, TransportErrorKind};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::AbortOnDropHandle;
@@ -59,6 +60,10 @@ fn trusting(roots: &[CertificateDer<'static>]) -> rustls::ClientConfig {
         .with_root_certificates(store)
         .with_no_client_auth()
 }
+
+/// The test server's answer header saying whether a request came with a
+/// `Proxy-Authorization` header.
+const SAW_PROXY_AUTH: &str = "x-saw-proxy-authorization";
 
 /// ALPN protocol ids, in order of preference.
 type ProtocolIds<'a> = &'a [&'a [u8]];
@@ -114,10 +119,12 @@ impl TlsServer {
                     let service = service_fn(move |request: Request<Incoming>| {
                         hits.fetch_add(1, Ordering::SeqCst);
                         let body = format!("{:?} {}", request.version(), request.uri().path());
+                        let proxy_auth = request.headers().contains_key("proxy-authorization");
                         async move {
                             Ok::<_, Infallible>(
                                 Response::builder()
                                     .status(StatusCode::NON_AUTHORITATIVE_INFORMATION)
+                                    .header(SAW_PROXY_AUTH, proxy_auth.to_string())
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap(),
                             )
@@ -202,7 +209,8 @@ async fn alpn_picks_http2_where_offered_and_http11_otherwise() {
     for (offered, chosen, version) in cases {
         let mut server = TlsServer::start(offered).await;
         let offered: Vec<_> = offered.iter().map(|p| String::from_utf8_lossy(p)).collect();
-        let transport = HyperTransport::with_tls_config(trusting(&[server.cert.clone()]));
+        let transport =
+            HyperTransport::with_tls_config(trusting(std::slice::from_ref(&server.cert)));
 
         let response = within("a request", transport.send(get(server.url("/v"))))
             .await
@@ -297,4 +305,151 @@ async fn a_closed_port_over_https_is_a_connect_error() {
     .await
     .expect_err("nothing listens there");
     assert_eq!(err.kind(), TransportErrorKind::Connect, "{err:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Through a proxy.
+// ---------------------------------------------------------------------------
+
+/// `Basic` credentials for `user:s@cret` (written `s%40cret` in a URL).
+const PROXY_AUTH: &str = "Basic dXNlcjpzQGNyZXQ=";
+
+/// A forward proxy on 127.0.0.1 that opens a `CONNECT` tunnel to a
+/// loopback target for requests carrying `Proxy-Authorization: PROXY_AUTH`,
+/// and answers anything else `407`. Records each request head it reads.
+struct ConnectProxy {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+    _accepting: AbortOnDropHandle<()>,
+}
+
+impl ConnectProxy {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let record = heads.clone();
+        let accepting = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(Self::serve(client, record.clone()));
+            }
+        });
+        Self {
+            addr,
+            heads,
+            _accepting: AbortOnDropHandle::new(accepting),
+        }
+    }
+
+    async fn serve(mut client: TcpStream, record: Arc<Mutex<Vec<String>>>) {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        record.lock().unwrap().push(head.clone());
+        let authorized = head.lines().any(|line| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("proxy-authorization") && value.trim() == PROXY_AUTH
+            })
+        });
+        let target = head
+            .strip_prefix("CONNECT ")
+            .and_then(|rest| rest.split(' ').next())
+            // Loopback only: the tests reach nothing further.
+            .filter(|target| target.starts_with("127.0.0.1:"));
+        match target {
+            Some(target) if authorized => {
+                let Ok(mut origin) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut origin).await;
+            }
+            _ => {
+                let _ = client
+                    .write_all(
+                        b"HTTP/1.1 407 Proxy Authentication Required\r\ncontent-length: 0\r\n\r\n",
+                    )
+                    .await;
+            }
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+/// An `https://` target goes through a `CONNECT` tunnel with the proxy's
+/// credentials, TLS (and ALPN's HTTP/2) inside it, end to end with the
+/// origin: the proxy reads nothing but the `CONNECT`, and the origin never
+/// gets the proxy's credentials.
+#[tokio::test]
+async fn an_https_target_tunnels_through_the_proxy_which_sees_only_the_connect() {
+    let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let proxy = ConnectProxy::start().await;
+    let transport = HyperTransport::with_tls_config(trusting(std::slice::from_ref(&server.cert)))
+        .proxy(&format!("http://user:s%40cret@{}", proxy.addr))
+        .unwrap();
+    assert!(!format!("{transport:?}").contains("cret"));
+    let client = Client::builder()
+        .transport(transport)
+        .base_url(format!("https://{}", server.addr))
+        .build()
+        .unwrap();
+
+    let fetched = within(
+        "the pipeline through the proxy",
+        stream::iter(0u64..4)
+            .fetch_concurrent(2, client.get(|id: &u64| format!("/items/{id}")))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    for result in fetched {
+        let fetched = result.unwrap_or_else(|e| panic!("a fetch through the proxy failed: {e}"));
+        assert_eq!(fetched.body(), &format!("HTTP/2.0 /items/{}", fetched.item));
+        assert_eq!(fetched.response.headers()[SAW_PROXY_AUTH], "false");
+    }
+    assert_eq!(server.hits.load(Ordering::SeqCst), 4);
+    let heads = proxy.heads();
+    assert!(!heads.is_empty());
+    for head in &heads {
+        let expected = format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n", server.addr.port());
+        assert!(head.starts_with(&expected), "{head}");
+        assert!(head.contains(PROXY_AUTH), "{head}");
+        assert!(!head.contains("/items/"), "{head}");
+    }
+}
+
+/// A proxy refusing the credentials is a `Connect` error, and neither the
+/// password nor its encoding shows anywhere in the error; the origin is
+/// never reached, directly or otherwise.
+#[tokio::test]
+async fn a_proxy_refusing_the_credentials_is_a_connect_error_that_shows_none() {
+    let server = TlsServer::start(&[b"http/1.1"]).await;
+    let proxy = ConnectProxy::start().await;
+    let transport = HyperTransport::with_tls_config(trusting(std::slice::from_ref(&server.cert)))
+        .proxy(&format!("http://user:wrongpass@{}", proxy.addr))
+        .unwrap();
+    let err = within("the refused tunnel", transport.send(get(server.url("/x"))))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err:?}");
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = next {
+        for shown in [e.to_string(), format!("{e:?}")] {
+            assert!(!shown.contains("wrongpass"), "{shown}");
+            assert!(!shown.contains("dXNlcjp3cm9uZ3Bhc3M="), "{shown}");
+        }
+        next = e.source();
+    }
+    assert_eq!(proxy.heads().len(), 1);
+    assert_eq!(server.hits.load(Ordering::SeqCst), 0);
 }

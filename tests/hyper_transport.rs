@@ -826,3 +826,90 @@ async fn trust_in_one_origin_does_not_carry_on_to_a_third() {
     assert_eq!(landed.target(), "/stolen");
     assert!(secrets_in(&landed).is_empty(), "{}", landed.head);
 }
+
+// ---------------------------------------------------------------------------
+// Through a proxy.
+// ---------------------------------------------------------------------------
+
+/// `Basic` credentials for `user:s@cret` (written `s%40cret` in a URL).
+const PROXY_AUTH: &str = "Basic dXNlcjpzQGNyZXQ=";
+
+/// A plain-`http` target goes to the proxy, in absolute form, with the
+/// proxy's credentials; so does each redirect hop, credentials set again.
+/// Nothing listens at the origin: only the proxy can answer.
+#[tokio::test]
+async fn an_http_target_goes_to_the_proxy_in_absolute_form_with_its_credentials() {
+    let origin = closed_port().await;
+    let (proxy, seen) = recording_server(move |request: &Seen| {
+        if request.target().ends_with("/first?q=1") {
+            redirect_reply("302 Found", &format!("http://{origin}/second"))
+        } else {
+            ok_reply(request)
+        }
+    })
+    .await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("http://user:s%40cret@{proxy}"))
+        .unwrap();
+    assert!(!format!("{transport:?}").contains("cret"));
+
+    let response = send(&transport, get(format!("http://{origin}/first?q=1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (response.status(), response.body().as_ref()),
+        (StatusCode::OK, &b"ok"[..])
+    );
+    let seen = seen.lock().unwrap().clone();
+    let targets: Vec<&str> = seen.iter().map(Seen::target).collect();
+    assert_eq!(
+        targets,
+        [
+            format!("http://{origin}/first?q=1"),
+            format!("http://{origin}/second")
+        ]
+    );
+    for request in &seen {
+        assert_eq!(request.header("proxy-authorization"), Some(PROXY_AUTH));
+    }
+}
+
+/// `no_proxy` sends every request straight to its target, without the
+/// proxy's credentials, and the proxy sees nothing.
+#[tokio::test]
+async fn no_proxy_goes_straight_to_the_origin() {
+    let (proxy, at_proxy) = recording_server(ok_reply).await;
+    let (origin, at_origin) = recording_server(ok_reply).await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("http://user:s%40cret@{proxy}"))
+        .unwrap()
+        .no_proxy();
+    send(&transport, get(format!("http://{origin}/x")))
+        .await
+        .unwrap();
+    let at_origin = at_origin.lock().unwrap().clone();
+    assert_eq!(at_origin.len(), 1);
+    assert_eq!(at_origin[0].target(), "/x");
+    assert_eq!(at_origin[0].header("proxy-authorization"), None);
+    assert!(at_proxy.lock().unwrap().is_empty());
+}
+
+/// A proxy that is not an absolute `http://` URL is refused when the
+/// transport is made (never ignored, which would send every request
+/// direct), and the error does not repeat the URL's password.
+#[test]
+fn a_proxy_url_that_cannot_be_spoken_to_is_refused_without_its_password() {
+    for url in [
+        "https://user:pw-123@127.0.0.1:3128",
+        "socks5://user:pw-123@127.0.0.1:1080",
+        "127.0.0.1:3128/user:pw-123",
+        "http://user:pw-123@",
+        "not a url pw-123",
+    ] {
+        let err = HyperTransport::new().proxy(url).unwrap_err();
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(shown.contains("proxy"), "{url}: {shown}");
+            assert!(!shown.contains("pw-123"), "{url}: {shown}");
+        }
+    }
+}

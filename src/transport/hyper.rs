@@ -10,15 +10,17 @@ use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioExecutor;
 
 use super::body::{self, read_body, BodyBudget};
 use super::classify::classify;
+use super::proxy::ProxyConnector;
 use super::redirect::{self, Hop};
 use super::{without_query, CredentialScope, Prepared, Transport};
-use crate::error::{TransportError, TransportErrorKind};
+use crate::error::{BuildError, TransportError, TransportErrorKind};
 
-type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, Full<Bytes>>;
 
 /// Sends requests with hyper-util's pooled client and reads bodies up to a
 /// cap: the request the pipeline built goes out as it is.
@@ -30,16 +32,32 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Fu
 /// instructions per request of a hand-written reqwest loop, and outruns it
 /// on a current-thread runtime; on a multi-thread one they are about level
 /// (see the README's Performance section). What it leaves out is what
-/// reqwest adds around the pool: **no proxy support** (`HTTP_PROXY` and the
-/// like are not read), no cookie store, no decompression. Where you need
-/// those, use `ReqwestTransport`; everything above the transport (limits,
-/// pauses, retries, timeouts, credentials, caps) is the same.
+/// reqwest adds around the pool beyond proxies: no cookie store, no
+/// `https://` or SOCKS proxies. Where you need those, use
+/// `ReqwestTransport`; everything above the transport (limits, pauses,
+/// retries, timeouts, credentials, caps) is the same.
 ///
 /// `HyperTransport::new()` is ready to use: connection pooling, rustls
 /// checking certificates against the system's roots (the same verifier
 /// reqwest uses), HTTP/1.1, and HTTP/2 where the server offers it over TLS.
 /// Plain `http://` is HTTP/1.1. For your own roots or client certificates,
 /// hand a rustls config to [`with_tls_config`](Self::with_tls_config).
+///
+/// # Proxies
+///
+/// As reqwest does, it reads `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and
+/// `NO_PROXY` (and their lowercase forms) when it is made, and the system's
+/// proxy settings on macOS and Windows. An `https://` target goes through
+/// a `CONNECT` tunnel, TLS inside it, so the proxy sees neither request
+/// nor headers; an `http://` target is sent to the proxy in absolute form.
+/// The proxy's credentials (`http://user:password@proxy:3128`) go to the
+/// proxy alone: in the tunnel's `CONNECT`, or in a `Proxy-Authorization`
+/// header on a plain-`http` request, set again on each redirect hop only if
+/// that hop goes through the proxy too. They appear in no error and no
+/// `Debug`. Only `http://` proxies are spoken to: a target whose proxy is
+/// `https://` or SOCKS fails to connect with an error that says so, rather
+/// than going out directly. [`proxy`](Self::proxy) names one proxy for
+/// every request; [`no_proxy`](Self::no_proxy) sends every request direct.
 ///
 /// # Redirects and credentials
 ///
@@ -97,6 +115,11 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<HttpConnector>, Fu
 #[derive(Clone)]
 pub struct HyperTransport {
     pool: Pool,
+    /// The pool's connector, for the proxy's credentials on plain-`http`
+    /// requests.
+    connector: ProxyConnector,
+    /// Kept to build the pool again when the proxies change.
+    tls: rustls::ClientConfig,
     max_body_bytes: usize,
     max_redirects: usize,
     budget: BodyBudget,
@@ -136,21 +159,62 @@ impl HyperTransport {
     /// certificates or crypto provider. Its ALPN protocols are replaced by
     /// HTTP/2 and HTTP/1.1.
     pub fn with_tls_config(config: rustls::ClientConfig) -> Self {
-        let mut http = HttpConnector::new();
-        // `https://` goes through the same connector, wrapped in TLS.
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
+        let (pool, connector) = pool(config.clone(), Some(Matcher::from_system()));
         Self {
-            pool: hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https),
+            pool,
+            connector,
+            tls: config,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_redirects: Self::DEFAULT_MAX_REDIRECTS,
             budget: BodyBudget::new(Self::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT),
+        }
+    }
+
+    /// Sends every request through the `http://` proxy at `url`, whatever
+    /// the environment says. Credentials in its userinfo
+    /// (`http://user:password@proxy:3128`, percent-encoded) go to the proxy
+    /// alone.
+    ///
+    /// # Errors
+    ///
+    /// When `url` is not an absolute `http://` URL. The message does not
+    /// repeat `url`, which may hold a password.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use sluicegate::HyperTransport;
+    ///
+    /// let transport = HyperTransport::new().proxy("http://user:s%40cret@127.0.0.1:3128")?;
+    /// // What it shows of the proxy has no credentials.
+    /// assert!(!format!("{transport:?}").contains("cret"));
+    /// assert!(HyperTransport::new().proxy("socks5://127.0.0.1:1080").is_err());
+    /// # Ok::<(), sluicegate::BuildError>(())
+    /// ```
+    pub fn proxy(self, url: &str) -> Result<Self, BuildError> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| BuildError::new("the proxy URL does not parse"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(BuildError::new(
+                "the proxy URL is not an absolute http:// URL (https:// and SOCKS proxies need ReqwestTransport)",
+            ));
+        }
+        Ok(self.with_proxies(Some(Matcher::builder().all(url.to_owned()).build())))
+    }
+
+    /// Sends every request straight to its target, whatever the
+    /// environment says.
+    pub fn no_proxy(self) -> Self {
+        self.with_proxies(None)
+    }
+
+    fn with_proxies(self, proxies: Option<Matcher>) -> Self {
+        let (pool, connector) = pool(self.tls.clone(), proxies);
+        Self {
+            pool,
+            connector,
+            ..self
         }
     }
 
@@ -184,6 +248,7 @@ impl HyperTransport {
         scope: Option<Arc<CredentialScope>>,
     ) -> BoxFuture<'static, Result<Response<Bytes>, TransportError>> {
         let pool = self.pool.clone();
+        let connector = self.connector.clone();
         let (max, max_redirects) = (self.max_body_bytes, self.max_redirects);
         let budget = self.budget.clone();
         Box::pin(async move {
@@ -212,6 +277,13 @@ impl HyperTransport {
                 *request.uri_mut() = hop.target.clone();
                 *request.version_mut() = hop.version;
                 *request.headers_mut() = hop.headers.clone();
+                if let Some(mut auth) = connector.authorization(&hop.target) {
+                    auth.set_sensitive(true);
+                    request
+                        .headers_mut()
+                        .entry(http::header::PROXY_AUTHORIZATION)
+                        .or_insert(auth);
+                }
                 let sent = pool.request(request);
                 let target = hop.target.clone();
                 async move {
@@ -235,6 +307,24 @@ impl HyperTransport {
     }
 }
 
+/// hyper-util's pooled client over `proxies`, speaking TLS with `tls`, and
+/// its connector.
+fn pool(tls: rustls::ClientConfig, proxies: Option<Matcher>) -> (Pool, ProxyConnector) {
+    let mut http = HttpConnector::new();
+    // `https://` goes through the same connector, wrapped in TLS.
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let connector = ProxyConnector::new(http, proxies);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector.clone());
+    let pool = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(https);
+    (pool, connector)
+}
+
 impl Default for HyperTransport {
     /// [`HyperTransport::new`].
     ///
@@ -252,6 +342,7 @@ impl fmt::Debug for HyperTransport {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_redirects", &self.max_redirects)
             .field("max_body_bytes_in_flight", &self.budget.bytes())
+            .field("proxies", &self.connector)
             .finish_non_exhaustive()
     }
 }

@@ -1,0 +1,220 @@
+//! [`ProxyConnector`]: the connections of [`HyperTransport`](super::HyperTransport),
+//! straight to the origin or through an HTTP proxy.
+//!
+//! Which proxy a target goes through is hyper-util's [`Matcher`] decision
+//! (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as curl and
+//! reqwest read them, and the system's settings where it has them). What
+//! this file adds is how each case connects:
+//!
+//! - no proxy: a TCP connection to the origin;
+//! - an `https://` target: a `CONNECT` tunnel through the proxy (with its
+//!   credentials, if it has any), and TLS to the origin inside it, so the
+//!   proxy sees neither the request nor its headers;
+//! - an `http://` target: a TCP connection to the proxy, marked as one, so
+//!   that hyper-util sends the request in absolute form
+//!   (`GET http://host/path`); the proxy's credentials go in a
+//!   `Proxy-Authorization` header on that request alone
+//!   ([`ProxyConnector::authorization`]).
+//!
+//! Only `http://` proxies are spoken to: a target whose proxy is
+//! `https://` or SOCKS fails to connect, with an error that says so (and
+//! names the proxy without its credentials), rather than going out
+//! directly.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Uri};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Matcher;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Connects to a target, through the proxy the matcher names for it, if
+/// any. Cheap to clone.
+#[derive(Clone)]
+pub(crate) struct ProxyConnector {
+    http: HttpConnector,
+    proxies: Option<Arc<Matcher>>,
+}
+
+impl ProxyConnector {
+    pub(crate) fn new(http: HttpConnector, proxies: Option<Matcher>) -> Self {
+        Self {
+            http,
+            proxies: proxies.map(Arc::new),
+        }
+    }
+
+    /// The `Proxy-Authorization` a request to `target` carries: the
+    /// credentials of the proxy a plain-`http` target is sent to, if it
+    /// has any. (An `https` target's go in its tunnel's `CONNECT` alone.)
+    pub(crate) fn authorization(&self, target: &Uri) -> Option<HeaderValue> {
+        if target.scheme_str() != Some("http") {
+            return None;
+        }
+        let intercept = self.proxies.as_deref()?.intercept(target)?;
+        intercept.basic_auth().cloned()
+    }
+}
+
+/// The proxies as the matcher shows them: their URLs without credentials,
+/// and the hosts exempted.
+impl std::fmt::Debug for ProxyConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.proxies {
+            Some(proxies) => proxies.fmt(f),
+            None => f.write_str("none"),
+        }
+    }
+}
+
+impl Service<Uri> for ProxyConnector {
+    type Response = ProxyStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<ProxyStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, target: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let Some(intercept) = self.proxies.as_deref().and_then(|m| m.intercept(&target)) else {
+            return Box::pin(async move {
+                let io = http.call(target).await?;
+                Ok(ProxyStream::direct(io))
+            });
+        };
+        let proxy = intercept.uri().clone();
+        if proxy.scheme_str() != Some("http") {
+            // The proxy's URI carries no credentials (the matcher took them
+            // out), so it can be named.
+            return Box::pin(async move {
+                Err(format!(
+                    "the proxy {proxy} is not an http:// proxy, which is all HyperTransport speaks \
+                     (ReqwestTransport speaks https:// and SOCKS proxies too)"
+                )
+                .into())
+            });
+        }
+        if target.scheme_str() == Some("https") {
+            let mut tunnel = Tunnel::new(proxy, http);
+            if let Some(auth) = intercept.basic_auth() {
+                tunnel = tunnel.with_auth(auth.clone());
+            }
+            Box::pin(async move {
+                let io = tunnel.call(target).await?;
+                Ok(ProxyStream::direct(io))
+            })
+        } else {
+            Box::pin(async move {
+                let io = http.call(proxy).await?;
+                Ok(ProxyStream { io, to_proxy: true })
+            })
+        }
+    }
+}
+
+/// A connection to an origin, or to a proxy a plain-`http` request is sent
+/// to in absolute form.
+pub(crate) struct ProxyStream {
+    io: TokioIo<TcpStream>,
+    to_proxy: bool,
+}
+
+impl ProxyStream {
+    fn direct(io: TokioIo<TcpStream>) -> Self {
+        Self {
+            io,
+            to_proxy: false,
+        }
+    }
+}
+
+impl Connection for ProxyStream {
+    fn connected(&self) -> Connected {
+        self.io.connected().proxy(self.to_proxy)
+    }
+}
+
+impl Read for ProxyStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl Write for ProxyStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+
+    use super::*;
+
+    /// A target whose proxy (say, from `ALL_PROXY`) is SOCKS or `https://`
+    /// fails to connect, saying why, and never goes out directly instead.
+    #[tokio::test]
+    async fn a_proxy_not_spoken_fails_the_connection_and_never_bypasses() {
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target: Uri = format!("http://{}/x", origin.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        for proxy in [
+            "socks5://user:pw-123@127.0.0.1:9",
+            "https://user:pw-123@127.0.0.1:9",
+        ] {
+            let proxies = Matcher::builder().all(proxy.to_owned()).build();
+            let mut connector = ProxyConnector::new(HttpConnector::new(), Some(proxies));
+            let Err(err) = connector.call(target.clone()).await else {
+                panic!("{proxy}: connected");
+            };
+            let shown = err.to_string();
+            assert!(shown.contains("is not an http:// proxy"), "{shown}");
+            assert!(!shown.contains("pw-123"), "{shown}");
+            assert!(
+                origin.accept().now_or_never().is_none(),
+                "{proxy}: went direct"
+            );
+        }
+    }
+}
