@@ -901,7 +901,7 @@ async fn no_proxy_goes_straight_to_the_origin() {
 fn a_proxy_url_that_cannot_be_spoken_to_is_refused_without_its_password() {
     for url in [
         "https://user:pw-123@127.0.0.1:3128",
-        "socks5://user:pw-123@127.0.0.1:1080",
+        "socks4://user:pw-123@127.0.0.1:1080",
         "127.0.0.1:3128/user:pw-123",
         "http://user:pw-123@",
         "not a url pw-123",
@@ -912,4 +912,106 @@ fn a_proxy_url_that_cannot_be_spoken_to_is_refused_without_its_password() {
             assert!(!shown.contains("pw-123"), "{url}: {shown}");
         }
     }
+}
+
+/// A SOCKS5 proxy on 127.0.0.1 that wants user `user` with password
+/// `s@cret` and tunnels `CONNECT`s to loopback IPv4 targets. Records each
+/// target asked for, or `refused` for bad credentials.
+async fn socks5_proxy() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    async fn read_exact(socket: &mut TcpStream, n: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        socket.read_exact(&mut buf).await.ok()?;
+        Some(buf)
+    }
+    async fn serve(mut client: TcpStream, record: Arc<Mutex<Vec<String>>>) -> Option<()> {
+        let greeting = read_exact(&mut client, 2).await?;
+        let methods = read_exact(&mut client, usize::from(greeting[1])).await?;
+        if greeting[0] != 5 || !methods.contains(&2) {
+            client.write_all(&[5, 0xff]).await.ok()?;
+            return None;
+        }
+        client.write_all(&[5, 2]).await.ok()?;
+        let user_len = read_exact(&mut client, 2).await?[1];
+        let user = read_exact(&mut client, usize::from(user_len)).await?;
+        let pass_len = read_exact(&mut client, 1).await?[0];
+        let pass = read_exact(&mut client, usize::from(pass_len)).await?;
+        if (user.as_slice(), pass.as_slice()) != (&b"user"[..], &b"s@cret"[..]) {
+            record.lock().unwrap().push("refused".to_owned());
+            client.write_all(&[1, 1]).await.ok()?;
+            return None;
+        }
+        client.write_all(&[1, 0]).await.ok()?;
+        let request = read_exact(&mut client, 4).await?;
+        if request[..4] != [5, 1, 0, 1] {
+            // Only CONNECT to an IPv4 address: the tests use nothing else.
+            return None;
+        }
+        let address = read_exact(&mut client, 6).await?;
+        let ip = std::net::Ipv4Addr::new(address[0], address[1], address[2], address[3]);
+        let port = u16::from_be_bytes([address[4], address[5]]);
+        record.lock().unwrap().push(format!("{ip}:{port}"));
+        if !ip.is_loopback() {
+            return None;
+        }
+        let mut origin = TcpStream::connect((ip, port)).await.ok()?;
+        client
+            .write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0])
+            .await
+            .ok()?;
+        tokio::io::copy_bidirectional(&mut client, &mut origin)
+            .await
+            .ok()?;
+        Some(())
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let targets = Arc::new(Mutex::new(Vec::new()));
+    let record = targets.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(serve(client, record.clone()));
+        }
+    });
+    (addr, targets)
+}
+
+/// Through a SOCKS5 proxy, the request goes in a tunnel to the origin, as
+/// the origin would get it directly: in origin form, with no proxy header;
+/// the proxy's user and password go in the handshake alone.
+#[tokio::test]
+async fn a_socks5_proxy_tunnels_to_the_origin_with_its_credentials() {
+    let (proxy, targets) = socks5_proxy().await;
+    let (origin, at_origin) = recording_server(ok_reply).await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("socks5://user:s%40cret@{proxy}"))
+        .unwrap();
+    let response = send(&transport, get(format!("http://{origin}/x?y=1")))
+        .await
+        .unwrap();
+    assert_eq!(response.body().as_ref(), b"ok");
+    assert_eq!(*targets.lock().unwrap(), [origin.to_string()]);
+    let at_origin = at_origin.lock().unwrap().clone();
+    assert_eq!(at_origin.len(), 1);
+    assert_eq!(at_origin[0].target(), "/x?y=1");
+    assert_eq!(at_origin[0].header("proxy-authorization"), None);
+}
+
+/// A SOCKS5 proxy refusing the credentials is a `Connect` error that shows
+/// no password, and the origin is never reached.
+#[tokio::test]
+async fn a_socks5_proxy_refusing_the_credentials_is_a_connect_error() {
+    let (proxy, targets) = socks5_proxy().await;
+    let (origin, at_origin) = recording_server(ok_reply).await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("socks5h://user:wrong-pw@{proxy}"))
+        .unwrap();
+    let err = send(&transport, get(format!("http://{origin}/x")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err:?}");
+    for shown in everything_shown(&err) {
+        assert!(!shown.contains("wrong-pw"), "{shown}");
+    }
+    assert_eq!(*targets.lock().unwrap(), ["refused"]);
+    assert!(at_origin.lock().unwrap().is_empty());
 }

@@ -33,7 +33,7 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// on a current-thread runtime; on a multi-thread one they are about level
 /// (see the README's Performance section). What it leaves out is what
 /// reqwest adds around the pool beyond proxies: no cookie store, no
-/// `https://` or SOCKS proxies. Where you need those, use
+/// `https://` proxies. Where you need those, use
 /// `ReqwestTransport`; everything above the transport (limits, pauses,
 /// retries, timeouts, credentials, caps) is the same.
 ///
@@ -50,14 +50,17 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// proxy settings on macOS and Windows. An `https://` target goes through
 /// a `CONNECT` tunnel, TLS inside it, so the proxy sees neither request
 /// nor headers; an `http://` target is sent to the proxy in absolute form.
-/// The proxy's credentials (`http://user:password@proxy:3128`) go to the
-/// proxy alone: in the tunnel's `CONNECT`, or in a `Proxy-Authorization`
-/// header on a plain-`http` request, set again on each redirect hop only if
-/// that hop goes through the proxy too. They appear in no error and no
-/// `Debug`. Only `http://` proxies are spoken to: a target whose proxy is
-/// `https://` or SOCKS fails to connect with an error that says so, rather
-/// than going out directly. [`proxy`](Self::proxy) names one proxy for
-/// every request; [`no_proxy`](Self::no_proxy) sends every request direct.
+/// A SOCKS5 proxy (`socks5://`, names resolved here, or `socks5h://`,
+/// names resolved by the proxy) tunnels every target. The proxy's
+/// credentials (`http://user:password@proxy:3128`) go to the proxy alone:
+/// in the tunnel's `CONNECT` or SOCKS handshake, or in a
+/// `Proxy-Authorization` header on a plain-`http` request, set again on
+/// each redirect hop only if that hop goes through the proxy too. They
+/// appear in no error and no `Debug`. An `https://` proxy (TLS to the proxy
+/// itself) or a SOCKS4 one is not spoken to: a target whose proxy it is
+/// fails to connect with an error that says so, rather than going out
+/// directly. [`proxy`](Self::proxy) names one proxy for every request;
+/// [`no_proxy`](Self::no_proxy) sends every request direct.
 ///
 /// # Redirects and credentials
 ///
@@ -170,15 +173,15 @@ impl HyperTransport {
         }
     }
 
-    /// Sends every request through the `http://` proxy at `url`, whatever
-    /// the environment says. Credentials in its userinfo
-    /// (`http://user:password@proxy:3128`, percent-encoded) go to the proxy
-    /// alone.
+    /// Sends every request through the proxy at `url` (`http://`,
+    /// `socks5://` or `socks5h://`), whatever the environment says.
+    /// Credentials in its userinfo (`http://user:password@proxy:3128`,
+    /// percent-encoded) go to the proxy alone.
     ///
     /// # Errors
     ///
-    /// When `url` is not an absolute `http://` URL. The message does not
-    /// repeat `url`, which may hold a password.
+    /// When `url` is not an absolute URL of one of those schemes. The
+    /// message does not repeat `url`, which may hold a password.
     ///
     /// # Example
     ///
@@ -188,16 +191,18 @@ impl HyperTransport {
     /// let transport = HyperTransport::new().proxy("http://user:s%40cret@127.0.0.1:3128")?;
     /// // What it shows of the proxy has no credentials.
     /// assert!(!format!("{transport:?}").contains("cret"));
-    /// assert!(HyperTransport::new().proxy("socks5://127.0.0.1:1080").is_err());
+    /// assert!(HyperTransport::new().proxy("https://127.0.0.1:3128").is_err());
     /// # Ok::<(), sluicegate::BuildError>(())
     /// ```
     pub fn proxy(self, url: &str) -> Result<Self, BuildError> {
         let uri: Uri = url
             .parse()
             .map_err(|_| BuildError::new("the proxy URL does not parse"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        if !matches!(uri.scheme_str(), Some("http" | "socks5" | "socks5h")) || uri.host().is_none()
+        {
             return Err(BuildError::new(
-                "the proxy URL is not an absolute http:// URL (https:// and SOCKS proxies need ReqwestTransport)",
+                "the proxy URL is not an absolute http://, socks5:// or socks5h:// URL \
+                 (https:// proxies need ReqwestTransport)",
             ));
         }
         Ok(self.with_proxies(Some(Matcher::builder().all(url.to_owned()).build())))

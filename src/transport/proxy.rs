@@ -7,19 +7,24 @@
 //! this file adds is how each case connects:
 //!
 //! - no proxy: a TCP connection to the origin;
-//! - an `https://` target: a `CONNECT` tunnel through the proxy (with its
-//!   credentials, if it has any), and TLS to the origin inside it, so the
-//!   proxy sees neither the request nor its headers;
-//! - an `http://` target: a TCP connection to the proxy, marked as one, so
-//!   that hyper-util sends the request in absolute form
-//!   (`GET http://host/path`); the proxy's credentials go in a
+//! - an `http://` proxy and an `https://` target: a `CONNECT` tunnel
+//!   through the proxy (with its credentials, if it has any), and TLS to
+//!   the origin inside it, so the proxy sees neither the request nor its
+//!   headers;
+//! - an `http://` proxy and an `http://` target: a TCP connection to the
+//!   proxy, marked as one, so that hyper-util sends the request in absolute
+//!   form (`GET http://host/path`); the proxy's credentials go in a
 //!   `Proxy-Authorization` header on that request alone
-//!   ([`ProxyConnector::authorization`]).
+//!   ([`ProxyConnector::authorization`]);
+//! - a SOCKS5 proxy (`socks5://`, names resolved here; `socks5h://`, names
+//!   resolved by the proxy): a SOCKS5 tunnel to the origin, with the
+//!   proxy's user and password if it has them, and TLS inside it for an
+//!   `https://` target.
 //!
-//! Only `http://` proxies are spoken to: a target whose proxy is
-//! `https://` or SOCKS fails to connect, with an error that says so (and
-//! names the proxy without its credentials), rather than going out
-//! directly.
+//! An `https://` proxy (TLS to the proxy itself) or a SOCKS4 one is not
+//! spoken to: a target whose proxy it is fails to connect, with an error
+//! that says so (and names the proxy without its credentials), rather than
+//! going out directly.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,7 +33,7 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
@@ -94,16 +99,40 @@ impl Service<Uri> for ProxyConnector {
             });
         };
         let proxy = intercept.uri().clone();
-        if proxy.scheme_str() != Some("http") {
-            // The proxy's URI carries no credentials (the matcher took them
-            // out), so it can be named.
-            return Box::pin(async move {
-                Err(format!(
-                    "the proxy {proxy} is not an http:// proxy, which is all HyperTransport speaks \
-                     (ReqwestTransport speaks https:// and SOCKS proxies too)"
-                )
-                .into())
-            });
+        match proxy.scheme_str() {
+            Some("http") => {}
+            Some(scheme @ ("socks5" | "socks5h")) => {
+                // `socks5h` leaves names to the proxy, as curl does.
+                let local_dns = scheme == "socks5";
+                let mut socks =
+                    SocksV5::new(with_port(proxy, SOCKS_PORT), http).local_dns(local_dns);
+                if let Some((user, password)) = intercept.raw_auth() {
+                    socks = socks.with_auth(user.to_owned(), password.to_owned());
+                }
+                // A target without a port is tunnelled to its scheme's (the
+                // SOCKS handshake would take 443 for any).
+                let port = if target.scheme_str() == Some("https") {
+                    443
+                } else {
+                    80
+                };
+                let target = with_port(target, port);
+                return Box::pin(async move {
+                    let io = socks.call(target).await?;
+                    Ok(ProxyStream::direct(io))
+                });
+            }
+            _ => {
+                // The proxy's URI carries no credentials (the matcher took
+                // them out), so it can be named.
+                return Box::pin(async move {
+                    Err(format!(
+                        "the proxy {proxy} is neither an http:// nor a SOCKS5 proxy, which are \
+                         all HyperTransport speaks (ReqwestTransport speaks https:// proxies too)"
+                    )
+                    .into())
+                });
+            }
         }
         if target.scheme_str() == Some("https") {
             let mut tunnel = Tunnel::new(proxy, http);
@@ -120,6 +149,28 @@ impl Service<Uri> for ProxyConnector {
                 Ok(ProxyStream { io, to_proxy: true })
             })
         }
+    }
+}
+
+/// The port a SOCKS proxy named without one listens on.
+const SOCKS_PORT: u16 = 1080;
+
+/// `uri`, with `port` if it names none.
+fn with_port(uri: Uri, port: u16) -> Uri {
+    if uri.port().is_some() {
+        return uri;
+    }
+    let Some(host) = uri.host() else {
+        return uri;
+    };
+    let authority = format!("{host}:{port}");
+    let mut parts = uri.clone().into_parts();
+    match authority.parse() {
+        Ok(authority) => {
+            parts.authority = Some(authority);
+            Uri::from_parts(parts).unwrap_or(uri)
+        }
+        Err(_) => uri,
     }
 }
 
@@ -200,7 +251,7 @@ mod tests {
             .parse()
             .unwrap();
         for proxy in [
-            "socks5://user:pw-123@127.0.0.1:9",
+            "socks4://user:pw-123@127.0.0.1:9",
             "https://user:pw-123@127.0.0.1:9",
         ] {
             let proxies = Matcher::builder().all(proxy.to_owned()).build();
@@ -209,12 +260,37 @@ mod tests {
                 panic!("{proxy}: connected");
             };
             let shown = err.to_string();
-            assert!(shown.contains("is not an http:// proxy"), "{shown}");
+            assert!(
+                shown.contains("is neither an http:// nor a SOCKS5 proxy"),
+                "{shown}"
+            );
             assert!(!shown.contains("pw-123"), "{shown}");
             assert!(
                 origin.accept().now_or_never().is_none(),
                 "{proxy}: went direct"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn a_uri_without_a_port_gets_the_one_given_and_keeps_its_own_otherwise() {
+        let cases = [
+            ("http://example.test/a?b", 80, "http://example.test:80/a?b"),
+            (
+                "https://example.test:8443/",
+                443,
+                "https://example.test:8443/",
+            ),
+            ("socks5://127.0.0.1", 1080, "socks5://127.0.0.1:1080/"),
+            ("http://[::1]/x", 80, "http://[::1]:80/x"),
+        ];
+        for (uri, port, expected) in cases {
+            assert_eq!(with_port(uri.parse().unwrap(), port).to_string(), expected);
         }
     }
 }
