@@ -55,7 +55,7 @@
 //! - A [`Transport`] sends one `http::Request<Bytes>` and returns the whole
 //!   response. [`ReqwestTransport`] (feature `reqwest`, default) for real
 //!   HTTP, or `HyperTransport` (feature `hyper-transport`, default:
-//!   straight over hyper-util's pool, the fastest; `http://` and SOCKS5
+//!   straight over hyper-util's pool, the fastest; HTTP, HTTPS and SOCKS5
 //!   proxies);
 //!   [`MockTransport`](mock::MockTransport) (always built) for tests,
 //!   with scripted routes, latency and faults on tokio's clock, and a call log.

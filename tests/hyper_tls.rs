@@ -314,8 +314,9 @@ async fn a_closed_port_over_https_is_a_connect_error() {
 /// `Basic` credentials for `user:s@cret` (written `s%40cret` in a URL).
 const PROXY_AUTH: &str = "Basic dXNlcjpzQGNyZXQ=";
 
-/// A forward proxy on 127.0.0.1 that opens a `CONNECT` tunnel to a
-/// loopback target for requests carrying `Proxy-Authorization: PROXY_AUTH`,
+/// A forward proxy on 127.0.0.1 that, for requests carrying
+/// `Proxy-Authorization: PROXY_AUTH`, opens a `CONNECT` tunnel to a
+/// loopback target and answers a plain `GET` to one itself (`proxied`),
 /// and answers anything else `407`. Records each request head it reads.
 struct ConnectProxy {
     addr: SocketAddr,
@@ -324,14 +325,44 @@ struct ConnectProxy {
 }
 
 impl ConnectProxy {
+    /// An `http://` proxy.
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// An `https://` proxy: spoken to over TLS, with a self-signed
+    /// certificate of its own, returned beside it.
+    async fn start_tls() -> (Self, CertificateDer<'static>) {
+        let (cert, key) = self_signed();
+        let mut config = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("the key fits the certificate");
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let proxy = Self::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await;
+        (proxy, cert)
+    }
+
+    async fn start_with(tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let heads = Arc::new(Mutex::new(Vec::new()));
         let record = heads.clone();
         let accepting = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::serve(client, record.clone()));
+                let (record, tls) = (record.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(client) = tls.accept(client).await {
+                                Self::serve(client, record).await;
+                            }
+                        }
+                        None => Self::serve(client, record).await,
+                    }
+                });
             }
         });
         Self {
@@ -341,7 +372,10 @@ impl ConnectProxy {
         }
     }
 
-    async fn serve(mut client: TcpStream, record: Arc<Mutex<Vec<String>>>) {
+    async fn serve<S>(mut client: S, record: Arc<Mutex<Vec<String>>>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
         let mut head = Vec::new();
         let mut byte = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -371,6 +405,14 @@ impl ConnectProxy {
                     .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     .await;
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut origin).await;
+            }
+            // A plain-`http` request in absolute form: answered here.
+            None if authorized && head.starts_with("GET http://127.0.0.1:") => {
+                let _ = client
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\nconnection: close\r\n\r\nproxied",
+                    )
+                    .await;
             }
             _ => {
                 let _ = client
@@ -452,4 +494,66 @@ async fn a_proxy_refusing_the_credentials_is_a_connect_error_that_shows_none() {
     }
     assert_eq!(proxy.heads().len(), 1);
     assert_eq!(server.hits.load(Ordering::SeqCst), 0);
+}
+
+/// An `https://` proxy is spoken to over TLS, checked against the
+/// transport's roots, and tunnels to the origin with TLS inside: two
+/// handshakes, neither of which the other end can read.
+#[tokio::test]
+async fn an_https_proxy_is_reached_over_tls_and_tunnels_to_the_origin() {
+    let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
+    let (proxy, proxy_cert) = ConnectProxy::start_tls().await;
+    let transport =
+        HyperTransport::with_tls_config(trusting(&[server.cert.clone(), proxy_cert.clone()]))
+            .proxy(&format!("https://user:s%40cret@{}", proxy.addr))
+            .unwrap();
+    let response = within(
+        "the request through the TLS proxy",
+        transport.send(get(server.url("/a"))),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("through the TLS proxy: {e:?}"));
+    assert_eq!(response.body(), "HTTP/2.0 /a");
+    assert_eq!(response.headers()[SAW_PROXY_AUTH], "false");
+    let heads = proxy.heads();
+    assert_eq!(heads.len(), 1);
+    assert!(heads[0].starts_with(&format!(
+        "CONNECT 127.0.0.1:{} HTTP/1.1\r\n",
+        server.addr.port()
+    )));
+    assert!(heads[0].contains(PROXY_AUTH));
+
+    // A plain-`http` target goes to the proxy over TLS too, in absolute
+    // form with the credentials.
+    let plain = format!("http://127.0.0.1:{}/plain", server.addr.port());
+    let response = within(
+        "a plain request through the TLS proxy",
+        transport.send(get(plain.clone())),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("plain through the TLS proxy: {e:?}"));
+    assert_eq!(response.body(), "proxied");
+    let heads = proxy.heads();
+    assert_eq!(heads.len(), 2);
+    assert!(
+        heads[1].starts_with(&format!("GET {plain} HTTP/1.1\r\n")),
+        "{}",
+        heads[1]
+    );
+    assert!(heads[1].contains(PROXY_AUTH));
+
+    // A proxy whose certificate the roots do not hold is refused before
+    // anything is sent to it.
+    let distrusting = HyperTransport::with_tls_config(trusting(std::slice::from_ref(&server.cert)))
+        .proxy(&format!("https://user:s%40cret@{}", proxy.addr))
+        .unwrap();
+    let err = within(
+        "the distrusted proxy",
+        distrusting.send(get(server.url("/b"))),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.kind(), TransportErrorKind::Connect, "{err:?}");
+    assert_eq!(proxy.heads().len(), 2, "nothing more reached the proxy");
+    assert_eq!(server.hits.load(Ordering::SeqCst), 1);
 }

@@ -894,13 +894,13 @@ async fn no_proxy_goes_straight_to_the_origin() {
     assert!(at_proxy.lock().unwrap().is_empty());
 }
 
-/// A proxy that is not an absolute `http://` URL is refused when the
+/// A proxy URL the transport cannot speak to is refused when the
 /// transport is made (never ignored, which would send every request
 /// direct), and the error does not repeat the URL's password.
 #[test]
 fn a_proxy_url_that_cannot_be_spoken_to_is_refused_without_its_password() {
     for url in [
-        "https://user:pw-123@127.0.0.1:3128",
+        "socks4a://user:pw-123@127.0.0.1:3128",
         "socks4://user:pw-123@127.0.0.1:1080",
         "127.0.0.1:3128/user:pw-123",
         "http://user:pw-123@",

@@ -32,8 +32,8 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// instructions per request of a hand-written reqwest loop, and outruns it
 /// on a current-thread runtime; on a multi-thread one they are about level
 /// (see the README's Performance section). What it leaves out is what
-/// reqwest adds around the pool beyond proxies: no cookie store, no
-/// `https://` proxies. Where you need those, use
+/// reqwest adds around the pool beyond proxies: no cookie store, no SOCKS4
+/// proxies. Where you need those, use
 /// `ReqwestTransport`; everything above the transport (limits, pauses,
 /// retries, timeouts, credentials, caps) is the same.
 ///
@@ -56,10 +56,11 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// in the tunnel's `CONNECT` or SOCKS handshake, or in a
 /// `Proxy-Authorization` header on a plain-`http` request, set again on
 /// each redirect hop only if that hop goes through the proxy too. They
-/// appear in no error and no `Debug`. An `https://` proxy (TLS to the proxy
-/// itself) or a SOCKS4 one is not spoken to: a target whose proxy it is
-/// fails to connect with an error that says so, rather than going out
-/// directly. [`proxy`](Self::proxy) names one proxy for every request;
+/// appear in no error and no `Debug`. An `https://` proxy is spoken to
+/// over TLS, checked against the same roots as the origins. A SOCKS4 proxy
+/// is not spoken to: a target whose proxy it is fails to connect with an
+/// error that says so, rather than going out directly.
+/// [`proxy`](Self::proxy) names one proxy for every request;
 /// [`no_proxy`](Self::no_proxy) sends every request direct.
 ///
 /// # Redirects and credentials
@@ -174,7 +175,8 @@ impl HyperTransport {
     }
 
     /// Sends every request through the proxy at `url` (`http://`,
-    /// `socks5://` or `socks5h://`), whatever the environment says.
+    /// `https://`, `socks5://` or `socks5h://`), whatever the environment
+    /// says.
     /// Credentials in its userinfo (`http://user:password@proxy:3128`,
     /// percent-encoded) go to the proxy alone.
     ///
@@ -191,18 +193,21 @@ impl HyperTransport {
     /// let transport = HyperTransport::new().proxy("http://user:s%40cret@127.0.0.1:3128")?;
     /// // What it shows of the proxy has no credentials.
     /// assert!(!format!("{transport:?}").contains("cret"));
-    /// assert!(HyperTransport::new().proxy("https://127.0.0.1:3128").is_err());
+    /// assert!(HyperTransport::new().proxy("socks4://127.0.0.1:1080").is_err());
     /// # Ok::<(), sluicegate::BuildError>(())
     /// ```
     pub fn proxy(self, url: &str) -> Result<Self, BuildError> {
         let uri: Uri = url
             .parse()
             .map_err(|_| BuildError::new("the proxy URL does not parse"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "socks5" | "socks5h")) || uri.host().is_none()
-        {
+        let spoken = matches!(
+            uri.scheme_str(),
+            Some("http" | "https" | "socks5" | "socks5h")
+        );
+        if !spoken || uri.host().is_none() {
             return Err(BuildError::new(
-                "the proxy URL is not an absolute http://, socks5:// or socks5h:// URL \
-                 (https:// proxies need ReqwestTransport)",
+                "the proxy URL is not an absolute http://, https://, socks5:// or socks5h:// URL \
+                 (SOCKS4 proxies need ReqwestTransport)",
             ));
         }
         Ok(self.with_proxies(Some(Matcher::builder().all(url.to_owned()).build())))
@@ -319,7 +324,7 @@ fn pool(tls: rustls::ClientConfig, proxies: Option<Matcher>) -> (Pool, ProxyConn
     // `https://` goes through the same connector, wrapped in TLS.
     http.enforce_http(false);
     http.set_nodelay(true);
-    let connector = ProxyConnector::new(http, proxies);
+    let connector = ProxyConnector::new(http, tls.clone(), proxies);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -7,24 +7,26 @@
 //! this file adds is how each case connects:
 //!
 //! - no proxy: a TCP connection to the origin;
-//! - an `http://` proxy and an `https://` target: a `CONNECT` tunnel
-//!   through the proxy (with its credentials, if it has any), and TLS to
-//!   the origin inside it, so the proxy sees neither the request nor its
+//! - an HTTP proxy and an `https://` target: a `CONNECT` tunnel through
+//!   the proxy (with its credentials, if it has any), and TLS to the
+//!   origin inside it, so the proxy sees neither the request nor its
 //!   headers;
-//! - an `http://` proxy and an `http://` target: a TCP connection to the
-//!   proxy, marked as one, so that hyper-util sends the request in absolute
-//!   form (`GET http://host/path`); the proxy's credentials go in a
+//! - an HTTP proxy and an `http://` target: a connection to the proxy,
+//!   marked as one, so that hyper-util sends the request in absolute form
+//!   (`GET http://host/path`); the proxy's credentials go in a
 //!   `Proxy-Authorization` header on that request alone
 //!   ([`ProxyConnector::authorization`]);
+//! - an HTTP proxy is spoken to over TLS when it is an `https://` one
+//!   (checked against the transport's roots, HTTP/1.1 by ALPN), in
+//!   plain text when it is an `http://` one;
 //! - a SOCKS5 proxy (`socks5://`, names resolved here; `socks5h://`, names
 //!   resolved by the proxy): a SOCKS5 tunnel to the origin, with the
 //!   proxy's user and password if it has them, and TLS inside it for an
 //!   `https://` target.
 //!
-//! An `https://` proxy (TLS to the proxy itself) or a SOCKS4 one is not
-//! spoken to: a target whose proxy it is fails to connect, with an error
-//! that says so (and names the proxy without its credentials), rather than
-//! going out directly.
+//! A SOCKS4 proxy is not spoken to: a target whose proxy it is fails to
+//! connect, with an error that says so (and names the proxy without its
+//! credentials), rather than going out directly.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,6 +35,7 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Uri};
 use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::client::proxy::matcher::Matcher;
@@ -47,13 +50,29 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub(crate) struct ProxyConnector {
     http: HttpConnector,
+    /// To an `http://` proxy as it is, to an `https://` one over TLS
+    /// (HTTP/1.1 only: a `CONNECT` or an absolute-form request is sent on
+    /// it).
+    to_proxy: HttpsConnector<HttpConnector>,
     proxies: Option<Arc<Matcher>>,
 }
 
 impl ProxyConnector {
-    pub(crate) fn new(http: HttpConnector, proxies: Option<Matcher>) -> Self {
+    /// Connects with `http`, to an `https://` proxy with `tls`, through
+    /// `proxies`.
+    pub(crate) fn new(
+        http: HttpConnector,
+        tls: rustls::ClientConfig,
+        proxies: Option<Matcher>,
+    ) -> Self {
+        let to_proxy = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http.clone());
         Self {
             http,
+            to_proxy,
             proxies: proxies.map(Arc::new),
         }
     }
@@ -81,73 +100,73 @@ impl std::fmt::Debug for ProxyConnector {
     }
 }
 
+type Connecting = Pin<Box<dyn Future<Output = Result<ProxyStream, BoxError>> + Send>>;
+
 impl Service<Uri> for ProxyConnector {
     type Response = ProxyStream;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<ProxyStream, BoxError>> + Send>>;
+    type Future = Connecting;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, target: Uri) -> Self::Future {
-        let mut http = self.http.clone();
+    fn call(&mut self, target: Uri) -> Connecting {
         let Some(intercept) = self.proxies.as_deref().and_then(|m| m.intercept(&target)) else {
+            let mut http = self.http.clone();
             return Box::pin(async move {
                 let io = http.call(target).await?;
-                Ok(ProxyStream::direct(io))
+                Ok(ProxyStream::plain(io, false))
             });
         };
         let proxy = intercept.uri().clone();
+        let https_target = target.scheme_str() == Some("https");
         match proxy.scheme_str() {
-            Some("http") => {}
+            Some("http" | "https") if https_target => {
+                let mut tunnel = Tunnel::new(proxy, self.to_proxy.clone());
+                if let Some(auth) = intercept.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(async move {
+                    let io = tunnel.call(target).await?;
+                    Ok(ProxyStream {
+                        io,
+                        to_proxy: false,
+                    })
+                })
+            }
+            Some("http" | "https") => {
+                let mut to_proxy = self.to_proxy.clone();
+                Box::pin(async move {
+                    let io = to_proxy.call(proxy).await?;
+                    Ok(ProxyStream { io, to_proxy: true })
+                })
+            }
             Some(scheme @ ("socks5" | "socks5h")) => {
                 // `socks5h` leaves names to the proxy, as curl does.
                 let local_dns = scheme == "socks5";
-                let mut socks =
-                    SocksV5::new(with_port(proxy, SOCKS_PORT), http).local_dns(local_dns);
+                let mut socks = SocksV5::new(with_port(proxy, SOCKS_PORT), self.http.clone())
+                    .local_dns(local_dns);
                 if let Some((user, password)) = intercept.raw_auth() {
                     socks = socks.with_auth(user.to_owned(), password.to_owned());
                 }
                 // A target without a port is tunnelled to its scheme's (the
                 // SOCKS handshake would take 443 for any).
-                let port = if target.scheme_str() == Some("https") {
-                    443
-                } else {
-                    80
-                };
-                let target = with_port(target, port);
-                return Box::pin(async move {
+                let target = with_port(target, if https_target { 443 } else { 80 });
+                Box::pin(async move {
                     let io = socks.call(target).await?;
-                    Ok(ProxyStream::direct(io))
-                });
+                    Ok(ProxyStream::plain(io, false))
+                })
             }
-            _ => {
+            _ => Box::pin(async move {
                 // The proxy's URI carries no credentials (the matcher took
                 // them out), so it can be named.
-                return Box::pin(async move {
-                    Err(format!(
-                        "the proxy {proxy} is neither an http:// nor a SOCKS5 proxy, which are \
-                         all HyperTransport speaks (ReqwestTransport speaks https:// proxies too)"
-                    )
-                    .into())
-                });
-            }
-        }
-        if target.scheme_str() == Some("https") {
-            let mut tunnel = Tunnel::new(proxy, http);
-            if let Some(auth) = intercept.basic_auth() {
-                tunnel = tunnel.with_auth(auth.clone());
-            }
-            Box::pin(async move {
-                let io = tunnel.call(target).await?;
-                Ok(ProxyStream::direct(io))
-            })
-        } else {
-            Box::pin(async move {
-                let io = http.call(proxy).await?;
-                Ok(ProxyStream { io, to_proxy: true })
-            })
+                Err(format!(
+                    "the proxy {proxy} is not an http://, https:// or SOCKS5 proxy, which are \
+                     all HyperTransport speaks (ReqwestTransport speaks SOCKS4 too)"
+                )
+                .into())
+            }),
         }
     }
 }
@@ -174,18 +193,19 @@ fn with_port(uri: Uri, port: u16) -> Uri {
     }
 }
 
-/// A connection to an origin, or to a proxy a plain-`http` request is sent
-/// to in absolute form.
+/// A connection to an origin (maybe through a tunnel), or to a proxy a
+/// plain-`http` request is sent to in absolute form. Over TLS when it goes
+/// to or through an `https://` proxy.
 pub(crate) struct ProxyStream {
-    io: TokioIo<TcpStream>,
+    io: MaybeHttpsStream<TokioIo<TcpStream>>,
     to_proxy: bool,
 }
 
 impl ProxyStream {
-    fn direct(io: TokioIo<TcpStream>) -> Self {
+    fn plain(io: TokioIo<TcpStream>, to_proxy: bool) -> Self {
         Self {
-            io,
-            to_proxy: false,
+            io: MaybeHttpsStream::Http(io),
+            to_proxy,
         }
     }
 }
@@ -252,16 +272,23 @@ mod tests {
             .unwrap();
         for proxy in [
             "socks4://user:pw-123@127.0.0.1:9",
-            "https://user:pw-123@127.0.0.1:9",
+            "socks4a://user:pw-123@127.0.0.1:9",
         ] {
             let proxies = Matcher::builder().all(proxy.to_owned()).build();
-            let mut connector = ProxyConnector::new(HttpConnector::new(), Some(proxies));
+            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+            let mut connector = ProxyConnector::new(HttpConnector::new(), tls, Some(proxies));
             let Err(err) = connector.call(target.clone()).await else {
                 panic!("{proxy}: connected");
             };
             let shown = err.to_string();
             assert!(
-                shown.contains("is neither an http:// nor a SOCKS5 proxy"),
+                shown.contains("is not an http://, https:// or SOCKS5 proxy"),
                 "{shown}"
             );
             assert!(!shown.contains("pw-123"), "{shown}");
