@@ -1176,7 +1176,7 @@ async fn a_slow_worker_keeps_its_items_past_claim_after() {
 async fn renewal_never_takes_back_a_claimed_item() {
     let _measuring = MEASURING.lock().await;
     let Some(redis) = Redis::start() else { return };
-    let claim_after = Duration::from_millis(400);
+    let claim_after = Duration::from_secs(1);
     let coordinator = RedisCoordinator::new(&redis.url(), "renew").unwrap();
     let queue = WorkQueue::new(&coordinator, "items").claim_after(claim_after);
     queue.push("1", &1u64).await.unwrap();
@@ -1198,8 +1198,9 @@ async fn renewal_never_takes_back_a_claimed_item() {
         ],
     );
 
-    // Five claim_afters: twenty renewals.
-    tokio::time::sleep(5 * claim_after).await;
+    // Three claim_afters: twelve renewals. A renewal is due every 250 ms,
+    // so only a freeze of 750 ms could fail the idle check below.
+    tokio::time::sleep(3 * claim_after).await;
     let owners = redis_cli(&redis, &["XPENDING", stream, "workers", "-", "+", "10"]);
     let owners: Vec<&str> = owners.lines().collect();
     // Each entry: id, consumer, idle (ms), deliveries.
@@ -1214,7 +1215,7 @@ async fn renewal_never_takes_back_a_claimed_item() {
     assert!(
         idle < claim_after.as_millis() as u64,
         "held for {:?} and idle {idle} ms: not renewed",
-        5 * claim_after
+        3 * claim_after
     );
     drop(jobs);
 }
