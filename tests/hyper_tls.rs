@@ -19,7 +19,7 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sluicegate::{Client, HyperTransport, SluiceExt, Transport, TransportErrorKind};
+use sluicegate::{Client, Fetched, HyperTransport, SluiceExt, Transport, TransportErrorKind};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -162,6 +162,36 @@ impl TlsServer {
     }
 }
 
+/// Fetches `/items/0` to `/items/{count - 1}` from `server` over
+/// `transport`, four at a time, and hands back each, in item order, having
+/// checked that every item came back once and none failed.
+async fn fetch_items(
+    transport: HyperTransport,
+    server: &TlsServer,
+    count: u64,
+) -> Vec<Fetched<u64>> {
+    let client = Client::builder()
+        .transport(transport)
+        .base_url(format!("https://{}", server.addr))
+        .build()
+        .unwrap();
+    let results = within(
+        "the pipeline",
+        stream::iter(0..count)
+            .fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let mut fetched: Vec<Fetched<u64>> = results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|e| panic!("a fetch failed: {e}")))
+        .collect();
+    fetched.sort_by_key(|f| f.item);
+    let items: Vec<u64> = fetched.iter().map(|f| f.item).collect();
+    assert_eq!(items, (0..count).collect::<Vec<_>>(), "every item once");
+    fetched
+}
+
 fn get(url: String) -> Request<Bytes> {
     Request::get(url).body(Bytes::new()).unwrap()
 }
@@ -169,30 +199,11 @@ fn get(url: String) -> Request<Bytes> {
 #[tokio::test]
 async fn a_pipeline_fetches_over_https_with_the_callers_roots() {
     let server = TlsServer::start(&[b"h2", b"http/1.1"]).await;
-    let roots = [server.cert.clone()];
-    let client = Client::builder()
-        .transport(HyperTransport::with_tls_config(trusting(&roots)))
-        .base_url(format!("https://{}", server.addr))
-        .build()
-        .unwrap();
-
-    let fetched = within(
-        "the pipeline",
-        stream::iter(0u64..8)
-            .fetch_concurrent(4, client.get(|id: &u64| format!("/items/{id}")))
-            .collect::<Vec<_>>(),
-    )
-    .await;
-
-    let mut seen: Vec<u64> = Vec::new();
-    for result in fetched {
-        let fetched = result.unwrap_or_else(|e| panic!("a fetch over TLS failed: {e}"));
+    let transport = HyperTransport::with_tls_config(trusting(std::slice::from_ref(&server.cert)));
+    for fetched in fetch_items(transport, &server, 8).await {
         assert_eq!(fetched.status(), StatusCode::NON_AUTHORITATIVE_INFORMATION);
         assert_eq!(fetched.body(), &format!("HTTP/2.0 /items/{}", fetched.item));
-        seen.push(fetched.item);
     }
-    seen.sort_unstable();
-    assert_eq!(seen, (0..8).collect::<Vec<_>>());
     assert_eq!(server.hits.load(Ordering::SeqCst), 8);
 }
 
@@ -441,21 +452,7 @@ async fn an_https_target_tunnels_through_the_proxy_which_sees_only_the_connect()
         .proxy(&format!("http://user:s%40cret@{}", proxy.addr))
         .unwrap();
     assert!(!format!("{transport:?}").contains("cret"));
-    let client = Client::builder()
-        .transport(transport)
-        .base_url(format!("https://{}", server.addr))
-        .build()
-        .unwrap();
-
-    let fetched = within(
-        "the pipeline through the proxy",
-        stream::iter(0u64..4)
-            .fetch_concurrent(2, client.get(|id: &u64| format!("/items/{id}")))
-            .collect::<Vec<_>>(),
-    )
-    .await;
-    for result in fetched {
-        let fetched = result.unwrap_or_else(|e| panic!("a fetch through the proxy failed: {e}"));
+    for fetched in fetch_items(transport, &server, 4).await {
         assert_eq!(fetched.body(), &format!("HTTP/2.0 /items/{}", fetched.item));
         assert_eq!(fetched.response.headers()[SAW_PROXY_AUTH], "false");
     }

@@ -116,7 +116,7 @@ impl Service<Uri> for ProxyConnector {
             let mut http = self.http.clone();
             return Box::pin(async move {
                 let io = http.call(target).await?;
-                Ok(ProxyStream::plain(io, false))
+                Ok(ProxyStream::direct(io))
             });
         };
         let proxy = intercept.uri().clone();
@@ -155,7 +155,7 @@ impl Service<Uri> for ProxyConnector {
                 let target = with_port(target, if https_target { 443 } else { 80 });
                 Box::pin(async move {
                     let io = socks.call(target).await?;
-                    Ok(ProxyStream::plain(io, false))
+                    Ok(ProxyStream::direct(io))
                 })
             }
             _ => Box::pin(async move {
@@ -202,10 +202,11 @@ pub(crate) struct ProxyStream {
 }
 
 impl ProxyStream {
-    fn plain(io: TokioIo<TcpStream>, to_proxy: bool) -> Self {
+    /// A plain TCP connection to the origin, or a tunnel to it.
+    fn direct(io: TokioIo<TcpStream>) -> Self {
         Self {
             io: MaybeHttpsStream::Http(io),
-            to_proxy,
+            to_proxy: false,
         }
     }
 }
