@@ -901,6 +901,9 @@ impl WorkQueue {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Held entries found claimed by another worker, said once each.
         let mut taken_away = HashSet::new();
+        // Renewals failing since the last that went through: an outage is
+        // said once, not at every tick.
+        let mut failing = false;
         while reader.strong_count() > 0 {
             ticks.tick().await;
             let held = self.held_by(&reader);
@@ -914,6 +917,7 @@ impl WorkQueue {
                     .arg(ids);
                 match self.timed::<Vec<String>>(Call::Script(&invocation)).await {
                     Ok(taken) => {
+                        failing = false;
                         let new = taken
                             .into_iter()
                             .filter(|id| taken_away.insert(id.clone()))
@@ -929,7 +933,11 @@ impl WorkQueue {
                             );
                         }
                     }
+                    Err(e) if failing => {
+                        tracing::debug!(error = %e, "could not renew the items held; trying again");
+                    }
                     Err(e) => {
+                        failing = true;
                         tracing::warn!(error = %e, "could not renew the items held; trying again");
                     }
                 }
