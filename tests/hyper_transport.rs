@@ -874,6 +874,80 @@ async fn an_http_target_goes_to_the_proxy_in_absolute_form_with_its_credentials(
     }
 }
 
+/// A proxy URL whose user name holds an `@` unencoded
+/// (`http://me@corp:pw@proxy`) is read as browsers, curl and reqwest read
+/// it: the credentials end at the last `@`. Read at the first, the proxy
+/// would get the wrong user and the password would be kept as part of the
+/// proxy's host, where `Debug` showed it.
+#[tokio::test]
+async fn a_proxy_password_after_an_unencoded_at_goes_to_the_proxy_and_nowhere_else() {
+    let (proxy, seen) = recording_server(ok_reply).await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("http://me@corp.example:hunter2@{proxy}"))
+        .unwrap();
+    let shown = format!("{transport:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(!shown.contains("corp.example"), "{shown}");
+
+    let origin = closed_port().await;
+    send(&transport, get(format!("http://{origin}/x")))
+        .await
+        .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    // `me@corp.example:hunter2`, whole.
+    assert_eq!(
+        seen[0].header("proxy-authorization"),
+        Some("Basic bWVAY29ycC5leGFtcGxlOmh1bnRlcjI=")
+    );
+}
+
+/// Userinfo in a request's own target (a request built by hand) never
+/// reaches the proxy's request line, nor anywhere else the proxy sees.
+#[tokio::test]
+async fn userinfo_in_a_target_is_not_sent_to_the_proxy() {
+    let (proxy, seen) = recording_server(ok_reply).await;
+    let transport = HyperTransport::new()
+        .proxy(&format!("http://{proxy}"))
+        .unwrap();
+    let origin = closed_port().await;
+    send(
+        &transport,
+        get(format!("http://bob:url-secret@{origin}/ui?a=1")),
+    )
+    .await
+    .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].target(), format!("http://{origin}/ui?a=1"));
+    assert!(!format!("{seen:?}").contains("url-secret"));
+}
+
+/// SOCKS5 credentials the handshake cannot carry are refused when the
+/// transport is made: each has a length byte (RFC 1929), and hyper-util's
+/// handshake carries 259 bytes of the two together. Sent anyway, a
+/// 256-byte name went out with a length of 0.
+#[test]
+fn socks5_credentials_too_long_for_the_handshake_are_refused() {
+    let long = |n: usize| "u".repeat(n);
+    for (user, password) in [
+        (long(256), String::new()),
+        (long(10), long(256)),
+        (long(255), long(5)),
+    ] {
+        let url = format!("socks5://{user}:{password}@127.0.0.1:1080");
+        let err = HyperTransport::new().proxy(&url).unwrap_err();
+        assert!(err.to_string().contains("SOCKS5"), "{err}");
+    }
+    HyperTransport::new()
+        .proxy(&format!(
+            "socks5://{}:{}@127.0.0.1:1080",
+            long(255),
+            long(4)
+        ))
+        .unwrap();
+}
+
 /// `no_proxy` sends every request straight to its target, without the
 /// proxy's credentials, and the proxy sees nothing.
 #[tokio::test]

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::body::{self, read_body, BodyBudget};
 use super::classify::classify;
-use super::proxy::ProxyConnector;
+use super::proxy::{self, ProxyConnector};
 use super::redirect::{self, Hop};
 use super::{without_query, CredentialScope, Prepared, Transport};
 use crate::error::{BuildError, TransportError, TransportErrorKind};
@@ -46,8 +46,11 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// # Proxies
 ///
 /// As reqwest does, it reads `HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY` and
-/// `NO_PROXY` (and their lowercase forms) when it is made, and the system's
-/// proxy settings on macOS and Windows. An `https://` target goes through
+/// `NO_PROXY` (and their lowercase forms) when it is made; where none of
+/// them names a proxy, the system's proxy settings on macOS and Windows.
+/// A proxy URL's credentials end at its last `@`, as browsers, curl and
+/// reqwest read them (`http://me@corp:pw@proxy:3128` is user `me@corp`).
+/// An `https://` target goes through
 /// a `CONNECT` tunnel, TLS inside it, so the proxy sees neither request
 /// nor headers; an `http://` target is sent to the proxy in absolute form.
 /// A SOCKS5 proxy (`socks5://`, names resolved here, or `socks5h://`,
@@ -59,7 +62,9 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// appear in no error and no `Debug`. An `https://` proxy is spoken to
 /// over TLS, checked against the same roots as the origins. A SOCKS4 proxy
 /// is not spoken to: a target whose proxy it is fails to connect with an
-/// error that says so, rather than going out directly.
+/// error that says so, rather than going out directly. Userinfo in a
+/// request's own target (a hand-built request, a `Location`) is never
+/// sent, to a proxy or an origin.
 /// [`proxy`](Self::proxy) names one proxy for every request;
 /// [`no_proxy`](Self::no_proxy) sends every request direct.
 ///
@@ -163,7 +168,7 @@ impl HyperTransport {
     /// certificates or crypto provider. Its ALPN protocols are replaced by
     /// HTTP/2 and HTTP/1.1.
     pub fn with_tls_config(config: rustls::ClientConfig) -> Self {
-        let (pool, connector) = pool(config.clone(), Some(Matcher::from_system()));
+        let (pool, connector) = pool(config.clone(), Some(proxy::from_environment()));
         Self {
             pool,
             connector,
@@ -197,20 +202,28 @@ impl HyperTransport {
     /// # Ok::<(), sluicegate::BuildError>(())
     /// ```
     pub fn proxy(self, url: &str) -> Result<Self, BuildError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| BuildError::new("the proxy URL does not parse"))?;
-        let spoken = matches!(
-            uri.scheme_str(),
-            Some("http" | "https" | "socks5" | "socks5h")
-        );
-        if !spoken || uri.host().is_none() {
+        let parsed =
+            url::Url::parse(url).map_err(|_| BuildError::new("the proxy URL does not parse"))?;
+        let spoken = matches!(parsed.scheme(), "http" | "https" | "socks5" | "socks5h");
+        if !spoken || parsed.host_str().is_none() {
             return Err(BuildError::new(
                 "the proxy URL is not an absolute http://, https://, socks5:// or socks5h:// URL \
                  (SOCKS4 proxies need ReqwestTransport)",
             ));
         }
-        Ok(self.with_proxies(Some(Matcher::builder().all(url.to_owned()).build())))
+        let proxies = Matcher::builder().all(proxy::unambiguous(url)).build();
+        if parsed.scheme().starts_with("socks") {
+            // The credentials as the handshake will send them (decoded).
+            let any: Uri = Uri::from_static("http://any.invalid/");
+            if let Some((user, password)) =
+                proxies.intercept(&any).as_ref().and_then(|i| i.raw_auth())
+            {
+                if let Some(unfit) = proxy::socks_credentials_unfit(user, password) {
+                    return Err(BuildError::new(unfit));
+                }
+            }
+        }
+        Ok(self.with_proxies(Some(proxies)))
     }
 
     /// Sends every request straight to its target, whatever the
@@ -284,7 +297,7 @@ impl HyperTransport {
             let send = |hop: &Hop<Uri>| {
                 let mut request = Request::new(Full::new(hop.body.clone()));
                 *request.method_mut() = hop.method.clone();
-                *request.uri_mut() = hop.target.clone();
+                *request.uri_mut() = without_userinfo(&hop.target);
                 *request.version_mut() = hop.version;
                 *request.headers_mut() = hop.headers.clone();
                 if let Some(mut auth) = connector.authorization(&hop.target) {
@@ -315,6 +328,21 @@ impl HyperTransport {
             Ok(Response::from_parts(parts, body))
         })
     }
+}
+
+/// `target` as it may be sent: without userinfo (RFC 9110, 4.2.4), which
+/// an origin-form request line leaves out anyway but an absolute-form one,
+/// to a proxy, would carry.
+fn without_userinfo(target: &Uri) -> Uri {
+    let Some(authority) = target.authority() else {
+        return target.clone();
+    };
+    let Some((_, host_port)) = authority.as_str().rsplit_once('@') else {
+        return target.clone();
+    };
+    let mut parts = target.clone().into_parts();
+    parts.authority = host_port.parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| target.clone())
 }
 
 /// hyper-util's pooled client over `proxies`, speaking TLS with `tls`, and

@@ -3,8 +3,8 @@
 //!
 //! Which proxy a target goes through is hyper-util's [`Matcher`] decision
 //! (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`, read as curl and
-//! reqwest read them, and the system's settings where it has them). What
-//! this file adds is how each case connects:
+//! reqwest read them, or the system's settings where none names a proxy:
+//! [`from_environment`]). What this file adds is how each case connects:
 //!
 //! - no proxy: a TCP connection to the origin;
 //! - an HTTP proxy and an `https://` target: a `CONNECT` tunnel through
@@ -27,6 +27,12 @@
 //! A SOCKS4 proxy is not spoken to: a target whose proxy it is fails to
 //! connect, with an error that says so (and names the proxy without its
 //! credentials), rather than going out directly.
+//!
+//! Every proxy URL goes through [`unambiguous`] before the matcher reads
+//! it, so its credentials end at the last `@`, as browsers, curl and
+//! reqwest read them: the matcher alone ends them at the first, and would
+//! keep the rest of the password as the proxy's host, where `Debug` and
+//! errors show it.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,6 +50,92 @@ use tokio::net::TcpStream;
 use tower_service::Service;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The proxies the environment names: `ALL_PROXY`, `HTTP_PROXY`,
+/// `HTTPS_PROXY` and `NO_PROXY` (or their lowercase forms, read second),
+/// each URL made [`unambiguous`]. Where none of them names a proxy, the
+/// system's settings on macOS and Windows. None at all in a CGI program
+/// (`REQUEST_METHOD` set), where `HTTP_PROXY` may come from a client's
+/// `Proxy` header.
+pub(crate) fn from_environment() -> Matcher {
+    let read = |names: [&str; 2]| {
+        names
+            .iter()
+            .find_map(|name| std::env::var(name).ok())
+            .unwrap_or_default()
+    };
+    let all = read(["ALL_PROXY", "all_proxy"]);
+    let http = read(["HTTP_PROXY", "http_proxy"]);
+    let https = read(["HTTPS_PROXY", "https_proxy"]);
+    let cgi = std::env::var_os("REQUEST_METHOD").is_some();
+    if cgi || [&all, &http, &https].iter().all(|value| value.is_empty()) {
+        // hyper-util's own reading: none in a CGI program, else the
+        // system's settings (and `NO_PROXY` with them).
+        return Matcher::from_system();
+    }
+    Matcher::builder()
+        .all(unambiguous(&all))
+        .http(unambiguous(&http))
+        .https(unambiguous(&https))
+        .no(read(["NO_PROXY", "no_proxy"]))
+        .build()
+}
+
+/// `url` with its userinfo percent-encoded, so that only the `@` that
+/// ends it is left: `http://me@corp:pw@proxy:3128` (user `me@corp`,
+/// password `pw`, as the WHATWG URL standard reads it) becomes
+/// `http://me%40corp:pw@proxy:3128/`. A URL without a scheme is taken as
+/// an `http://` one, as the matcher takes it; one that does not parse is
+/// left as it is (the matcher then refuses it too, or reads it the same).
+pub(crate) fn unambiguous(url: &str) -> String {
+    let url = url.trim();
+    if url.is_empty() {
+        return String::new();
+    }
+    let absolute = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    };
+    let Ok(parsed) = url::Url::parse(&absolute) else {
+        return url.to_owned();
+    };
+    let Some(host) = parsed.host_str() else {
+        return url.to_owned();
+    };
+    // `url` keeps the userinfo percent-encoded, `@` and `:` included.
+    let mut shown = format!("{}://", parsed.scheme());
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        shown.push_str(parsed.username());
+        if let Some(password) = parsed.password() {
+            shown.push(':');
+            shown.push_str(password);
+        }
+        shown.push('@');
+    }
+    shown.push_str(host);
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    shown.push('/');
+    shown
+}
+
+/// Why SOCKS5 credentials cannot be sent, if they cannot: the handshake
+/// gives each a length byte (RFC 1929), and hyper-util's sends at most
+/// 259 bytes of the two together.
+pub(crate) fn socks_credentials_unfit(user: &str, password: &str) -> Option<&'static str> {
+    if user.len() > 255 || password.len() > 255 {
+        Some("a SOCKS5 proxy's user name and password are each at most 255 bytes")
+    } else if user.len() + password.len() > 259 {
+        Some(
+            "HyperTransport sends a SOCKS5 proxy at most 259 bytes of user name and password \
+             together (ReqwestTransport sends 255 bytes of each)",
+        )
+    } else {
+        None
+    }
+}
 
 /// Connects to a target, through the proxy the matcher names for it, if
 /// any. Cheap to clone.
@@ -148,6 +240,9 @@ impl Service<Uri> for ProxyConnector {
                 let mut socks = SocksV5::new(with_port(proxy, SOCKS_PORT), self.http.clone())
                     .local_dns(local_dns);
                 if let Some((user, password)) = intercept.raw_auth() {
+                    if let Some(unfit) = socks_credentials_unfit(user, password) {
+                        return Box::pin(async move { Err(unfit.into()) });
+                    }
                     socks = socks.with_auth(user.to_owned(), password.to_owned());
                 }
                 // A target without a port is tunnelled to its scheme's (the
@@ -159,11 +254,15 @@ impl Service<Uri> for ProxyConnector {
                 })
             }
             _ => Box::pin(async move {
-                // The proxy's URI carries no credentials (the matcher took
-                // them out), so it can be named.
+                // Named by its scheme, host and port alone: whatever else
+                // its URI holds is not shown.
+                let scheme = proxy.scheme_str().unwrap_or("?");
+                let host = proxy.host().unwrap_or("?");
+                let port = proxy.port_u16().map(|port| format!(":{port}"));
                 Err(format!(
-                    "the proxy {proxy} is not an http://, https:// or SOCKS5 proxy, which are \
-                     all HyperTransport speaks (ReqwestTransport speaks SOCKS4 too)"
+                    "the proxy {scheme}://{host}{} is not an http://, https:// or SOCKS5 proxy, \
+                     which are all HyperTransport speaks (ReqwestTransport speaks SOCKS4 too)",
+                    port.unwrap_or_default()
                 )
                 .into())
             }),
@@ -274,6 +373,9 @@ mod tests {
         for proxy in [
             "socks4://user:pw-123@127.0.0.1:9",
             "socks4a://user:pw-123@127.0.0.1:9",
+            // Read at its first `@` (as the matcher reads what it is
+            // given), the rest of the password would pass for the host.
+            "socks4://me@corp:pw-123@127.0.0.1:9",
         ] {
             let proxies = Matcher::builder().all(proxy.to_owned()).build();
             let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -298,6 +400,90 @@ mod tests {
                 "{proxy}: went direct"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn credentials_end_at_the_last_at_and_nothing_else_changes_meaning() {
+        let cases = [
+            (
+                "http://me@corp.example:hunter2@127.0.0.1:3128",
+                "http://me%40corp.example:hunter2@127.0.0.1:3128/",
+            ),
+            (
+                "http://user:p@ssw0rd@127.0.0.1:3128",
+                "http://user:p%40ssw0rd@127.0.0.1:3128/",
+            ),
+            (
+                "socks5h://a:b:c@127.0.0.1:1080",
+                "socks5h://a:b%3Ac@127.0.0.1:1080/",
+            ),
+            (
+                "http://user:s%40cret@proxy.test:3128",
+                "http://user:s%40cret@proxy.test:3128/",
+            ),
+            ("127.0.0.1:3128", "http://127.0.0.1:3128/"),
+            ("https://[::1]:8443/path?q", "https://[::1]:8443/"),
+            ("http://proxy.test", "http://proxy.test/"),
+            ("  ", ""),
+            ("http://", "http://"),
+        ];
+        for (given, expected) in cases {
+            assert_eq!(unambiguous(given), expected, "{given}");
+        }
+    }
+
+    /// What the matcher makes of it: the whole user and password, and a
+    /// proxy URI without them.
+    #[test]
+    fn the_matcher_reads_an_unambiguous_url_whole() {
+        let proxies = Matcher::builder()
+            .all(unambiguous("socks5://me@corp:pw@127.0.0.1:1080"))
+            .build();
+        let intercept = proxies
+            .intercept(&Uri::from_static("http://x.test/"))
+            .unwrap();
+        assert_eq!(intercept.raw_auth(), Some(("me@corp", "pw")));
+        assert_eq!(intercept.uri().to_string(), "socks5://127.0.0.1:1080/");
+    }
+
+    /// SOCKS5 credentials too long for the handshake fail the connection
+    /// before anything is sent (they may come from `ALL_PROXY`).
+    #[tokio::test]
+    async fn socks5_credentials_too_long_fail_before_the_proxy_hears_anything() {
+        use futures::FutureExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let user = "u".repeat(256);
+        let proxies = Matcher::builder()
+            .all(format!("socks5://{user}:pw-123@{proxy}"))
+            .build();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut connector = ProxyConnector::new(HttpConnector::new(), tls, Some(proxies));
+        let Err(err) = connector
+            .call(Uri::from_static("http://127.0.0.1:9/"))
+            .await
+        else {
+            panic!("connected");
+        };
+        assert!(err.to_string().contains("255 bytes"), "{err}");
+        assert!(!err.to_string().contains("pw-123"), "{err}");
+        assert!(
+            listener.accept().now_or_never().is_none(),
+            "the proxy was called"
+        );
+        assert_eq!(socks_credentials_unfit(&"u".repeat(255), "abcd"), None);
+        assert!(socks_credentials_unfit(&"u".repeat(255), "abcde").is_some());
     }
 }
 
