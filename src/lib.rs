@@ -224,6 +224,13 @@ pub mod prelude {
 
 /// The README's code blocks, compiled and run as doctests so that they
 /// cannot drift from the crate.
-#[cfg(all(doctest, feature = "demo", feature = "reqwest"))]
+#[cfg(all(
+    doctest,
+    feature = "demo",
+    feature = "reqwest",
+    feature = "hyper-transport",
+    feature = "tower",
+    feature = "redis"
+))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
