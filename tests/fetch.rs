@@ -615,3 +615,35 @@ proptest! {
         }
     }
 }
+
+/// On a multi-thread runtime a driver holds the answers a burst brings
+/// and hands them over together; answers that came must still reach the
+/// consumer while other items run, however few they are. Two workers,
+/// real time: 20 items answer at once, the other 44 not within the test
+/// (an hour); the 20 come out, each once, well inside a bound only a hang
+/// would reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_that_came_are_handed_over_while_others_still_run() {
+    let mock = MockTransport::new();
+    mock.mount(Route::get("/items/{id}").respond_with(|request| {
+        let id: u64 = request.param("id").unwrap().parse().unwrap();
+        if id < 20 {
+            MockResponse::ok()
+        } else {
+            MockResponse::ok().delay(Duration::from_secs(3600))
+        }
+    }));
+    let client = client(&mock).build().unwrap();
+    let mut outputs =
+        stream::iter(0..64u64).fetch_concurrent(64, client.get(|id: &u64| format!("/items/{id}")));
+    let mut answered = Vec::new();
+    for _ in 0..20 {
+        let out = tokio::time::timeout(Duration::from_secs(30), outputs.next())
+            .await
+            .expect("handed over while the other items still run")
+            .expect("the stream goes on");
+        answered.push(out.expect("answered").item);
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, (0..20).collect::<Vec<u64>>());
+}
