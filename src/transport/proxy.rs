@@ -249,6 +249,14 @@ impl Service<Uri> for ProxyConnector {
                 // SOCKS handshake would take 443 for any).
                 let target = with_port(target, if https_target { 443 } else { 80 });
                 Box::pin(async move {
+                    // Resolved here, off the runtime's threads: hyper-util's
+                    // handshake would resolve it with a blocking call, which
+                    // stalls every task on the thread while it lasts.
+                    let target = if local_dns {
+                        resolved(target).await?
+                    } else {
+                        target
+                    };
                     let io = socks.call(target).await?;
                     Ok(ProxyStream::direct(io))
                 })
@@ -268,6 +276,26 @@ impl Service<Uri> for ProxyConnector {
             }),
         }
     }
+}
+
+/// `target` (which has a port) with its host name resolved to an address,
+/// by tokio's resolver (on its blocking pool); as it is if its host is an
+/// address already.
+async fn resolved(target: Uri) -> Result<Uri, BoxError> {
+    let (Some(host), Some(port)) = (target.host(), target.port_u16()) else {
+        return Ok(target);
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(target);
+    }
+    let address = tokio::net::lookup_host((bare, port))
+        .await?
+        .next()
+        .ok_or_else(|| format!("no address found for {bare}"))?;
+    let mut parts = target.into_parts();
+    parts.authority = Some(address.to_string().parse()?);
+    Ok(Uri::from_parts(parts)?)
 }
 
 /// The port a SOCKS proxy named without one listens on.
@@ -484,6 +512,36 @@ mod url_tests {
         );
         assert_eq!(socks_credentials_unfit(&"u".repeat(255), "abcd"), None);
         assert!(socks_credentials_unfit(&"u".repeat(255), "abcde").is_some());
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_is_resolved_and_an_address_left_as_it_is() {
+        for given in ["http://127.0.0.1:8080/x?y", "https://[::1]:443/"] {
+            let uri: Uri = given.parse().unwrap();
+            assert_eq!(resolved(uri.clone()).await.unwrap(), uri);
+        }
+        // From the hosts file: no query leaves the machine.
+        let uri = resolved("http://localhost:8080/x?y".parse().unwrap())
+            .await
+            .unwrap();
+        let host = uri
+            .host()
+            .unwrap()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        assert!(
+            host.parse::<std::net::IpAddr>().unwrap().is_loopback(),
+            "{uri}"
+        );
+        assert_eq!(
+            (uri.port_u16(), uri.path_and_query().unwrap().as_str()),
+            (Some(8080), "/x?y")
+        );
     }
 }
 
