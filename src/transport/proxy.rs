@@ -390,6 +390,18 @@ mod tests {
 
     use super::*;
 
+    /// A connector through `proxies`, trusting no TLS roots.
+    pub(super) fn connector_through(proxies: Matcher) -> ProxyConnector {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        ProxyConnector::new(HttpConnector::new(), tls, Some(proxies))
+    }
+
     /// A target whose proxy (say, from `ALL_PROXY`) is SOCKS or `https://`
     /// fails to connect, saying why, and never goes out directly instead.
     #[tokio::test]
@@ -406,14 +418,7 @@ mod tests {
             "socks4://me@corp:pw-123@127.0.0.1:9",
         ] {
             let proxies = Matcher::builder().all(proxy.to_owned()).build();
-            let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth();
-            let mut connector = ProxyConnector::new(HttpConnector::new(), tls, Some(proxies));
+            let mut connector = connector_through(proxies);
             let Err(err) = connector.call(target.clone()).await else {
                 panic!("{proxy}: connected");
             };
@@ -490,14 +495,7 @@ mod url_tests {
         let proxies = Matcher::builder()
             .all(format!("socks5://{user}:pw-123@{proxy}"))
             .build();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        let mut connector = ProxyConnector::new(HttpConnector::new(), tls, Some(proxies));
+        let mut connector = tests::connector_through(proxies);
         let Err(err) = connector
             .call(Uri::from_static("http://127.0.0.1:9/"))
             .await
