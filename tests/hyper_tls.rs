@@ -44,6 +44,20 @@ fn self_signed() -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
     (made.cert.der().clone(), key.into())
 }
 
+/// A TLS acceptor with a fresh self-signed certificate (returned beside
+/// it), offering `alpn` in order of preference.
+fn acceptor(alpn: ProtocolIds<'_>) -> (TlsAcceptor, CertificateDer<'static>) {
+    let (cert, key) = self_signed();
+    let mut config = rustls::ServerConfig::builder_with_provider(ring())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)
+        .expect("the key fits the certificate");
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    (TlsAcceptor::from(Arc::new(config)), cert)
+}
+
 fn ring() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -87,15 +101,7 @@ impl TlsServer {
     /// `203` with `"{version:?} {path}"` as the server saw it; `203` rather
     /// than `200` so a status made up on the way would show.
     async fn start(alpn: ProtocolIds<'_>) -> Self {
-        let (cert, key) = self_signed();
-        let mut config = rustls::ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .expect("the key fits the certificate");
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let (acceptor, cert) = acceptor(alpn);
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -344,15 +350,8 @@ impl ConnectProxy {
     /// An `https://` proxy: spoken to over TLS, with a self-signed
     /// certificate of its own, returned beside it.
     async fn start_tls() -> (Self, CertificateDer<'static>) {
-        let (cert, key) = self_signed();
-        let mut config = rustls::ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)
-            .expect("the key fits the certificate");
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let proxy = Self::start_with(Some(TlsAcceptor::from(Arc::new(config)))).await;
+        let (acceptor, cert) = acceptor(&[b"http/1.1"]);
+        let proxy = Self::start_with(Some(acceptor)).await;
         (proxy, cert)
     }
 

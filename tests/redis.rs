@@ -1089,12 +1089,21 @@ fn mock_client() -> Client {
 /// Drains `queue` as `consumer`, acknowledging each job after it is
 /// "committed" (collected); returns the keys done.
 async fn drain(queue: &WorkQueue, consumer: &str) -> Vec<String> {
-    let client = mock_client();
+    drain_through(queue, consumer, &mock_client(), 4).await
+}
+
+/// [`drain`], fetching through `client`, `concurrency` at a time.
+async fn drain_through(
+    queue: &WorkQueue,
+    consumer: &str,
+    client: &Client,
+    concurrency: usize,
+) -> Vec<String> {
     let results = queue
         .jobs::<u64>(consumer)
         .until_drained()
         .fetch_concurrent(
-            4,
+            concurrency,
             client.get(|job: &Job<u64>| format!("/items/{}", job.item)),
         );
     let done: Vec<String> = queue
@@ -1133,21 +1142,7 @@ async fn a_slow_worker_keeps_its_items_past_claim_after() {
         .base_url("http://mock")
         .build()
         .unwrap();
-    let slow = async {
-        let results = slow_queue
-            .jobs::<u64>("slow")
-            .until_drained()
-            .fetch_concurrent(
-                1,
-                slow_client.get(|job: &Job<u64>| format!("/items/{}", job.item)),
-            );
-        let done: Vec<String> = slow_queue
-            .ack_after_commit(results)
-            .map(|result| result.unwrap().item.key().to_owned())
-            .collect()
-            .await;
-        done
-    };
+    let slow = drain_through(&slow_queue, "slow", &slow_client, 1);
     // The idle worker starts once the slow one holds every item.
     let idle = async {
         while slow_queue.pending().await.unwrap() < 3 {
