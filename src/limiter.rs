@@ -35,9 +35,15 @@ use self::pacing::Pacing;
 
 /// tokio's timer tick. A deadline is rounded up to the next tick, and the
 /// driver sleeps whole ticks counted from a `now` rounded down, so a timer
-/// can fire up to two ticks late by design. Tokens are forgiven one tick of
+/// can fire up to two ticks late by design (see `TIMER_LATENESS_NANOS`).
+/// A token looked at late for any other reason is forgiven one tick of
 /// lateness (see `line`).
 const TIMER_TICK_NANOS: u64 = 1_000_000;
+
+/// How late tokio fires a timer by its own design: just under two ticks.
+/// A waiter woken by its own timer is forgiven this much lateness, so a
+/// late timer costs no token.
+const TIMER_LATENESS_NANOS: u64 = 2 * TIMER_TICK_NANOS - 1;
 
 /// A shared rate budget. Clones share one budget, across stages, branches
 /// and clients.
@@ -219,7 +225,7 @@ impl Limiter {
         let mut woken = Vec::new();
         let verdict = {
             let mut state = self.lock();
-            state.settle(offset, &floor, &mut woken);
+            state.settle(offset, &floor, None, &mut woken);
             // After everyone eligible in line: a newcomer's turn.
             let waiting = state.queue.iter().any(|w| !w.granted && floor(w) <= offset);
             let due = if waiting {

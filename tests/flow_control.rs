@@ -279,6 +279,32 @@ async fn pause_extends_but_never_shortens_and_resume_wakes_everyone() {
     assert!(!pause.is_paused());
 }
 
+/// A waiter's own timer that fires late costs no token. Here the clock
+/// moves 1.6 ms past the waiter's due instant before the runtime runs its
+/// timer, as tokio's timer does in real time by its own design (up to two
+/// ticks). The token is dated when it was due (1 ms), so the next one is
+/// due at 2 ms and goes at once, not a period after the late wake-up.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_woken_late_by_its_own_timer_keeps_the_schedule() {
+    let us = Duration::from_micros;
+    let limiter = Limiter::new(Rate::per_second(1_000));
+    let t0 = Instant::now();
+    limiter.acquire().await;
+    let waiter = tokio::spawn({
+        let limiter = limiter.clone();
+        async move {
+            limiter.acquire().await;
+            let woken = t0.elapsed();
+            limiter.acquire().await;
+            (woken, t0.elapsed())
+        }
+    });
+    // The waiter joins the line and sleeps until 1 ms.
+    tokio::task::yield_now().await;
+    tokio::time::advance(us(2_600)).await;
+    assert_eq!(waiter.await.unwrap(), (us(2_600), us(2_600)));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

@@ -18,15 +18,20 @@
 //!
 //! Tokens are dated at their ideal instant (when the waiter was due), not
 //! at the moment somebody looked, so a timer that fires late costs no
-//! capacity. Only lateness up to one timer tick is forgiven this way:
-//! dating a token further back would let its request go out in a burst
-//! with those on time. A timer can be late by up to two ticks by itself
-//! (see `TIMER_TICK_NANOS`), and a busy thread or a consumer that did not
-//! poll adds more; a token looked at that late is dated one tick before
-//! the look, and the lateness beyond that is lost. So in virtual time the
-//! rate is exact at every burst (a paused clock wakes a timer on its tick),
-//! and in real time at burst 1 and an interval of one tick it runs a few
-//! percent under (`benches/RESULTS.md`). A waiter dropped before
+//! capacity. tokio fires a timer up to two ticks late by its own design
+//! (see `TIMER_LATENESS_NANOS`), so a waiter woken by its own timer is
+//! forgiven up to that much. Any other look is forgiven one tick: a
+//! waiter granted on its behalf by somebody else, or looked at late by a
+//! busy thread or a consumer that did not poll, is dated at most one tick
+//! before the look, and the lateness beyond that is lost, since a token
+//! dated far back would let its request go out in a burst with those on
+//! time. So in virtual time the rate is exact at every burst (a paused
+//! clock wakes a timer on its tick, never a tick late), and in real time
+//! a line of waiters keeps its rate. A stream that asks for one token at
+//! a time (a `throttle` at burst 1) still runs a few percent under at an
+//! interval of one tick: its next item arrives only when the late one is
+//! let go, and GCRA dates an arrival no earlier than itself
+//! (`benches/RESULTS.md`). A waiter dropped before
 //! its token was granted takes nothing, and those behind it move up. A
 //! waiter honouring a [`PauseHandle`] keeps its place during the pause but
 //! is dated no earlier than the pause's end, so the end is not a burst.
@@ -44,7 +49,7 @@ use tokio::time::Instant;
 use super::adaptive::Learner;
 use super::advertised;
 use super::pacing::Pacing;
-use super::{Limiter, TIMER_TICK_NANOS};
+use super::{Limiter, TIMER_LATENESS_NANOS, TIMER_TICK_NANOS};
 use crate::pause::PauseHandle;
 use crate::rate::Rate;
 
@@ -124,11 +129,13 @@ impl State {
     /// Grants, in line order, every waiter whose token is due by `now`,
     /// each dated at its due instant, and hands back their wakers. A waiter
     /// still paused is passed over (it keeps its place); the first one not
-    /// yet due stops the walk, so nobody overtakes it.
+    /// yet due stops the walk, so nobody overtakes it. `timer_fired` names
+    /// the waiter looking because its own timer fired, if one is.
     pub(super) fn settle(
         &mut self,
         now: u64,
         floor: &dyn Fn(&Waiter) -> u64,
+        timer_fired: Option<u64>,
         woken: &mut Vec<Waker>,
     ) {
         let mut previous = 0;
@@ -146,12 +153,17 @@ impl State {
                 break;
             }
             // Dated at its due instant if looked at less than a timer tick
-            // after it (a late timer costs nothing); looked at later than
-            // that (the timer's second tick of slack, a busy thread, a
-            // consumer that did not poll), one tick before the look: a
-            // token dated far back would let its request go out in a burst
-            // with those on time.
-            let dated = due.max(now.saturating_sub(TIMER_TICK_NANOS - 1));
+            // after it, or less than the timer's own lateness when its own
+            // timer woke it (a late timer costs nothing); looked at later
+            // (a busy thread, a consumer that did not poll), as far back as
+            // that allows: a token dated far back would let its request go
+            // out in a burst with those on time.
+            let back = if timer_fired == Some(waiter.id) {
+                TIMER_LATENESS_NANOS
+            } else {
+                TIMER_TICK_NANOS - 1
+            };
+            let dated = due.max(now.saturating_sub(back));
             self.take(dated);
             previous = dated;
             let waiter = &mut self.queue[i];
@@ -276,6 +288,7 @@ impl Limiter {
         let mut sleep: Option<Pin<Box<tokio::time::Sleep>>> = None;
         std::future::poll_fn(|cx| loop {
             let now = self.offset(Instant::now());
+            let fired = sleep.as_ref().is_some_and(|s| s.is_elapsed());
             let mut woken = Vec::new();
             let mut stale = None;
             let mut old_waker = None;
@@ -295,7 +308,7 @@ impl Limiter {
                     waiter.granted = false;
                     state.outstanding = state.outstanding.saturating_sub(1);
                 }
-                state.settle(now, &floor, &mut woken);
+                state.settle(now, &floor, fired.then_some(ticket.id), &mut woken);
                 if state.queue[pos].granted {
                     stale = state.queue.remove(pos);
                     ticket.served = true;
