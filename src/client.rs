@@ -199,10 +199,14 @@ impl Client {
         } else {
             url.origin().ascii_serialization()
         };
+        // A next link to another origin than its listing's, which the
+        // client does not trust: the server chose it, so no credential of
+        // the listing's request goes there, if it is followed at all.
+        let mut foreign_link = false;
         if let Some(listing) = &spec.link_from {
             let from = self.resolve(listing, &[])?.origin().ascii_serialization();
-            if origin != from && !self.is_trusted(&origin) && !self.inner.follow_cross_origin_links
-            {
+            foreign_link = origin != from && !self.is_trusted(&origin);
+            if foreign_link && !self.inner.follow_cross_origin_links {
                 return Err(BuildError::new(format!(
                     "next link leads to {origin}, another origin than the listing's ({from}): \
                      not followed, so the client's credentials stay at their origin \
@@ -221,6 +225,9 @@ impl Client {
         }
         headers.extend(spec.headers);
         self.redact(&mut headers);
+        if foreign_link {
+            crate::transport::strip_credentials(&mut headers, None);
+        }
         let invalid = |e: http::uri::InvalidUri| BuildError::new(format!("invalid URL: {e}"));
         let (uri, url) = if self.inner.wants_url {
             let uri = Uri::from_maybe_shared(Bytes::copy_from_slice(url.as_str().as_bytes()));
@@ -734,8 +741,10 @@ impl ClientBuilder {
     ///
     /// By default, credentials stay at their origin: a request to another
     /// scheme, host or port (an absolute target, a redirect, a next link)
-    /// carries none of the default headers, and a redirect there drops every
-    /// header marked secret.
+    /// carries none of the default headers, and a redirect or a next link
+    /// there drops every header marked secret. A redirect keeps them only
+    /// between origins the client trusts: a third party that redirects a
+    /// request home sends none of what the request carried for it.
     pub fn trust_origin(mut self, origin: impl AsRef<str>) -> Self {
         match url::Url::parse(origin.as_ref()) {
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
@@ -750,8 +759,11 @@ impl ClientBuilder {
     }
 
     /// Lets [`paginate`](crate::etl::paginate) follow a `Link: rel="next"`
-    /// to another origin than the listing's, without the client's default
-    /// headers. Off by default: such a link ends the walk with a
+    /// to another origin than the listing's, without credentials: neither
+    /// the client's default headers nor the first request's own secret
+    /// headers (`Authorization`, `Cookie`, `Proxy-Authorization`, and those
+    /// named by [`redact_header`](Self::redact_header) or marked
+    /// sensitive) go there. Off by default: such a link ends the walk with a
     /// [`Build`](crate::FetchErrorKind::Build) error carrying the page.
     pub fn follow_cross_origin_links(mut self, yes: bool) -> Self {
         self.follow_cross_origin_links = yes;

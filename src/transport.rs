@@ -159,6 +159,27 @@ pub struct Prepared {
     pub(crate) url: Option<Box<url::Url>>,
 }
 
+/// Removes every credential a request carries, for a hop to an origin it
+/// was not meant for: every header marked secret, the client's default
+/// headers (`scope`'s), and the standard credential headers. One rule for
+/// redirects and for next links.
+pub(crate) fn strip_credentials(headers: &mut http::HeaderMap, scope: Option<&CredentialScope>) {
+    use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+    let secret: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, value)| value.is_sensitive())
+        .map(|(name, _)| name.clone())
+        .collect();
+    let defaults = scope.map_or(&[][..], |s| &s.defaults[..]);
+    for name in secret
+        .iter()
+        .chain(defaults)
+        .chain(&[AUTHORIZATION, PROXY_AUTHORIZATION, COOKIE])
+    {
+        headers.remove(name);
+    }
+}
+
 impl CredentialScope {
     /// Whether the credentials may follow a redirect to `origin`.
     #[cfg_attr(

@@ -656,6 +656,45 @@ async fn a_next_link_to_another_origin_ends_the_walk_by_default() {
     assert!(mock.calls()[1].headers.contains_key("authorization"));
 }
 
+/// Followed to another origin, a next link carries none of the first
+/// request's own secrets either: not its `Authorization` or cookie, not a
+/// header the client redacts. Plain headers still go.
+#[tokio::test(start_paused = true)]
+async fn a_followed_link_elsewhere_carries_none_of_the_first_requests_secrets() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    mock.mount(Route::get("/users").respond(
+        MockResponse::json(&[1, 2]).header("link", "<http://evil.test/steal>; rel=\"next\""),
+    ));
+    mock.mount(Route::get("/steal").respond(MockResponse::json(&[3])));
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .redact_header("x-session")
+        .follow_cross_origin_links(true)
+        .build()
+        .unwrap();
+    let first = RequestSpec::get("/users")
+        .header("authorization", "Bearer SPEC")
+        .header("cookie", "s=SPEC")
+        .header("x-session", "SPEC")
+        .header("accept", "application/json");
+    let pages: Vec<_> = paginate(&client, first, Pagination::link_header())
+        .collect()
+        .await;
+    assert!(pages.iter().all(Result::is_ok));
+    let calls = mock.calls();
+    assert_eq!(calls.len(), 2);
+    for name in ["authorization", "cookie", "x-session"] {
+        assert!(calls[0].headers.contains_key(name), "{name} went home");
+        assert!(
+            !calls[1].headers.contains_key(name),
+            "{name} went to another origin"
+        );
+    }
+    assert_eq!(calls[1].headers["accept"], "application/json");
+}
+
 #[cfg(feature = "reqwest")]
 #[tokio::test]
 async fn a_next_link_to_another_port_gets_no_token_on_the_wire() {
@@ -833,6 +872,54 @@ async fn redirect_to_another_origin_drops_every_secret_header<T: Transport>(tran
     assert_eq!(request_target(&landed), "/landing");
     assert!(!has_credentials(&landed), "by hand: {landed}");
     assert!(!landed.contains("TENANT-789"), "by hand: {landed}");
+}
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn a_third_partys_redirect_home_carries_none_of_its_credentials() {
+    third_party_redirect_home_carries_none_of_its_credentials(ReqwestTransport::default).await;
+}
+
+#[cfg(feature = "hyper-transport")]
+#[tokio::test]
+async fn a_third_partys_redirect_home_carries_none_of_its_credentials_over_hyper() {
+    third_party_redirect_home_carries_none_of_its_credentials(HyperTransport::default).await;
+}
+
+/// A request's own token for a third party is the third party's: when that
+/// party redirects it to the client's home origin (trusted, as home always
+/// is), home does not get the token.
+#[cfg(any(feature = "reqwest", feature = "hyper-transport"))]
+async fn third_party_redirect_home_carries_none_of_its_credentials<T: Transport>(
+    transport: fn() -> T,
+) {
+    let (home, home_heads) = recording_server(ok_reply).await;
+    let (third, third_heads) = recording_server(move |_| {
+        format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{home}/landing\r\n\
+             content-length: 0\r\nconnection: close\r\n\r\n"
+        )
+        .into_bytes()
+    })
+    .await;
+    let client = Client::builder()
+        .transport(transport())
+        .base_url(format!("http://{home}"))
+        .build()
+        .unwrap();
+    let spec = RequestSpec::get(format!("http://{third}/x"))
+        .header("authorization", "Bearer THIRD-TOKEN")
+        .header("cookie", "third=THIRD-COOKIE");
+    let landed = client.send(spec).await.unwrap();
+    assert_eq!(landed.body().as_ref(), b"ok");
+    let asked = third_heads.lock().unwrap()[0].clone();
+    assert!(
+        asked.contains("THIRD-TOKEN") && asked.contains("THIRD-COOKIE"),
+        "{asked}"
+    );
+    let home_heads = home_heads.lock().unwrap();
+    assert_eq!(request_target(&home_heads[0]), "/landing");
+    assert!(!home_heads[0].contains("THIRD-"), "{}", home_heads[0]);
 }
 
 /// A transport that only hands requests on, as a user's logging or metrics

@@ -10,12 +10,11 @@ use std::future::Future;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, COOKIE,
-    HOST, LOCATION, PROXY_AUTHORIZATION, TRANSFER_ENCODING, WWW_AUTHENTICATE,
+    HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, TRANSFER_ENCODING,
 };
 use http::{HeaderMap, Method, StatusCode, Version};
 
-use super::{url_without_query, without_query, CredentialScope};
+use super::{strip_credentials, url_without_query, without_query, CredentialScope};
 use crate::error::{TransportError, TransportErrorKind};
 
 /// Where a hop goes: a `url::Url` (what reqwest takes) or an `http::Uri`
@@ -165,7 +164,8 @@ fn is_redirect(status: StatusCode) -> bool {
 
 /// Turns `hop` into the request a `status` redirect to `next` asks for:
 /// a 303 (and a 301 or 302 after a POST) becomes a GET without a body, and
-/// credentials are dropped on the way to an origin `scope` does not trust.
+/// credentials are dropped on the way to another origin unless `scope`
+/// trusts both the one left and the one reached.
 fn redirect<U: Target>(
     hop: &mut Hop<U>,
     status: StatusCode,
@@ -186,45 +186,29 @@ fn redirect<U: Target>(
             hop.headers.remove(name);
         }
     }
+    let from = hop.target.origin();
     let to = next.origin();
-    let same = to.is_some() && hop.target.origin() == to;
-    let trusted = to
-        .as_deref()
-        .is_some_and(|to| scope.is_some_and(|s| s.trusts(to)));
+    let same = to.is_some() && from == to;
+    let trusted = |origin: Option<&str>| origin.is_some_and(|o| scope.is_some_and(|s| s.trusts(o)));
     if !same {
         // A `Host` set by hand names the origin left behind; the next one's
         // comes from its URL.
         hop.headers.remove(HOST);
-        if !trusted {
+        // Credentials go on only between origins the client trusts: not to
+        // an untrusted one, and not from one either, since what a request
+        // carries to a third party (its own token there) is not the home
+        // origin's to see when the third party sends it home.
+        if !trusted(to.as_deref()) || !trusted(from.as_deref()) {
             strip_credentials(&mut hop.headers, scope);
         }
     }
     hop.target = next;
 }
 
-/// Removes what must not follow a redirect to an untrusted origin: every
-/// header marked secret, the client's default headers, and the standard
-/// credential headers.
-fn strip_credentials(headers: &mut HeaderMap, scope: Option<&CredentialScope>) {
-    let secret: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(_, value)| value.is_sensitive())
-        .map(|(name, _)| name.clone())
-        .collect();
-    let defaults = scope.map_or(&[][..], |s| &s.defaults[..]);
-    for name in secret.iter().chain(defaults).chain(&[
-        AUTHORIZATION,
-        PROXY_AUTHORIZATION,
-        COOKIE,
-        WWW_AUTHENTICATE,
-    ]) {
-        headers.remove(name);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::AUTHORIZATION;
 
     #[test]
     fn a_uri_and_a_url_follow_a_location_alike() {
@@ -249,6 +233,51 @@ mod tests {
             Some("http://127.0.0.1:1"),
             "the origin, as the URL parser serialises it"
         );
+    }
+
+    #[test]
+    fn credentials_go_on_only_between_trusted_origins() {
+        use std::sync::Arc;
+        let scope = CredentialScope {
+            home: Arc::from([
+                "http://127.0.0.1:1".to_owned(),
+                "http://127.0.0.1:2".to_owned(),
+            ]),
+            defaults: Arc::from([]),
+        };
+        let hop_from = |from: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+            Hop {
+                method: Method::GET,
+                target: from.parse::<http::Uri>().unwrap(),
+                headers,
+                version: Version::HTTP_11,
+                body: Bytes::new(),
+            }
+        };
+        for (from, to, kept) in [
+            // Home to a trusted origin: the user's trust covers both.
+            ("http://127.0.0.1:1/a", "http://127.0.0.1:2/b", true),
+            // Home to a third party: nothing of the user's goes there.
+            ("http://127.0.0.1:1/a", "http://127.0.0.1:3/b", false),
+            // A third party sending the request home: its token for the
+            // third party is not home's to see.
+            ("http://127.0.0.1:3/a", "http://127.0.0.1:1/b", false),
+        ] {
+            let mut hop = hop_from(from);
+            redirect(
+                &mut hop,
+                StatusCode::FOUND,
+                to.parse().unwrap(),
+                Some(&scope),
+            );
+            assert_eq!(
+                hop.headers.contains_key(AUTHORIZATION),
+                kept,
+                "{from} -> {to}"
+            );
+        }
     }
 
     #[test]
