@@ -223,6 +223,48 @@ async fn a_panic_in_a_step_is_raised_in_the_stream_on_two_workers() {
     a_panicking_step().await;
 }
 
+/// A consumer that catches the panic and polls on, as it may with
+/// `buffer_unordered`, gets every other row once and then the end.
+async fn polled_on_after_a_panic() {
+    use futures::FutureExt as _;
+    let step = Step::new(|row: u32| async move {
+        if row == 3 {
+            panic!("the step blew up on row 3");
+        }
+        Ok::<_, DbError>(row)
+    });
+    let mut rows = std::pin::pin!(stream::iter(0..8u32).map_concurrent(4, step));
+    let drained = async {
+        let (mut seen, mut panics) = (Vec::new(), 0);
+        loop {
+            match std::panic::AssertUnwindSafe(rows.next())
+                .catch_unwind()
+                .await
+            {
+                Ok(Some(row)) => seen.push(row.unwrap().value),
+                Ok(None) => break,
+                Err(_) => panics += 1,
+            }
+        }
+        seen.sort();
+        (seen, panics)
+    };
+    let (seen, panics) = tokio::time::timeout(Duration::from_secs(60), drained)
+        .await
+        .expect("the stream ended within the bound");
+    assert_eq!((seen, panics), (vec![0, 1, 2, 4, 5, 6, 7], 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_polled_on_after_a_panic_yields_the_rest_and_ends() {
+    polled_on_after_a_panic().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_polled_on_after_a_panic_yields_the_rest_and_ends_on_two_workers() {
+    polled_on_after_a_panic().await;
+}
+
 /// Two workers, so two drivers share the stage's items: every row comes out
 /// exactly once and never more than `n` run at once. Real time on a real
 /// runtime, for races: no sleeps, only yields, and a generous bound.

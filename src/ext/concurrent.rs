@@ -327,7 +327,18 @@ where
                 _ => Poll::Ready(None),
             };
             match finished {
-                Poll::Ready(Some((index, out))) => {
+                // A panic in a transport or a request builder surfaces here,
+                // as it would had the stream polled the item itself. In
+                // input order its slot never fills, as with `buffered`;
+                // out of order it is counted out first, so that a consumer
+                // that catches it gets the other items and the end.
+                Poll::Ready(Some(Err(panic))) => {
+                    if !*this.ordered {
+                        *this.outstanding -= 1;
+                    }
+                    std::panic::resume_unwind(panic)
+                }
+                Poll::Ready(Some(Ok((index, out)))) => {
                     if !*this.ordered {
                         *this.outstanding -= 1;
                         return Poll::Ready(Some(out));
@@ -425,17 +436,15 @@ impl<O: Send + 'static> Driver<O> {
         let _ = driver.intake.send(item);
     }
 
-    /// The next output; only while some item is running.
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<O>> {
+    /// The next output, or the panic of an item (already counted out);
+    /// only while some item is running.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<O, Panic>>> {
         match std::task::ready!(self.outputs.poll_recv(cx)) {
-            Some(Ok((index, out))) => {
+            Some((index, out)) => {
                 self.running -= 1;
                 self.drivers[index].running -= 1;
                 Poll::Ready(Some(out))
             }
-            // A panic in a transport or a request builder surfaces here,
-            // as it would had the stream polled the item itself.
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
             // The drivers are aborted only by dropping this handle, which then
             // polls them no more: only a runtime shutting down ends here.
             None => panic!("a sluicegate stage's driver was cancelled by its runtime"),
@@ -443,7 +452,11 @@ impl<O: Send + 'static> Driver<O> {
     }
 }
 
-type Sent<O> = Result<(usize, O), Box<dyn Any + Send>>;
+/// What an item that panicked left: raised again in the stream.
+type Panic = Box<dyn Any + Send>;
+
+/// An item's end, sent by driver number `.0`.
+type Sent<O> = (usize, Result<O, Panic>);
 
 /// A driver task: runs every item admitted to it, sends each output on.
 struct Drive<O> {
@@ -553,7 +566,7 @@ impl<O: Send + 'static> Future for Drive<O> {
                 match this.running.poll_next_unpin(cx) {
                     Poll::Ready(Some(out)) => {
                         let index = this.index;
-                        this.emit(out.map(|out| (index, out)));
+                        this.emit((index, out));
                         found = true;
                     }
                     Poll::Ready(None) => break,
