@@ -101,6 +101,12 @@ impl<A: Attempt> Attempt for &mut A {
 pub(crate) struct Gate {
     pub(crate) pause: PauseHandle,
     pub(crate) limiters: Vec<Limiter>,
+    /// Whether what goes through is a request whose answer the limiters
+    /// will hear (an HTTP attempt): each token then counts as a request in
+    /// flight until they do, so a quota the server advertises is shared
+    /// out net of the requests still on their way. A step's tokens count
+    /// nothing: no answer would ever take them off.
+    pub(crate) answered: bool,
 }
 
 impl Gate {
@@ -119,22 +125,26 @@ impl Gate {
         } else {
             self.limiters
                 .iter()
-                .take_while(|limiter| limiter.check_at(now).is_ok())
+                .take_while(|limiter| limiter.check_at(now, self.answered).is_ok())
                 .count()
         };
         if !paused && free == self.limiters.len() {
             return None;
         }
         let pause = self.pause.clone();
+        let answered = self.answered;
         let mut taken = Taken {
             limiters: self.limiters[..free].to_vec(),
-            kept: false,
+            kept: !answered,
         };
         let rest: Vec<Limiter> = self.limiters[free..].to_vec();
         Some(Box::pin(async move {
             pause.ready().await;
             for limiter in rest {
-                limiter.clone().acquire_owned(Some(pause.clone())).await?;
+                limiter
+                    .clone()
+                    .acquire_owned(Some(pause.clone()), answered)
+                    .await?;
                 taken.limiters.push(limiter);
             }
             // The request is sent at once: its in-flight count takes over.
@@ -147,6 +157,7 @@ impl Gate {
 /// Tokens taken for a request that may never be sent (a later limiter
 /// failed, or the item's time ran out while it waited): each limiter
 /// counts its token's request as in flight until told it was abandoned.
+/// Kept from the start when the tokens count nothing (a step's).
 struct Taken {
     limiters: Vec<Limiter>,
     kept: bool,

@@ -515,6 +515,7 @@ fn gate_for(client: &Client, policy: &Policy, host: &str) -> Gate {
         limiters: std::iter::once(client.gate().clone())
             .chain(policy.limits.iter().map(|limit| limit.for_host(host)))
             .collect(),
+        answered: true,
     }
 }
 

@@ -209,13 +209,15 @@ impl Limiter {
     /// limiter shared through Redis always answers this way (asking Redis
     /// is not instant): use [`acquire`](Self::acquire).
     pub fn check(&self) -> Result<(), NotUntil> {
-        self.check_at(Instant::now())
+        self.check_at(Instant::now(), false)
     }
 
     /// [`check`](Self::check) at `now`, a clock reading the caller already
     /// holds: the per-item path reads the clock once for the gate, the
-    /// in-flight count and the item's start.
-    pub(crate) fn check_at(&self, now: Instant) -> Result<(), NotUntil> {
+    /// in-flight count and the item's start. With `answered`, the token is
+    /// for a request whose answer this limiter will hear: it counts as in
+    /// flight until then (see `feedback`).
+    pub(crate) fn check_at(&self, now: Instant, answered: bool) -> Result<(), NotUntil> {
         // A remote limit is only known by asking it, which is not instant.
         if self.shared.remote.is_some() {
             return Err(NotUntil { earliest: now });
@@ -235,6 +237,7 @@ impl Limiter {
             };
             if due <= offset {
                 state.take(offset);
+                state.outstanding += u64::from(answered);
                 Ok(())
             } else {
                 Err(NotUntil {
@@ -280,18 +283,22 @@ impl Limiter {
     /// Waits for a token however long it takes: a limiter that cannot be
     /// consulted (Redis down, failing closed) means waiting, never going.
     pub(crate) async fn acquire_until_granted(self, pause: Option<PauseHandle>) {
-        while let Err(e) = self.clone().acquire_owned(pause.clone()).await {
+        while let Err(e) = self.clone().acquire_owned(pause.clone(), false).await {
             tracing::warn!(error = %e, "still waiting for the rate limiter");
         }
     }
 
     /// Waits for a token; fails only when a remote limiter that fails closed
-    /// stayed unreachable past its limit.
-    pub(crate) async fn acquire_owned(self, pause: Option<PauseHandle>) -> Result<(), String> {
+    /// stayed unreachable past its limit. `answered` as for `check_at`.
+    pub(crate) async fn acquire_owned(
+        self,
+        pause: Option<PauseHandle>,
+        answered: bool,
+    ) -> Result<(), String> {
         if let Some(remote) = &self.shared.remote {
             return remote.clone().acquire(pause).await;
         }
-        self.acquire_local(pause).await;
+        self.acquire_local(pause, answered).await;
         Ok(())
     }
 

@@ -250,6 +250,7 @@ where
             let gate = Gate {
                 pause: step.pause.clone(),
                 limiters: step.limiters.clone(),
+                answered: false,
             };
             let run = Loop {
                 gate: &gate,

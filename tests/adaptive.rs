@@ -187,6 +187,46 @@ async fn zero_refusals_after_the_first_answer(style: &'static str) {
     assert_eq!(client.limiter().unwrap().malformed_headers(), 0);
 }
 
+/// Tokens the client's limiter gives to others (a throttle, a step, a
+/// caller of `acquire` or `check`) are no requests in flight: the quota a
+/// server advertises is shared out net of requests only, so the fetches
+/// after them keep the quota's pace instead of one request per window.
+#[tokio::test(start_paused = true)]
+async fn tokens_taken_outside_requests_leave_an_advertised_quota_whole() {
+    let mock = advertising_server(100, "x");
+    let client = Client::builder()
+        .transport(mock.clone())
+        .base_url("http://mock")
+        .rate(Rate::per_second(400).burst(5))
+        .build()
+        .unwrap();
+    let limiter = client.limiter().unwrap().clone();
+    let throttled = stream::iter(0..200u32).throttle(&limiter).count().await;
+    let step =
+        Step::new(|row: u32| async move { Ok::<_, std::io::Error>(row) }).limit(limiter.clone());
+    let stepped = stream::iter(0..100u32)
+        .map_concurrent(4, step)
+        .count()
+        .await;
+    limiter.acquire().await;
+    while limiter.check().is_err() {
+        tokio::time::sleep(ms(1)).await;
+    }
+    assert_eq!((throttled, stepped), (200, 100));
+
+    let t1 = Instant::now();
+    let fetched = stream::iter(0u32..300)
+        .fetch_concurrent(16, client.get(|id: &u32| format!("/items/{id}")))
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    assert_eq!(fetched, 300);
+    assert_eq!(refusals(&mock), 0);
+    // 100 per one-second window: three windows, and the rest of the one
+    // the fetches began in.
+    assert!(t1.elapsed() < Duration::from_secs(4), "{:?}", t1.elapsed());
+}
+
 #[tokio::test(start_paused = true)]
 async fn ietf_ratelimit_fields_are_obeyed() {
     zero_refusals_after_the_first_answer("ietf").await;

@@ -123,7 +123,6 @@ impl State {
     /// Takes a token dated `t`, which must be `earliest(t)`.
     pub(super) fn take(&mut self, t: u64) {
         take(&mut self.pacing, self.advert.as_mut(), t);
-        self.outstanding += 1;
     }
 
     /// Grants, in line order, every waiter whose token is due by `now`,
@@ -165,6 +164,7 @@ impl State {
             };
             let dated = due.max(now.saturating_sub(back));
             self.take(dated);
+            self.outstanding += u64::from(self.queue[i].answered);
             previous = dated;
             let waiter = &mut self.queue[i];
             waiter.granted = true;
@@ -222,6 +222,9 @@ pub(super) struct Waiter {
     pub(super) granted: bool,
     /// The instant its token is dated, once granted.
     pub(super) dated: u64,
+    /// Its token is for a request whose answer the limiter will hear: it
+    /// counts as in flight from its grant.
+    pub(super) answered: bool,
 }
 
 /// A place in line. Dropped before its token was granted, it takes
@@ -244,9 +247,9 @@ impl Drop for Ticket<'_> {
                 return;
             };
             let left = state.queue.remove(pos);
-            if left.as_ref().is_some_and(|w| w.granted) {
+            if let Some(left) = left.as_ref().filter(|w| w.granted) {
                 // Granted but never taken: the token is spent, no request went.
-                state.outstanding = state.outstanding.saturating_sub(1);
+                state.outstanding = state.outstanding.saturating_sub(u64::from(left.answered));
             } else {
                 woken.extend(
                     state
@@ -265,11 +268,13 @@ impl Drop for Ticket<'_> {
 }
 
 impl Limiter {
-    pub(super) async fn acquire_local(self, pause: Option<PauseHandle>) {
-        if !pause.as_ref().is_some_and(PauseHandle::is_paused) && self.check().is_ok() {
+    pub(super) async fn acquire_local(self, pause: Option<PauseHandle>, answered: bool) {
+        if !pause.as_ref().is_some_and(PauseHandle::is_paused)
+            && self.check_at(Instant::now(), answered).is_ok()
+        {
             return;
         }
-        let mut ticket = self.join(pause.clone());
+        let mut ticket = self.join(pause.clone(), answered);
         loop {
             if let Some(pause) = &pause {
                 pause.ready().await;
@@ -306,7 +311,8 @@ impl Limiter {
                     // at the pause's end, in a burst. It is spent; the
                     // waiter keeps its place and is granted anew.
                     waiter.granted = false;
-                    state.outstanding = state.outstanding.saturating_sub(1);
+                    let answered = u64::from(waiter.answered);
+                    state.outstanding = state.outstanding.saturating_sub(answered);
                 }
                 state.settle(now, &floor, fired.then_some(ticket.id), &mut woken);
                 if state.queue[pos].granted {
@@ -362,8 +368,9 @@ impl Limiter {
         .await
     }
 
-    /// Joins the back of the line, honouring `pause`.
-    pub(super) fn join(&self, pause: Option<PauseHandle>) -> Ticket<'_> {
+    /// Joins the back of the line, honouring `pause`; `answered` as for
+    /// [`check_at`](Limiter::check_at).
+    pub(super) fn join(&self, pause: Option<PauseHandle>, answered: bool) -> Ticket<'_> {
         let arrived = self.offset(Instant::now());
         let mut state = self.lock();
         let id = state.next_id;
@@ -375,6 +382,7 @@ impl Limiter {
             waker: None,
             granted: false,
             dated: 0,
+            answered,
         });
         Ticket {
             limiter: self,
