@@ -284,14 +284,16 @@ impl<'a> Loop<'a> {
             let mut paused_by_us = false;
             let mut now = started;
             loop {
-                *attempts += 1;
-                let attempt = *attempts;
+                let attempt = *attempts + 1;
                 if let Some(wait) = self.gate.wait(now) {
                     if let Err(reason) = wait.await {
                         return Ended::LimiterUnavailable(reason);
                     }
                     now = Instant::now();
                 }
+                // Counted once it goes: an item whose time runs out at the
+                // gate (a pause, a limiter's line) sent nothing more.
+                *attempts = attempt;
                 if std::mem::take(&mut paused_by_us) {
                     tracing::info!(item = index, "pause over, resuming");
                 }

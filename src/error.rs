@@ -352,7 +352,8 @@ impl<T> FetchError<T> {
         self.kind.is_timeout()
     }
 
-    /// How many requests were sent for this item (0 if none could be built).
+    /// How many requests were sent for this item (0 if none could be built,
+    /// or if its time ran out before the first went).
     pub fn attempts(&self) -> u32 {
         self.attempts
     }

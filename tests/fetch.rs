@@ -369,6 +369,35 @@ async fn attempt_and_item_timeouts_are_their_own_kinds() {
     assert!(mock.calls().iter().all(|c| c.answered_at.is_none()));
 }
 
+/// An item whose time runs out while it waits at the gate (here, in the
+/// limiter's line) sent nothing, and says so: `attempts` counts requests
+/// sent, not requests meant.
+#[tokio::test(start_paused = true)]
+async fn an_item_timed_out_in_line_counts_no_attempt() {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    mock.mount(Route::get("/items/{id}").respond(MockResponse::ok()));
+    let client = client(&mock).rate(Rate::per_second(1)).build().unwrap();
+    let endpoint = client
+        .get(|id: &u32| format!("/items/{id}"))
+        .item_timeout(ms(500));
+    let mut results: Vec<_> = stream::iter(0..3u32)
+        .fetch_concurrent(3, endpoint)
+        .collect()
+        .await;
+    results.sort_by_key(|r| match r {
+        Ok(f) => f.item,
+        Err(e) => *e.item(),
+    });
+    assert!(results[0].is_ok());
+    for late in &results[1..] {
+        let err = late.as_ref().unwrap_err();
+        assert_eq!(err.kind(), FetchErrorKind::Timeout(TimeoutScope::Item));
+        assert_eq!((err.attempts(), err.elapsed()), (0, ms(500)));
+    }
+    assert_eq!(mock.call_count(), 1);
+}
+
 #[tokio::test(start_paused = true)]
 async fn ordered_keeps_input_order_and_unordered_is_not_held_up() {
     let mock = MockTransport::new();
