@@ -303,6 +303,94 @@ async fn jsonl_round_trip_with_a_bad_line_and_dead_letters() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Each item of a JSONL read: the value, or the error's line number.
+fn outcomes(read: &[Result<u64, sluicegate::etl::JsonlError>]) -> Vec<Result<u64, u64>> {
+    read.iter()
+        .map(|r| r.as_ref().map(|v| *v).map_err(|e| e.line()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_line_that_is_not_utf8_is_an_error_in_its_place_and_the_rest_still_come() {
+    let dir = temp_dir("jsonl-utf8");
+    let input = dir.join("ids.jsonl");
+    std::fs::write(&input, b"1\n2\n\"caf\xe9\"\n4\n5\n").unwrap();
+
+    let read: Vec<_> = read_jsonl::<u64>(&input).collect().await;
+    assert_eq!(outcomes(&read), [Ok(1), Ok(2), Err(3), Ok(4), Ok(5)]);
+    let bad = read[2].as_ref().unwrap_err();
+    assert!(bad.to_string().contains("line 3: not UTF-8"), "{bad}");
+    assert_eq!(bad.text(), Some("\"caf\u{fffd}\""));
+
+    let output = dir.join("ids.out.jsonl");
+    let report = read_jsonl::<u64>(&input)
+        .write_jsonl(&output)
+        .await
+        .unwrap();
+    assert_eq!((report.ok, report.failed), (4, 1));
+    assert_eq!(lines(&output), [1, 2, 4, 5].map(serde_json::Value::from));
+    let dead = lines(&dir.join("ids.out.failed.jsonl"));
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["line"], 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_line_over_the_limit_is_an_error_and_reading_resumes_at_the_next_line() {
+    let dir = temp_dir("jsonl-long");
+    let input = dir.join("ids.jsonl");
+    // Line 2 is longer than a read (64 KiB) as well as the limit; line 4 is
+    // exactly at the limit, line 5 one byte over.
+    let long = format!("\"{}\"", "x".repeat(200_000));
+    let at_limit = format!("{:>32}", 4);
+    let over_limit = format!("{:>33}", 5);
+    std::fs::write(
+        &input,
+        format!("1\n{long}\n3\n{at_limit}\r\n{over_limit}\n6\n7"),
+    )
+    .unwrap();
+
+    let read: Vec<_> = read_jsonl::<u64>(&input).max_line_bytes(32).collect().await;
+    assert_eq!(
+        outcomes(&read),
+        [Ok(1), Err(2), Ok(3), Ok(4), Err(5), Ok(6), Ok(7)]
+    );
+    let bad = read[1].as_ref().unwrap_err();
+    assert!(
+        bad.to_string()
+            .contains("longer than the limit of 32 bytes"),
+        "{bad}"
+    );
+    // The error holds the start of the line, not the line.
+    let text = bad.text().unwrap();
+    assert!(
+        text.starts_with("\"xxx") && text.len() <= 200,
+        "{}",
+        text.len()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn crlf_endings_blank_lines_and_a_last_line_without_newline() {
+    let dir = temp_dir("jsonl-crlf");
+    let input = dir.join("ids.jsonl");
+    std::fs::write(&input, b"1\r\n\r\nnot json\r\n  \n4\r\n\"\xff\"").unwrap();
+    let read: Vec<_> = read_jsonl::<u64>(&input).collect().await;
+    assert_eq!(outcomes(&read), [Ok(1), Err(3), Ok(4), Err(6)]);
+    assert_eq!(read[1].as_ref().unwrap_err().text(), Some("not json"));
+    assert!(read[3]
+        .as_ref()
+        .unwrap_err()
+        .to_string()
+        .contains("line 6: not UTF-8"));
+
+    std::fs::write(&input, "1\n2").unwrap();
+    let read: Vec<_> = read_jsonl::<u64>(&input).collect().await;
+    assert_eq!(outcomes(&read), [Ok(1), Ok(2)]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 const CRASH_ITEMS: u64 = 200;
 
 /// A transport that answers items below 60 at once (404 for multiples of 7)

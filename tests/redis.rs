@@ -356,53 +356,82 @@ async fn a_503_seen_by_one_worker_stalls_every_worker() {
     assert!(outages >= 1, "the run met an outage");
 }
 
-/// Wakes whoever waits when sluicegate reports the Redis of coordinator
-/// `name` unavailable (tests run in parallel, each with its own name).
-fn redis_failures(name: &str) -> Arc<Notify> {
-    type Registry = Mutex<Vec<(String, Arc<Notify>)>>;
+type Registry = Mutex<Vec<(String, Arc<Notify>)>>;
+
+/// Who waits for the Redis of which coordinator to be reported unavailable.
+static WAITING: Registry = Mutex::new(Vec::new());
+
+/// Every event sluicegate logged in this process, at any level, as a log
+/// would show it: its message and `field=value`s.
+static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Installs this process's one subscriber: it wakes [`WAITING`] and
+/// fills [`LOGGED`].
+fn install_tracing() {
     static INIT: Once = Once::new();
-    static WAITING: Registry = Mutex::new(Vec::new());
-    struct OnFailure;
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OnFailure {
-        fn on_event(
-            &self,
-            event: &tracing::Event<'_>,
-            _: tracing_subscriber::layer::Context<'_, S>,
-        ) {
-            #[derive(Default)]
-            struct Fields {
-                unavailable: bool,
-                name: String,
-            }
-            impl tracing::field::Visit for Fields {
-                fn record_debug(
-                    &mut self,
-                    field: &tracing::field::Field,
-                    value: &dyn std::fmt::Debug,
-                ) {
-                    match field.name() {
-                        "message" => self.unavailable = format!("{value:?}") == "Redis unavailable",
-                        "name" => self.name = format!("{value:?}"),
-                        _ => {}
-                    }
+    INIT.call_once(|| {
+        use tracing_subscriber::layer::SubscriberExt;
+        let subscriber = tracing_subscriber::registry()
+            .with(OnFailure)
+            .with(Recorder);
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+    });
+}
+
+struct OnFailure;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for OnFailure {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            unavailable: bool,
+            name: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                match field.name() {
+                    "message" => self.unavailable = format!("{value:?}") == "Redis unavailable",
+                    "name" => self.name = format!("{value:?}"),
+                    _ => {}
                 }
             }
-            let mut fields = Fields::default();
-            event.record(&mut fields);
-            if fields.unavailable {
-                for (name, notify) in WAITING.lock().unwrap().iter() {
-                    if *name == fields.name {
-                        notify.notify_one();
-                    }
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if fields.unavailable {
+            for (name, notify) in WAITING.lock().unwrap().iter() {
+                if *name == fields.name {
+                    notify.notify_one();
                 }
             }
         }
     }
-    INIT.call_once(|| {
-        use tracing_subscriber::layer::SubscriberExt;
-        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(OnFailure))
-            .unwrap();
-    });
+}
+
+struct Recorder;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Recorder {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if !event.metadata().target().starts_with("sluicegate") {
+            return;
+        }
+        struct Line(String);
+        impl tracing::field::Visit for Line {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                use std::fmt::Write;
+                write!(self.0, " {}={value:?}", field.name()).unwrap();
+            }
+        }
+        let mut line = Line(event.metadata().level().to_string());
+        event.record(&mut line);
+        LOGGED.lock().unwrap().push(line.0);
+    }
+}
+
+/// Wakes whoever waits when sluicegate reports the Redis of coordinator
+/// `name` unavailable (tests run in parallel, each with its own name).
+fn redis_failures(name: &str) -> Arc<Notify> {
+    install_tracing();
     let notify = Arc::new(Notify::new());
     WAITING
         .lock()
@@ -1273,6 +1302,48 @@ async fn undecodable_entries_become_dead_letters() {
     // Drained again: nothing comes back, no dead letter is added twice.
     assert!(drain(&queue, "w2").await.is_empty());
     assert_eq!(queue.dead_letters(10).await.unwrap().len(), 3);
+}
+
+/// An item that does not decode is logged and dead-lettered without its
+/// values: serde_json's message quotes them, and an item may carry
+/// secrets. The item itself stays in the dead letter's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_item_is_logged_without_its_values() {
+    install_tracing();
+    let _measuring = MEASURING.lock().await;
+    let Some(redis) = Redis::start() else { return };
+    let coordinator = RedisCoordinator::new(&redis.url(), "secret").unwrap();
+    let queue = WorkQueue::new(&coordinator, "items");
+    queue.push("k1", &1u64).await.unwrap();
+    queue.push("k2", &"PAYLOADSECRET2").await.unwrap();
+    queue.push("k3", &3u64).await.unwrap();
+
+    let mut done = drain(&queue, "w1").await;
+    done.sort();
+    assert_eq!(done, ["k1", "k3"]);
+
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].field("item"), Some(&b"\"PAYLOADSECRET2\""[..]));
+    let error = dead[0].error();
+    assert!(!error.contains("PAYLOADSECRET2"), "{error}");
+    assert!(
+        error.contains("not of the item type (line 1, column"),
+        "{error}"
+    );
+
+    let logged = LOGGED.lock().unwrap().clone();
+    assert!(
+        logged.iter().any(|line| line.starts_with("WARN")
+            && line.contains("an undecodable queue entry goes to the dead letters")
+            && line.contains(dead[0].entry_id())),
+        "the warning was logged: {logged:#?}"
+    );
+    let leaks: Vec<_> = logged
+        .iter()
+        .filter(|line| line.contains("PAYLOADSECRET2"))
+        .collect();
+    assert!(leaks.is_empty(), "{leaks:#?}");
 }
 
 /// The keys a queue remembers, by their markers.

@@ -55,7 +55,9 @@
 //! An entry whose `item` does not decode as the item type, or that lacks
 //! its `key` or `item` field (written by another tool), becomes a dead
 //! letter in the stream `<queue>:dead`, with its raw id and fields and the
-//! error; one Lua script adds the dead letter and acknowledges the entry,
+//! error (what was missing, or the kind of decoding error and where: never
+//! a value of the item, which may hold secrets, in the error or the log);
+//! one Lua script adds the dead letter and acknowledges the entry,
 //! so it is acknowledged only once its dead letter is committed, and only
 //! if it is still pending with the worker that read it. Read them with
 //! [`WorkQueue::dead_letters`].
@@ -330,7 +332,10 @@ impl DeadEntry {
         &self.entry
     }
 
-    /// Why it could not be decoded.
+    /// Why it could not be decoded: what was missing, or the kind of
+    /// decoding error and its line and column, never a value of the entry
+    /// (decode [`field("item")`](Self::field) again for serde's own message,
+    /// which quotes them).
     pub fn error(&self) -> &str {
         &self.error
     }
@@ -1061,14 +1066,35 @@ fn field<'a>(fields: &'a [(Vec<u8>, Vec<u8>)], name: &[u8]) -> Option<&'a [u8]> 
         .map(|(_, v)| v.as_slice())
 }
 
-/// The key and item of an entry's fields, or why they are not there.
+/// The key and item of an entry's fields, or why they are not there, in
+/// words that hold nothing of the entry (see [`item_error`]).
 fn decode<T: DeserializeOwned>(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<(String, T), String> {
     let key = field(fields, b"key").ok_or("no `key` field")?;
     let key = std::str::from_utf8(key).map_err(|_| "the `key` field is not UTF-8")?;
     let item = field(fields, b"item").ok_or("no `item` field")?;
-    let item = serde_json::from_slice(item)
-        .map_err(|e| format!("the `item` field does not decode: {e}"))?;
+    let item = serde_json::from_slice(item).map_err(|e| item_error(&e))?;
     Ok((key.to_owned(), item))
+}
+
+/// Why an `item` field does not decode: the kind of error and where, never
+/// serde_json's own text, which quotes the values it refused (`invalid
+/// type: string "…"`) and so whatever secret an item carries. This text is
+/// logged and kept as the dead letter's [`error`](DeadEntry::error); the
+/// item itself stays in the dead letter's fields, to be decoded again where
+/// the whole message is wanted.
+fn item_error(e: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Data => "is JSON, but not of the item type",
+        Category::Syntax => "is not JSON",
+        Category::Eof => "ends before its JSON does",
+        Category::Io => "could not be read",
+    };
+    format!(
+        "the `item` field does not decode: it {what} (line {}, column {})",
+        e.line(),
+        e.column()
+    )
 }
 
 type Skip<T> = Box<dyn Fn(&Job<T>) -> bool + Send + Sync>;
@@ -1266,5 +1292,48 @@ impl<T: DeserializeOwned> Reader<T> {
             self.take(entries);
         }
         Ok(!self.buffer.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(item: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        vec![
+            (b"key".to_vec(), b"k".to_vec()),
+            (b"item".to_vec(), item.to_vec()),
+        ]
+    }
+
+    /// serde_json's messages quote the values they refuse; the error of an
+    /// undecodable entry, logged and dead-lettered, says where, not what.
+    #[test]
+    fn an_undecodable_item_is_described_without_its_values() {
+        let cases: [(&[u8], &str); 4] = [
+            (
+                b"\"PAYLOADSECRET\"",
+                "it is JSON, but not of the item type (line 1, column 15)",
+            ),
+            (
+                b"{\"PAYLOADSECRET\": 1}",
+                "it is JSON, but not of the item type (line 1, column 0)",
+            ),
+            (b"PAYLOADSECRET", "it is not JSON (line 1, column 1)"),
+            (
+                b"\"PAYLOADSECRET",
+                "it ends before its JSON does (line 1, column 14)",
+            ),
+        ];
+        for (item, expected) in cases {
+            let raw = serde_json::from_slice::<u64>(item).unwrap_err().to_string();
+            let error = decode::<u64>(&entry(item)).unwrap_err();
+            assert!(!error.contains("PAYLOADSECRET"), "{error} (serde: {raw})");
+            assert_eq!(
+                error,
+                format!("the `item` field does not decode: {expected}"),
+                "serde: {raw}"
+            );
+        }
     }
 }
