@@ -577,7 +577,7 @@ fn within(path: &str, prefix: &str) -> bool {
 /// URL (an `@` in its path or query, an IPv6 host) is shown as it is.
 /// Beyond reach: a URL a parser reads as plain too, such as `user:12/pw@h`
 /// (host `user`, port 12, path `/pw@h`).
-fn without_credentials(url: &str) -> String {
+pub(crate) fn without_credentials(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
