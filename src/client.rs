@@ -572,22 +572,68 @@ fn within(path: &str, prefix: &str) -> bool {
 }
 
 /// `url` with any `user:password@` replaced, for messages.
-fn without_credentials(url: &str) -> String {
+///
+/// The userinfo ends at the last `@` of the authority, which ends at the
+/// first `/`, `?` or `#` (`\\` too, for WHATWG). A password with one of
+/// those unencoded (`https://user:pa#ss@h/`) ends that authority early, at
+/// `user:pa`, where no `@` is left to find. So the authority found must be
+/// a plain `host[:port]` (after its userinfo, if it has one), and a
+/// fragment must hold no `@`: when either is not so, the URL is in doubt
+/// and everything up to its last `@` is taken for userinfo. A message that
+/// hides too much is harmless; one that shows a password is not. A normal
+/// URL (an `@` in its path or query, an IPv6 host) is shown as it is.
+/// Beyond reach: a URL a parser reads as plain too, such as `user:12/pw@h`
+/// (host `user`, port 12, path `/pw@h`).
+pub(crate) fn without_credentials(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
     let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    match url[authority_start..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{}***@{}",
-            &url[..authority_start],
-            &url[authority_start + at + 1..]
-        ),
+    let rest = &url[authority_start..];
+    let authority_end = rest.find(['/', '?', '#', '\\']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo_end = authority.rfind('@');
+    let host = userinfo_end.map_or(authority, |at| &authority[at + 1..]);
+    let after = &rest[authority_end..];
+    let in_doubt = !is_host_and_port(host) || (after.starts_with('#') && after.contains('@'));
+    let at = if in_doubt {
+        rest.rfind('@')
+    } else {
+        userinfo_end
+    };
+    match at {
+        Some(at) => format!("{}***@{}", &url[..authority_start], &rest[at + 1..]),
         None => url.to_owned(),
     }
+}
+
+/// Whether `authority` is a plain `host`, `host:port`, `[v6]` or
+/// `[v6]:port` (a port being digits), as a URL without userinfo has: not
+/// `user:pa`, what is left of `user:pa#ss@host` before its `#`. An empty
+/// one (`http:///x`) is plain too: nothing in it to hide.
+fn is_host_and_port(authority: &str) -> bool {
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, port)) => (
+                address
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'%')),
+                port,
+            ),
+            None => return false,
+        },
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            let plain =
+                |c: char| !matches!(c, '@' | '[' | ']') && !c.is_whitespace() && !c.is_control();
+            (host.chars().all(plain), port)
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    host_ok && port_ok
 }
 
 fn is_absolute(target: &str) -> bool {
@@ -1211,5 +1257,91 @@ mod tests {
         assert_eq!(r.headers()["x-a"], "mine");
         assert_eq!(r.headers()["x-b"], "kept");
         assert_eq!(r.headers().get_all("x-a").iter().count(), 1);
+    }
+
+    #[test]
+    fn credentials_are_hidden_whatever_the_password_holds() {
+        for (url, shown) in [
+            // A password with `#`, `?` or `/` unencoded: the authority ends
+            // early, at `user:pa`, which is no `host:port`.
+            ("https://user:pa#SS1@h.example/", "https://***@h.example/"),
+            ("https://user:pa?SS1@h.example/", "https://***@h.example/"),
+            ("https://user:pa/SS1@h.example/", "https://***@h.example/"),
+            ("http://user:pa#TGT1@h.example/x", "http://***@h.example/x"),
+            ("https://user:#SS1@h.example/", "https://***@h.example/"),
+            (
+                "https://user:/SS1@h.example/x?q=1",
+                "https://***@h.example/x?q=1",
+            ),
+            ("https://user:pa\\SS1@h.example/", "https://***@h.example/"),
+            // `@` in the password too, or a token alone.
+            ("https://user:p@ss#SS1@h.example/", "https://***@h.example/"),
+            ("https://user:p@ss@h.example/x", "https://***@h.example/x"),
+            ("https://TOKEN#SS1@h.example/", "https://***@h.example/"),
+            ("https://TOKEN@h.example", "https://***@h.example"),
+            // Userinfo as it should be written, then an `@` in the path.
+            ("https://user:pw@h.example/x", "https://***@h.example/x"),
+            (
+                "https://user:pw@h.example:8443/a@b",
+                "https://***@h.example:8443/a@b",
+            ),
+            ("http://u:p@[::1]:8080/a@b", "http://***@[::1]:8080/a@b"),
+            ("http://user:S3CRET@", "http://***@"),
+            ("http://user:S3CRET@h/?q", "http://***@h/?q"),
+        ] {
+            assert_eq!(without_credentials(url), shown, "{url}");
+        }
+        // Without userinfo, shown as it is, whatever its `@`s.
+        for url in [
+            "https://h.example/",
+            "https://h.example:8443/users/a@b.example",
+            "https://h.example/search?email=a@b.example",
+            "https://h.example?email=a@b.example",
+            "https://h.example/x#a@b",
+            "http://localhost:4873/@scope/pkg",
+            "http://[::1]:8080/x",
+            "http://[2001:db8::1]/@scope/pkg?by=a@b",
+            "http://[fe80::1%25eth0]/x",
+            "http://127.0.0.1:0/a@b",
+            "https://B\u{fc}cher.example/x@y",
+            "http:///x@y",
+            "/relative@x",
+            "not a url",
+        ] {
+            assert_eq!(without_credentials(url), url);
+        }
+    }
+
+    #[test]
+    fn a_password_with_a_delimiter_shows_in_no_debug_or_error() {
+        for (base, secret) in [
+            ("https://user:pa#SS1@h.example/", "SS1"),
+            ("https://user:pa?SS1@h.example/", "SS1"),
+            ("https://user:pa/SS1@h.example/", "SS1"),
+        ] {
+            let builder = Client::builder()
+                .transport(MockTransport::new())
+                .base_url(base);
+            let shown = format!("{builder:?}");
+            assert!(shown.contains("***@h.example/"), "{shown}");
+            assert!(!shown.contains(secret), "{shown}");
+            let err = builder.build().unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(shown.contains("***@h.example/"), "{shown}");
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let c = client("http://127.0.0.1:8080");
+        for target in [
+            "http://user:pa#TGT1@h.example/x",
+            "http://user:pa/TGT1@h.example/x",
+            "http://user:pa?TGT1@h.example/x",
+        ] {
+            let err = c
+                .request(move |_: &()| RequestSpec::get(target))
+                .build_request(&())
+                .unwrap_err();
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("TGT1"), "{shown}");
+        }
     }
 }

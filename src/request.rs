@@ -169,14 +169,73 @@ impl From<String> for RequestSpec {
 }
 
 impl fmt::Debug for RequestSpec {
-    // Headers are left out: they may hold credentials.
+    // Headers are left out: they may hold credentials, and a spec's are
+    // not marked sensitive yet (the client marks them as it builds the
+    // request). The target and the query show as a built request's do:
+    // no userinfo, query values as `***`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RequestSpec")
             .field("method", &self.method)
-            .field("target", &self.target)
-            .field("query", &self.query)
+            .field("target", &shown_target(&self.target))
+            .field("query", &HiddenValues(&self.query))
             .field("body_len", &self.body.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Query pairs as `Debug` shows them: each name, with its value as `***`.
+struct HiddenValues<'a>(&'a [(String, String)]);
+
+impl fmt::Debug for HiddenValues<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| format!("{name}=***")))
+            .finish()
+    }
+}
+
+/// A target (a path, or a URL as written) as it may be shown, like
+/// [`BuiltRequest`]'s URI: the userinfo masked, the query with its values
+/// hidden, a fragment as `#***`.
+pub(crate) fn shown_target(target: &str) -> String {
+    let target = crate::client::without_credentials(target);
+    let Some(end) = target.find(['?', '#']) else {
+        return target;
+    };
+    let (path, rest) = target.split_at(end);
+    let mut shown = String::with_capacity(target.len());
+    shown.push_str(path);
+    let fragment = match rest.strip_prefix('?') {
+        Some(query) => {
+            let (query, fragment) = query
+                .split_once('#')
+                .map_or((query, None), |(q, f)| (q, Some(f)));
+            shown.push('?');
+            push_hidden_values(&mut shown, query);
+            fragment.is_some()
+        }
+        None => true,
+    };
+    if fragment {
+        shown.push_str("#***");
+    }
+    shown
+}
+
+/// `query` with every value shown as `***`, and a name without a value
+/// too (it may be a key).
+fn push_hidden_values(shown: &mut String, query: &str) {
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            shown.push('&');
+        }
+        match pair.split_once('=') {
+            Some((name, _)) => {
+                shown.push_str(name);
+                shown.push_str("=***");
+            }
+            None => shown.push_str("***"),
+        }
     }
 }
 
@@ -265,18 +324,7 @@ impl fmt::Debug for BuiltRequest {
         let mut shown = crate::transport::without_query(uri);
         if let Some(query) = uri.query() {
             shown.push('?');
-            for (i, pair) in query.split('&').enumerate() {
-                if i > 0 {
-                    shown.push('&');
-                }
-                match pair.split_once('=') {
-                    Some((name, _)) => {
-                        shown.push_str(name);
-                        shown.push_str("=***");
-                    }
-                    None => shown.push_str("***"),
-                }
-            }
+            push_hidden_values(&mut shown, query);
         }
         f.debug_struct("BuiltRequest")
             .field("method", self.request.method())
@@ -315,5 +363,40 @@ mod tests {
             !shown.contains("hunter2") && !shown.contains("SECRET"),
             "{shown}"
         );
+    }
+
+    /// A spec's `Debug` hides what a built request's hides: query values,
+    /// in its target or added, and a userinfo; its headers not at all.
+    #[test]
+    fn a_spec_never_shows_userinfo_query_values_or_headers() {
+        let spec = RequestSpec::get("/x?token=TSECRET&flag")
+            .query("api_key", "QSECRET")
+            .header("authorization", "Bearer HSECRET")
+            .header("x-api-key", "KSECRET");
+        let shown = format!("{spec:?}");
+        assert!(
+            shown.contains(r#"target: "/x?token=***&***""#)
+                && shown.contains(r#"query: ["api_key=***"]"#),
+            "{shown}"
+        );
+        for secret in ["TSECRET", "flag", "QSECRET", "HSECRET", "KSECRET"] {
+            assert!(!shown.contains(secret), "{secret}: {shown}");
+        }
+        for (target, expected) in [
+            ("https://user:UPASS@h.example/x", "https://***@h.example/x"),
+            (
+                "https://user:pa#UPASS@h.example/x?k=v",
+                "https://***@h.example/x?k=***",
+            ),
+            (
+                "http://h.example/a@b?e=a@b#frag",
+                "http://h.example/a@b?e=***#***",
+            ),
+            ("/items/7", "/items/7"),
+            ("/items/a#b", "/items/a#***"),
+        ] {
+            let shown = format!("{:?}", RequestSpec::get(target));
+            assert!(shown.contains(&format!("target: {expected:?}")), "{shown}");
+        }
     }
 }

@@ -695,6 +695,92 @@ async fn a_followed_link_elsewhere_carries_none_of_the_first_requests_secrets() 
     assert_eq!(calls[1].headers["accept"], "application/json");
 }
 
+/// A listing whose next link repeats the key, as many APIs do, and whose
+/// second page fails.
+fn keyed_listing_mock() -> MockTransport {
+    let mock = MockTransport::new();
+    mock.record_calls(true);
+    mock.mount(Route::get("/items").respond_with(|r| {
+        match r.query("page").as_deref() {
+            None => MockResponse::json(&[1, 2])
+                .header("link", "</items?api_key=LINKSECRET&page=2>; rel=\"next\""),
+            _ => MockResponse::status(500),
+        }
+    }));
+    mock
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_next_link_s_key_reaches_no_dead_letter_or_message() {
+    let mock = keyed_listing_mock();
+    let client = mock_client(&mock, "http://mock");
+    let first = RequestSpec::get("/items").query("api_key", "LINKSECRET");
+    let dir = temp_dir("next-link-key");
+    let report = paginate(&client, first.clone(), Pagination::link_header())
+        .flat_unpack::<u64>()
+        .write_jsonl(dir.join("items.jsonl"))
+        .await
+        .unwrap();
+    assert_eq!((report.ok, report.failed), (2, 1));
+    // The link was followed as given, key included...
+    let calls = mock.calls();
+    assert_eq!(calls[1].uri.query(), Some("api_key=LINKSECRET&page=2"));
+    // ...and its dead letter names the page without it.
+    let failed = std::fs::read_to_string(dir.join("items.failed.jsonl")).unwrap();
+    assert!(!failed.contains("LINKSECRET"), "{failed}");
+    let record: serde_json::Value = serde_json::from_str(failed.trim()).unwrap();
+    assert_eq!(
+        record["item"],
+        serde_json::json!({ "number": 2, "token": "http://mock/items?api_key=***&page=***" })
+    );
+
+    // In the process, the error keeps the whole link (to retry); it shows
+    // none of it.
+    let pages: Vec<_> = paginate(&client, first, Pagination::link_header())
+        .collect()
+        .await;
+    let err = pages.into_iter().nth(1).unwrap().unwrap_err();
+    assert_eq!(err.item().number, 2);
+    assert_eq!(
+        err.item().token,
+        "http://mock/items?api_key=LINKSECRET&page=2"
+    );
+    let shown = format!("{err} {err:?} {:?}", err.item());
+    let failure = sluicegate::Failure::from(err);
+    let shown = format!("{shown} {failure} {failure:?} {}", failure.item_json());
+    assert!(shown.contains("/items?api_key=***&page=***"), "{shown}");
+    assert!(!shown.contains("LINKSECRET"), "{shown}");
+
+    // A link back to a page already seen: the loop's detail, in the error
+    // and in its dead letter, names the page the same way.
+    let looping = MockTransport::new();
+    looping.mount(Route::get("/items").respond(
+        MockResponse::json(&[1]).header("link", "</items?api_key=LOOPSECRET>; rel=\"next\""),
+    ));
+    let client = mock_client(&looping, "http://mock");
+    let first = RequestSpec::get("/items").query("api_key", "LOOPSECRET");
+    let report = paginate(&client, first.clone(), Pagination::link_header())
+        .flat_unpack::<u64>()
+        .write_jsonl(dir.join("loop.jsonl"))
+        .await
+        .unwrap();
+    assert_eq!((report.ok, report.failed), (1, 1));
+    let failed = std::fs::read_to_string(dir.join("loop.failed.jsonl")).unwrap();
+    assert!(
+        failed.contains(r#"page 1 leads back to \"http://mock/items?api_key=***\""#),
+        "{failed}"
+    );
+    assert!(!failed.contains("LOOPSECRET"), "{failed}");
+    let pages: Vec<_> = paginate(&client, first, Pagination::link_header())
+        .collect()
+        .await;
+    let err = pages.into_iter().nth(1).unwrap().unwrap_err();
+    assert_eq!(err.kind(), FetchErrorKind::PaginationLoop);
+    let failure = sluicegate::Failure::from(err);
+    let shown = format!("{failure} {failure:?}");
+    assert!(!shown.contains("LOOPSECRET"), "{shown}");
+}
+
 #[cfg(feature = "reqwest")]
 #[tokio::test]
 async fn a_next_link_to_another_port_gets_no_token_on_the_wire() {

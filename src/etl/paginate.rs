@@ -1,5 +1,6 @@
 //! [`paginate`]: a source that walks an API's pages.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::pin::Pin;
@@ -16,17 +17,76 @@ use crate::client::Client;
 use crate::endpoint::{Endpoint, Fetched};
 use crate::error::{FetchError, FetchErrorKind};
 use crate::policy::{Policy, Sealed, WithPolicy};
-use crate::request::RequestSpec;
+use crate::request::{shown_target, RequestSpec};
 use crate::task::Task;
 
 /// Which page to fetch: its number (from 1) and what identifies it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+///
+/// # What is shown of it
+///
+/// A next link's URL often carries the API key again
+/// (`</items?api_key=...&page=2>`). The token keeps it whole, to send and
+/// to retry in the process ([`FetchError::into_item`]), but every form of
+/// it that leaves the process hides it: `Debug`, `Serialize` (so a dead
+/// letter, a journal's key and
+/// [`Failure::item_json`](crate::Failure::item_json)) and error details
+/// show a URL token with its userinfo masked and its query values as
+/// `***`, as [`BuiltRequest`](crate::BuiltRequest)'s `Debug` shows a URI:
+/// `{"number":2,"token":"http://h/items?api_key=***&page=***"}`. Always,
+/// whatever [`log_query`](crate::ClientBuilder::log_query) says: that
+/// option shows queries in logs, and a `PageRef` is shown without its
+/// client.
+///
+/// The price: a dead letter of a link-mode page names the page (its
+/// number, the link's host, path and query names) but cannot be replayed
+/// from the file alone, since the link's values are gone. Walk the listing
+/// again from its first page instead: the server hands the links out again.
+/// A key written to a file for the sake of a replay would be the leak this
+/// avoids.
+///
+/// A cursor (cursor mode) and a page number (page mode) are shown as they
+/// are: a cursor is the server's opaque mark of a place in the listing, not
+/// a credential, and resuming a walk needs it. A cursor that is a URL is
+/// shown as a link is.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct PageRef {
     /// 1 for the first page.
     pub number: u64,
     /// The URL followed (link mode), the cursor sent (cursor mode), or the
-    /// page number sent (page mode); empty for the first page.
+    /// page number sent (page mode); empty for the first page. Kept whole;
+    /// shown without a URL's query values (see above).
     pub token: String,
+}
+
+impl PageRef {
+    /// The token as it may be shown outside the process (see the type's
+    /// documentation).
+    fn shown_token(&self) -> Cow<'_, str> {
+        if self.token.contains("://") {
+            Cow::Owned(shown_target(&self.token))
+        } else {
+            Cow::Borrowed(&self.token)
+        }
+    }
+}
+
+impl fmt::Debug for PageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PageRef")
+            .field("number", &self.number)
+            .field("token", &self.shown_token())
+            .finish()
+    }
+}
+
+impl Serialize for PageRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut page = serializer.serialize_struct("PageRef", 2)?;
+        page.serialize_field("number", &self.number)?;
+        page.serialize_field("token", &self.shown_token())?;
+        page.end()
+    }
 }
 
 /// How to find the next page.
@@ -222,9 +282,12 @@ impl Paginate {
                     let walk = match next_page(&how, &fetched, base.as_deref()) {
                         None => Walk::Done,
                         Some(next) if !seen.insert(next.token.clone()) => {
+                            // Shown as the page is shown: the link's
+                            // query may hold the key.
                             let detail = format!(
                                 "page {} leads back to {:?}",
-                                fetched.item.number, next.token
+                                fetched.item.number,
+                                next.shown_token()
                             );
                             Walk::Fail(
                                 FetchError::new(next, FetchErrorKind::PaginationLoop)
