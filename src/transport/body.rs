@@ -3,12 +3,14 @@
 //! [`ReqwestTransport`](super::ReqwestTransport), `HyperTransport` and
 //! `TowerTransport` bound it the same way.
 
-use std::sync::Arc;
+mod budget;
+mod ledger;
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub(crate) use self::budget::BodyBudget;
+use self::budget::Share;
 use crate::error::{TransportError, TransportErrorKind};
 
 /// The default body cap: 16 MiB.
@@ -19,19 +21,24 @@ pub(crate) const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub(crate) const DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 
 /// Reads the chunks of one body whole, refusing a body over `max` bytes,
-/// with the bytes it holds counted against `budget`.
+/// with the memory it holds counted against `budget`.
 ///
 /// `announced` is the length the response declared (its `Content-Length`),
 /// if any: a body announcing more than `max` is refused before any of it
 /// is read.
 ///
-/// Never over-allocates past the cap: a body with an announced length gets
-/// exactly that much, reserved from the budget before it is read; one
-/// without is kept as the chunks that came (checked against the cap as
-/// they come) and joined once at the end, after reserving the cap (its
-/// worst case) from the budget, so concurrent reads never deadlock on a
-/// budget each holds a part of. A body that arrives whole in its first
-/// chunk (most small ones) is neither copied nor counted.
+/// The budget counts what the body holds, as its bytes arrive, never what
+/// it announced: a response that announces 16 MiB and sends nothing holds
+/// none of the budget, so it cannot keep other responses waiting.
+///
+/// A body that arrives whole in its first chunk (most small ones) is that
+/// chunk: neither copied nor counted. Otherwise the chunks are copied into
+/// one buffer that grows as they come (to twice what has come, never past
+/// the announced length, or the cap when none was announced), and each
+/// growth first waits until the budget has room for the buffer's new size.
+/// So while waiting a body holds at most one chunk that is not counted:
+/// its first, or the one that does not fit yet. Waiting bodies cannot hold
+/// each other up for ever: see the [ledger](self::ledger).
 pub(crate) async fn read_capped<S>(
     announced: Option<u64>,
     chunks: S,
@@ -46,117 +53,94 @@ where
         return Err(too_large(&target(), max));
     }
     let mut chunks = std::pin::pin!(chunks);
-    // Known length: reserve it before reading any of it.
-    let mut permit = match announced {
-        Some(len) if len > 0 => Some(budget.reserve(len as usize).await),
-        _ => None,
-    };
     let first = chunks.next().await.transpose()?.unwrap_or_default();
     if first.len() > max {
         return Err(too_large(&target(), max));
     }
-    let body = match chunks.next().await.transpose()? {
-        None => first,
-        Some(second) => match announced {
-            // Known length: one exact allocation, filled as chunks come.
-            Some(len) => {
-                let mut all = Vec::with_capacity(len as usize);
-                for chunk in [first, second] {
-                    append(&mut all, &chunk, max, target)?;
-                }
-                while let Some(chunk) = chunks.next().await.transpose()? {
-                    append(&mut all, &chunk, max, target)?;
-                }
-                Bytes::from(all)
-            }
-            // Unknown length: keep the chunks as they came (no buffer that
-            // doubles, no copy while reading), then join them once.
-            None => {
-                permit = Some(budget.reserve(max).await);
-                let mut parts = vec![first, second];
-                let mut total = parts.iter().map(Bytes::len).sum::<usize>();
-                if total > max {
-                    return Err(too_large(&target(), max));
-                }
-                while let Some(chunk) = chunks.next().await.transpose()? {
-                    total += chunk.len();
-                    if total > max {
-                        return Err(too_large(&target(), max));
-                    }
-                    parts.push(chunk);
-                }
-                join(parts, total)
-            }
-        },
+    let Some(second) = chunks.next().await.transpose()? else {
+        return Ok(first);
     };
-    drop(permit);
-    Ok(body)
+    let mut body = Collected {
+        all: Vec::new(),
+        share: budget.share(),
+        announced,
+        max,
+    };
+    body.make_room(first.len() + second.len(), target).await?;
+    for chunk in [first, second] {
+        body.append(&chunk, target).await?;
+    }
+    while let Some(chunk) = chunks.next().await.transpose()? {
+        body.append(&chunk, target).await?;
+    }
+    Ok(body.into_bytes())
 }
 
-/// Appends `chunk` to a buffer allocated for the announced length; a body
-/// longer than announced (hyper refuses those) still stops at `max`.
-fn append(
-    all: &mut Vec<u8>,
-    chunk: &[u8],
+/// A body of more than one chunk, as far as it has come, and its share of
+/// the budget.
+struct Collected {
+    all: Vec<u8>,
+    share: Share,
+    announced: Option<u64>,
     max: usize,
-    target: &(dyn Fn() -> String + Sync),
-) -> Result<(), TransportError> {
-    if all.len() + chunk.len() > max {
-        return Err(too_large(&target(), max));
+}
+
+impl Collected {
+    /// Appends `chunk`, making room for it first.
+    async fn append(
+        &mut self,
+        chunk: &[u8],
+        target: &(dyn Fn() -> String + Sync),
+    ) -> Result<(), TransportError> {
+        self.make_room(self.all.len() + chunk.len(), target).await?;
+        self.all.extend_from_slice(chunk);
+        Ok(())
     }
-    all.extend_from_slice(chunk);
-    Ok(())
-}
 
-/// Joins `chunks` (`total` bytes) into one exact buffer, dropping each
-/// chunk once copied so the two copies never both exist in full.
-fn join(chunks: Vec<Bytes>, total: usize) -> Bytes {
-    let mut all = Vec::with_capacity(total);
-    for chunk in chunks {
-        all.extend_from_slice(&chunk);
-    }
-    Bytes::from(all)
-}
-
-/// The bytes of response bodies one transport (and its clones) may hold
-/// while reading them, counted in KiB so any size fits one reservation.
-#[derive(Clone)]
-pub(crate) struct BodyBudget {
-    permits: Arc<Semaphore>,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    pub(crate) fn new(bytes: usize) -> Self {
-        let kib = bytes.div_ceil(1024).clamp(1, Semaphore::MAX_PERMITS);
-        Self {
-            permits: Arc::new(Semaphore::new(kib)),
-            bytes,
+    /// Refuses a body of `len` bytes over the cap, and grows the buffer to
+    /// hold `len` if it cannot yet, once the budget has room for its new
+    /// size (waiting for it, with the bytes to append in hand).
+    async fn make_room(
+        &mut self,
+        len: usize,
+        target: &(dyn Fn() -> String + Sync),
+    ) -> Result<(), TransportError> {
+        if len > self.max {
+            return Err(too_large(&target(), self.max));
         }
+        if len > self.all.capacity() {
+            let limit = limit(self.announced, len, self.max);
+            let capacity = grown(len, limit);
+            self.share.hold(capacity, limit).await;
+            self.all.reserve_exact(capacity - self.all.len());
+        }
+        Ok(())
     }
 
-    /// The budget in bytes, as configured.
-    pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+    /// The body in an allocation of exactly its length (a buffer grown
+    /// past a length that was not announced is cut back).
+    fn into_bytes(self) -> Bytes {
+        let mut all = self.all;
+        all.shrink_to_fit();
+        Bytes::from(all)
     }
+}
 
-    /// Waits until `bytes` (at most the whole budget) are free and holds
-    /// them until the permit is dropped.
-    async fn reserve(&self, bytes: usize) -> OwnedSemaphorePermit {
-        let kib = bytes
-            .div_ceil(1024)
-            .min(self.permits_total())
-            .min(u32::MAX as usize) as u32;
-        self.permits
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the budget's semaphore is never closed")
+/// The most a body of which `len` bytes have come may grow to: its
+/// announced length, or the cap if none was announced or it has already
+/// sent more than it announced (hyper refuses those, other bodies may not).
+fn limit(announced: Option<u64>, len: usize, max: usize) -> usize {
+    match announced {
+        Some(announced) if len as u64 <= announced => announced as usize,
+        _ => max,
     }
+}
 
-    fn permits_total(&self) -> usize {
-        self.bytes.div_ceil(1024).max(1)
-    }
+/// The size a buffer grows to when `len` bytes no longer fit: twice that,
+/// so that growing costs few copies, but never past `limit` (which is at
+/// least `len`).
+fn grown(len: usize, limit: usize) -> usize {
+    len.saturating_mul(2).min(limit).max(len)
 }
 
 /// Reads an [`http_body::Body`] whole under the cap and the budget (see
@@ -213,44 +197,54 @@ pub(crate) fn too_large(target: &str, max: usize) -> TransportError {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
+    use futures::channel::mpsc;
     use futures::{stream, FutureExt as _};
+
+    const KIB: usize = 1024;
 
     #[tokio::test]
     async fn the_budget_holds_reads_back_until_bytes_are_free() {
-        let budget = BodyBudget::new(1024 * 1024);
-        let first = budget.reserve(800 * 1024).await;
-        let mut second = Box::pin(budget.reserve(800 * 1024));
+        let budget = BodyBudget::new(1024 * KIB);
+        let mut first = budget.share();
+        first.hold(800 * KIB, 800 * KIB).await;
+        let mut second = budget.share();
+        let mut waiting = Box::pin(second.hold(800 * KIB, 800 * KIB));
         assert!(
-            (&mut second).now_or_never().is_none(),
+            (&mut waiting).now_or_never().is_none(),
             "over the budget: waits"
         );
-        // A small one behind it waits too: the queue is fair.
-        assert!(budget.reserve(100 * 1024).now_or_never().is_none());
+        // A small one that fits goes ahead of it.
+        let mut small = budget.share();
+        small
+            .hold(100 * KIB, 100 * KIB)
+            .now_or_never()
+            .expect("fits");
         drop(first);
-        let second = second.now_or_never().expect("free again");
-        // A reservation over the whole budget takes the whole budget.
-        drop(second);
-        let whole = budget
-            .reserve(64 * 1024 * 1024)
+        waiting.now_or_never().expect("free again");
+        assert_eq!(budget.held(), 900 * KIB);
+        drop((second, small));
+        // A body over the whole budget takes the whole budget.
+        let mut whole = budget.share();
+        whole
+            .hold(64 * 1024 * KIB, 64 * 1024 * KIB)
             .now_or_never()
             .expect("all of it");
-        assert_eq!(budget.permits.available_permits(), 0);
+        assert_eq!(budget.held(), 1024 * KIB);
         drop(whole);
-        assert_eq!(budget.permits.available_permits(), 1024);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]
-    fn an_announced_buffer_never_grows_past_the_cap() {
-        let max = 1000;
-        let mut all = Vec::with_capacity(max);
-        for _ in 0..9 {
-            append(&mut all, &[7; 111], max, &|| "t".into()).unwrap();
-        }
-        assert_eq!((all.len(), all.capacity()), (999, max));
-        let err = append(&mut all, &[7; 2], max, &|| "t".into()).unwrap_err();
-        assert_eq!(err.kind(), TransportErrorKind::BodyTooLarge);
-        let joined = join(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"c")], 3);
-        assert_eq!(joined.as_ref(), b"abc");
+    fn a_buffer_grows_twofold_but_never_past_its_announced_length_or_the_cap() {
+        assert_eq!(limit(Some(6000), 10, 9000), 6000);
+        assert_eq!(limit(Some(6000), 6001, 9000), 9000, "sent more");
+        assert_eq!(limit(None, 10, 9000), 9000);
+        assert_eq!(grown(10, 6000), 20);
+        assert_eq!(grown(4000, 6000), 6000);
+        assert_eq!(grown(6000, 6000), 6000);
+        assert_eq!(grown(usize::MAX, usize::MAX), usize::MAX);
     }
 
     fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, TransportError>> {
@@ -300,7 +294,99 @@ mod tests {
             err.to_string(),
             "body too large: response from http://h/p exceeds 6 bytes"
         );
-        // Every permit came back.
-        assert_eq!(budget.permits.available_permits(), 4);
+        // Everything held came back.
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// A body that sends `parts` and then nothing more.
+    fn stalled(
+        parts: &[&'static [u8]],
+    ) -> impl Stream<Item = Result<Bytes, TransportError>> + Send + 'static {
+        chunks(parts).chain(stream::pending())
+    }
+
+    #[tokio::test]
+    async fn a_body_holds_what_it_received_never_what_it_announced() {
+        let budget = BodyBudget::new(64 * KIB);
+        let max = 32 * KIB;
+        // Announcing the cap and sending nothing: holds nothing.
+        let mut silent = Box::pin(read_capped(
+            Some(max as u64),
+            stalled(&[]),
+            max,
+            &budget,
+            &|| "t".into(),
+        ));
+        assert!((&mut silent).now_or_never().is_none());
+        assert_eq!(budget.held(), 0);
+        // Sending 2 KiB first: holds the buffer for them (twice that).
+        let mut slow = Box::pin(read_capped(
+            Some(max as u64),
+            stalled(&[&[1; KIB], &[2; KIB]]),
+            max,
+            &budget,
+            &|| "t".into(),
+        ));
+        assert!((&mut slow).now_or_never().is_none());
+        assert_eq!(budget.held(), 4 * KIB);
+        // Others are read meanwhile, without waiting for either.
+        for announced in [Some(30 * KIB as u64), None] {
+            let body = read_capped(
+                announced,
+                stream::iter((0..30).map(|_| Ok(Bytes::from_static(&[3; KIB])))),
+                max,
+                &budget,
+                &|| "t".into(),
+            )
+            .now_or_never()
+            .expect("room for it")
+            .unwrap();
+            assert_eq!(body.len(), 30 * KIB);
+        }
+        drop(slow);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bodies_growing_together_under_a_small_budget_all_finish_within_it() {
+        // Three bodies of 24 KiB in 4 KiB chunks, sent a chunk of each at
+        // a time, through a budget of 32 KiB. If the first two could each
+        // grow to 16 KiB, both would then wait for 8 KiB more that neither
+        // can give back: stuck until their timeouts.
+        let budget = BodyBudget::new(32 * KIB);
+        let mut senders = Vec::new();
+        let mut reads = Vec::new();
+        for body in 0..3u8 {
+            let (tx, rx) = mpsc::unbounded::<Result<Bytes, TransportError>>();
+            senders.push(tx);
+            let budget = budget.clone();
+            reads.push(tokio::spawn(async move {
+                let target = move || format!("body {body}");
+                let read = read_capped(Some(24 * KIB as u64), rx, 24 * KIB, &budget, &target);
+                read.await.unwrap()
+            }));
+        }
+        for chunk in 0..6u8 {
+            for (body, tx) in senders.iter().enumerate() {
+                let byte = body as u8 * 16 + chunk;
+                tx.unbounded_send(Ok(Bytes::from(vec![byte; 4 * KIB])))
+                    .unwrap();
+            }
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+                assert!(budget.held() <= 32 * KIB);
+            }
+        }
+        drop(senders);
+        for (body, read) in reads.into_iter().enumerate() {
+            // Virtual time: a read that can never finish fails this at once.
+            let read = tokio::time::timeout(Duration::from_secs(30), read);
+            let got = read.await.expect("no read left waiting").unwrap();
+            let want: Vec<u8> = (0..6u8)
+                .flat_map(|chunk| vec![body as u8 * 16 + chunk; 4 * KIB])
+                .collect();
+            assert!(got == want, "body {body} whole and in order");
+        }
+        assert_eq!(budget.held(), 0);
     }
 }

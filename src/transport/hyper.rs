@@ -81,7 +81,8 @@ type Pool = hyper_util::client::legacy::Client<HttpsConnector<ProxyConnector>, F
 /// As `ReqwestTransport`: a body is read frame by frame under a cap
 /// ([`max_body_bytes`](Self::max_body_bytes)), refused before any of it is
 /// read when its `Content-Length` is over the cap, and all bodies being
-/// read share one [budget](Self::max_body_bytes_in_flight).
+/// read share one [budget](Self::max_body_bytes_in_flight), which counts
+/// what they hold as their bytes arrive, never what they announce.
 ///
 /// # Errors
 ///
@@ -244,7 +245,12 @@ impl HyperTransport {
     /// Caps the bytes of response bodies that this transport and its
     /// clones hold while reading them, all requests together (default
     /// [`DEFAULT_MAX_BODY_BYTES_IN_FLIGHT`](Self::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)).
-    /// A read waits (inside its attempt's timeout) until its share is free.
+    /// What counts is what a body holds as its bytes arrive, never the
+    /// length it announces; a read waits (inside its attempt's timeout)
+    /// only when bytes it has received do not fit (see
+    /// [`ReqwestTransport`](crate::ReqwestTransport#memory), read the same
+    /// way). A budget below the body cap lets one body at a time take it
+    /// whole.
     pub fn max_body_bytes_in_flight(mut self, max: usize) -> Self {
         self.budget = BodyBudget::new(max);
         self

@@ -61,18 +61,33 @@ use crate::transport::Prepared;
 /// reading: a body that announces a larger `Content-Length` is refused
 /// before any of it is read, and a body without one is read chunk by chunk
 /// and refused as soon as it passes the cap. No buffer is ever allocated
-/// past the cap: a known length is allocated exactly, an unknown one
-/// is kept as the chunks that came and joined once.
+/// past the cap, nor past the announced length: a body that arrives in one
+/// chunk is that chunk, a longer one is copied into a buffer that doubles
+/// as its bytes come, and is cut to its length at the end if none was
+/// announced.
 ///
 /// The cap bounds one response; a budget
 /// ([`max_body_bytes_in_flight`](Self::max_body_bytes_in_flight)) bounds
-/// them all: every body being read reserves its bytes from it first (its
-/// `Content-Length`, or the cap when the length is unknown and the body
-/// comes in more than one chunk), and waits for them. So however many
-/// requests are in flight, the bodies being read hold at most the budget,
-/// plus the one chunk per connection that hyper has buffered anyway. A
-/// body handed to the pipeline no longer counts: what it holds downstream
-/// is bounded by the stages' concurrency.
+/// them all. It counts the memory bodies hold, as their bytes arrive, not
+/// what they announce: a body's buffer grows only once the budget has
+/// room for its new size, and the read waits for that room with the bytes
+/// that did not fit in hand. So a server that announces a large body and
+/// then sends nothing holds none of the budget, and one that stalls half
+/// way holds what it sent. However many requests are in flight, the
+/// bodies being read hold at most the budget, plus one chunk per body
+/// that is not counted (its first, or the one waiting for room; at most
+/// what hyper reads off the connection at once). A body that arrives
+/// whole in one chunk (most small ones) is neither copied nor counted.
+///
+/// Bodies waiting for room never wait for each other in a circle: room is
+/// granted only while every body holding part of the budget could still
+/// be read to its end, one after the other, from what is left, counting a
+/// body of unknown length as one that may reach the cap. A budget below
+/// the cap lets one body at a time take it whole (that body alone may hold
+/// more than the budget), and holds back other bodies that might need it
+/// all, of unknown length say, until that one is done. A body handed to
+/// the pipeline no longer counts: what it holds downstream is bounded by
+/// the stages' concurrency.
 ///
 /// # Redirects and credentials
 ///
@@ -222,8 +237,11 @@ impl ReqwestTransport {
     /// Caps the bytes of response bodies that this transport and its
     /// clones hold while reading them, all requests together (default
     /// [`DEFAULT_MAX_BODY_BYTES_IN_FLIGHT`](Self::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT)).
-    /// A read waits (inside its attempt's timeout) until its share is free.
-    /// A budget below the body cap lets one body at a time take it whole.
+    /// What counts is what a body holds as its bytes arrive, never the
+    /// length it announces; a read waits (inside its attempt's timeout)
+    /// only when bytes it has received do not fit. See
+    /// [Memory](Self#memory). A budget below the body cap lets one body at
+    /// a time take it whole.
     pub fn max_body_bytes_in_flight(mut self, max: usize) -> Self {
         self.budget = BodyBudget::new(max);
         self
