@@ -13,7 +13,7 @@ use futures::{stream, StreamExt};
 use http::Request;
 use sluicegate::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 /// What only a hang reaches.
@@ -29,6 +29,19 @@ pub fn get(url: String) -> Request<Bytes> {
     Request::get(url).body(Bytes::new()).unwrap()
 }
 
+/// Reads a request's head off `socket`: whether it came whole.
+async fn read_head(socket: &mut TcpStream) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// A server that answers each connection with `reply` verbatim, then
 /// closes it.
 pub async fn raw_server(reply: Vec<u8>) -> SocketAddr {
@@ -38,13 +51,8 @@ pub async fn raw_server(reply: Vec<u8>) -> SocketAddr {
         while let Ok((mut socket, _)) = listener.accept().await {
             let reply = reply.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut socket).await {
+                    return;
                 }
                 let _ = socket.write_all(&reply).await;
                 let _ = socket.shutdown().await;
@@ -66,19 +74,14 @@ pub async fn stalling_server(prefix: &'static [u8]) -> (SocketAddr, mpsc::Unboun
         while let Ok((mut socket, _)) = listener.accept().await {
             let written = written.clone();
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !read_head(&mut socket).await {
+                    return;
                 }
                 if socket.write_all(prefix).await.is_ok() {
                     let _ = written.send(());
                 }
                 // Silent until the client goes away.
-                let _ = socket.read(&mut buf).await;
+                let _ = socket.read(&mut [0; 64]).await;
             });
         }
     });
