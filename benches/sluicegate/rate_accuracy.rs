@@ -28,6 +28,39 @@ async fn collect(items: impl futures::Stream<Item = ()>) -> Vec<Duration> {
     times
 }
 
+/// `tasks` tasks each taking a token at a time from one budget (`acquire`
+/// makes a wait for one) for `RUN`: every grant's instant, in order.
+async fn shared<F, Fut>(tasks: usize, acquire: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let t0 = Instant::now();
+    let acquire = std::sync::Arc::new(acquire);
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let acquire = acquire.clone();
+            tokio::spawn(async move {
+                let mut times = Vec::new();
+                loop {
+                    acquire().await;
+                    let at = t0.elapsed();
+                    if at >= RUN {
+                        return times;
+                    }
+                    times.push(at);
+                }
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for handle in handles {
+        times.extend(handle.await.unwrap());
+    }
+    times.sort();
+    times
+}
+
 fn row(name: &str, target: u32, burst: u32, times: &[Duration]) {
     let achieved = times.len() as f64 / RUN.as_secs_f64();
     let allowed_10ms = burst as f64 + target as f64 / 100.0;
@@ -69,6 +102,28 @@ pub(crate) fn report() {
                 burst,
                 &governed,
             );
+        });
+    }
+    // Eight tasks sharing one budget: a line of waiters, each woken by
+    // its own timer, where a late timer must cost no token.
+    for target in [1_000u32, 500] {
+        runtime.block_on(async {
+            let limiter = sluicegate::Limiter::new(Rate::per_second(target));
+            let ours = shared(8, move || {
+                let limiter = limiter.clone();
+                async move { limiter.acquire().await }
+            })
+            .await;
+            row("sluicegate Limiter, 8 tasks", target, 1, &ours);
+            let quota = governor::Quota::per_second(NonZeroU32::new(target).unwrap())
+                .allow_burst(NonZeroU32::MIN);
+            let governor = std::sync::Arc::new(governor::RateLimiter::direct(quota));
+            let governed = shared(8, move || {
+                let governor = governor.clone();
+                async move { governor.until_ready().await }
+            })
+            .await;
+            row("governor until_ready, 8 tasks", target, 1, &governed);
         });
     }
     for target in [1_000u32, 10_000] {
