@@ -127,10 +127,6 @@ pub(crate) struct CredentialScope {
     /// when there is no base URL and nothing is trusted.
     pub(crate) home: Arc<[String]>,
     /// The names of the client's default headers.
-    #[cfg_attr(
-        not(any(feature = "reqwest", feature = "hyper-transport")),
-        allow(dead_code)
-    )]
     pub(crate) defaults: Arc<[HeaderName]>,
 }
 
