@@ -266,8 +266,10 @@ impl Limiter {
     }
 
     /// Like [`acquire`](Self::acquire), but grants nothing while `pause` is
-    /// in force, so a pause never turns into a burst when it ends. A waiter
-    /// keeps its place in line during the pause.
+    /// in force, and dates no token before its end, so the tokens that fell
+    /// due during the pause are not all spent when it ends: no more go at
+    /// once than the rate's burst allows. A waiter keeps its place in line
+    /// during the pause.
     ///
     /// # Cancel safety
     ///

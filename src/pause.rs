@@ -164,7 +164,8 @@ impl PauseHandle {
 
     /// When the pause in force ends, or the last one ended; `None` if this
     /// handle was never paused. A limiter grants nobody who honours this
-    /// handle a token dated before it, so a pause never ends in a burst.
+    /// handle a token dated before it, so no more go at a pause's end than
+    /// the rate's burst allows.
     pub(crate) fn last_end(&self) -> Option<Instant> {
         *self.shared.deadline.borrow()
     }

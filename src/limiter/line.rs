@@ -34,7 +34,8 @@
 //! (`benches/RESULTS.md`). A waiter dropped before
 //! its token was granted takes nothing, and those behind it move up. A
 //! waiter honouring a [`PauseHandle`] keeps its place during the pause but
-//! is dated no earlier than the pause's end, so the end is not a burst.
+//! is dated no earlier than the pause's end, so the end lets out no more
+//! than the rate's burst.
 //!
 //! No lock is held while a waker is woken or dropped: wakers are carried
 //! out of the lock and woken after it.
